@@ -1,0 +1,262 @@
+//! One server connection: connect, log in (trust, cleartext, md5,
+//! SCRAM-SHA-256), remember what the server reported, run the pooler's own
+//! housekeeping queries, and send cancel requests.
+//!
+//! A `ServerConn` knows nothing about clients. Its read buffer lives with it,
+//! so a pooled connection's buffer is reused by every client it serves.
+
+mod login;
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::ServerAddr;
+use crate::protocol::{self, ErrorFields, TxStatus};
+
+pub use login::LoginSpec;
+
+/// Initial capacity of a server connection's read buffer.
+const SERVER_BUF: usize = 16 * 1024;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to server {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("server {addr} did not finish login within server_connect_timeout ({after:?})")]
+    Timeout { addr: String, after: Duration },
+    #[error("server {addr} refused login: {} (SQLSTATE {})", .fields.message, .fields.code)]
+    Rejected { addr: String, fields: ErrorFields },
+    #[error("server {addr} asked for unsupported authentication: {method}")]
+    UnsupportedAuth { addr: String, method: String },
+    #[error("server {addr} asked for a password but none is configured for user {user}")]
+    NoPassword { addr: String, user: String },
+    #[error("server {addr} broke the protocol: {reason}")]
+    Protocol { addr: String, reason: String },
+    #[error("server connection lost: {0}")]
+    Io(String),
+}
+
+impl BackendError {
+    /// The SQLSTATE a client is told when this error keeps it from a server.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            Self::Rejected { fields, .. } if !fields.code.is_empty() => &fields.code,
+            Self::UnsupportedAuth { .. } | Self::NoPassword { .. } => {
+                protocol::sqlstate::INVALID_AUTHORIZATION
+            }
+            Self::Protocol { .. } => protocol::sqlstate::PROTOCOL_VIOLATION,
+            _ => protocol::sqlstate::CONNECTION_FAILURE,
+        }
+    }
+}
+
+impl From<io::Error> for BackendError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e.to_string())
+    }
+}
+
+/// The server's half of a cancel key, and where to send the cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelKey {
+    pub addr: SocketAddr,
+    pub process_id: i32,
+    pub secret_key: i32,
+}
+
+/// Session parameters as the server has them: what it reported with
+/// ParameterStatus, plus unreported ones pgsluice set itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerParams(Vec<(String, String)>);
+
+impl ServerParams {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) {
+        match self
+            .0
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
+            Some((_, v)) => {
+                if v != value {
+                    value.clone_into(v);
+                }
+            }
+            None => self.0.push((name.to_owned(), value.to_owned())),
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.0.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+pub struct ServerConn {
+    pub stream: TcpStream,
+    /// Bytes read from the server and not yet relayed.
+    pub buf: BytesMut,
+    pub params: ServerParams,
+    /// Names of unreported parameters pgsluice has set with `set_config`
+    /// (they must be reset when the next client does not want them).
+    pub set_by_pooler: Vec<String>,
+    pub cancel_key: CancelKey,
+    pub id: u64,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// When this connection is retired (server_lifetime, jittered).
+    pub retire_at: Option<Instant>,
+}
+
+impl std::fmt::Debug for ServerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConn")
+            .field("id", &self.id)
+            .field("pid", &self.cancel_key.process_id)
+            .field("addr", &self.cancel_key.addr)
+            .finish()
+    }
+}
+
+/// Outcome of a housekeeping query.
+#[derive(Debug)]
+pub enum QueryOutcome {
+    Done(TxStatus),
+    Failed {
+        error: ErrorFields,
+        status: TxStatus,
+    },
+}
+
+impl ServerConn {
+    pub async fn connect(spec: &LoginSpec, id: u64) -> Result<Self, BackendError> {
+        login::connect(spec, id).await
+    }
+
+    /// Says goodbye (Terminate) without waiting, then closes.
+    pub fn terminate(self) {
+        let _ = self.stream.try_write(&[b'X', 0, 0, 0, 4]);
+    }
+
+    pub fn process_id(&self) -> i32 {
+        self.cancel_key.process_id
+    }
+
+    /// True when the idle connection is still usable: nothing arrived
+    /// unasked (an error or EOF from a terminated backend) and no bytes of
+    /// an earlier exchange are left over.
+    pub fn is_clean_idle(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+            _ => false,
+        }
+    }
+
+    /// Sends a simple query of the pooler's own and consumes the whole answer
+    /// up to ReadyForQuery; nothing reaches any client. ParameterStatus
+    /// messages update `params`.
+    pub async fn run_internal(
+        &mut self,
+        sql: &str,
+        timeout: Duration,
+    ) -> Result<QueryOutcome, BackendError> {
+        tokio::time::timeout(timeout, self.run_internal_inner(sql))
+            .await
+            .map_err(|_| BackendError::Io(format!("internal query timed out after {timeout:?}")))?
+    }
+
+    async fn run_internal_inner(&mut self, sql: &str) -> Result<QueryOutcome, BackendError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 6);
+        out.put_u8(b'Q');
+        out.put_i32((sql.len() + 5) as i32);
+        out.put_slice(sql.as_bytes());
+        out.put_u8(0);
+        self.stream.write_all(&out).await?;
+        let mut error = None;
+        loop {
+            let Some(header) = protocol::peek_header(&self.buf, protocol::PG_MAX_MESSAGE_LEN)
+                .map_err(|e| BackendError::Io(e.to_string()))?
+                .filter(|h| self.buf.len() >= h.total_len)
+            else {
+                self.buf.reserve(SERVER_BUF);
+                if self.stream.read_buf(&mut self.buf).await? == 0 {
+                    return Err(BackendError::Io("server closed the connection".into()));
+                }
+                continue;
+            };
+            let msg = self.buf.split_to(header.total_len);
+            match header.tag {
+                b'E' => {
+                    let fields = ErrorFields::parse(&msg);
+                    if fields.is_fatal() {
+                        return Err(BackendError::Io(format!(
+                            "server error: {}",
+                            fields.message
+                        )));
+                    }
+                    error = Some(fields);
+                }
+                b'S' => {
+                    if let Some((k, v)) = protocol::parse_parameter_status(&msg) {
+                        self.params.set(k, v);
+                    }
+                }
+                b'G' | b'H' | b'W' => {
+                    return Err(BackendError::Io("unexpected COPY in internal query".into()));
+                }
+                b'Z' => {
+                    let status = protocol::parse_ready_for_query(&msg)
+                        .ok_or_else(|| BackendError::Io("bad ReadyForQuery".into()))?;
+                    return Ok(match error {
+                        None => QueryOutcome::Done(status),
+                        Some(error) => QueryOutcome::Failed { error, status },
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Sends a CancelRequest for `key` over a new connection and waits until the
+/// server has taken it (it closes the connection after signalling).
+pub async fn send_cancel(key: CancelKey, timeout: Duration) -> io::Result<()> {
+    tokio::time::timeout(timeout, async {
+        let mut s = TcpStream::connect(key.addr).await?;
+        let mut pkt = BytesMut::with_capacity(16);
+        postgres_protocol::message::frontend::cancel_request(
+            key.process_id,
+            key.secret_key,
+            &mut pkt,
+        );
+        s.write_all(&pkt).await?;
+        let mut sink = [0u8; 64];
+        while s.read(&mut sink).await? > 0 {}
+        Ok(())
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "cancel request timed out"))?
+}
+
+/// Human form of an address for errors and logs.
+pub fn addr_label(addr: &ServerAddr) -> String {
+    addr.to_string()
+}

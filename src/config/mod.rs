@@ -1,0 +1,530 @@
+//! Configuration: a raw TOML layer (plus the `PGSLUICE_` environment overlay)
+//! validated once into typed settings. Nothing downstream parses a string or
+//! interprets a bare number as time.
+
+mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use raw::RawPool;
+pub use raw::{RawConfig, apply_env_overlay};
+
+use crate::protocol::PG_MAX_MESSAGE_LEN;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{0}")]
+    Env(String),
+    #[error("invalid setting `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// A client keeps one server from its first query until it disconnects.
+    Session,
+    /// A client holds a server only while a transaction (or an unanswered
+    /// request) is open.
+    Transaction,
+    /// A server is released after every statement; transactions are refused.
+    Statement,
+}
+
+impl PoolMode {
+    fn parse(key: &str, s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "session" => Ok(Self::Session),
+            "transaction" => Ok(Self::Transaction),
+            "statement" => Ok(Self::Statement),
+            _ => Err(invalid(
+                key,
+                format!("`{s}` is not one of session, transaction, statement"),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::Transaction => "transaction",
+            Self::Statement => "statement",
+        }
+    }
+}
+
+/// How clients prove who they are. SCRAM, md5 and certificates arrive with
+/// the security work; the step is a pluggable state machine (`auth/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthType {
+    Trust,
+    /// Cleartext password checked against `users.NAME.password`.
+    Password,
+}
+
+impl AuthType {
+    fn parse(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "trust" => Ok(Self::Trust),
+            "password" | "plain" => Ok(Self::Password),
+            _ => Err(invalid(
+                "general.auth_type",
+                format!("`{s}` is not one of trust, password"),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trust => "trust",
+            Self::Password => "password",
+        }
+    }
+}
+
+/// A server address; the host is resolved at connect time so DNS names
+/// (Kubernetes services) follow their targets.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl ServerAddr {
+    fn parse(key: &str, s: &str) -> Result<Self, ConfigError> {
+        let (host, port) = match s.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() => (h, p),
+            _ => return Err(invalid(key, format!("`{s}` is not host:port"))),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| invalid(key, format!("`{s}`: port must be 1-65535")))?;
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Settings of one server pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub pool_size: usize,
+    pub max_pool_size: usize,
+    pub min_pool_size: usize,
+    /// How long clients must have waited before the pool grows past
+    /// `pool_size` (up to `max_pool_size`).
+    pub reserve_pool_timeout: Duration,
+    pub checkout_timeout: Duration,
+    pub server_idle_timeout: Option<Duration>,
+    pub server_lifetime: Option<Duration>,
+    pub server_connect_timeout: Duration,
+    pub server_login_retry: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct General {
+    pub listen_addr: std::net::SocketAddr,
+    pub pool_mode: PoolMode,
+    pub auth_type: AuthType,
+    pub max_client_conn: usize,
+    pub max_packet_size: usize,
+    pub client_login_timeout: Duration,
+    pub idle_transaction_timeout: Option<Duration>,
+    pub query_timeout: Option<Duration>,
+    pub shutdown_timeout: Duration,
+    pub pool: PoolSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Database {
+    /// Name clients connect to.
+    pub name: String,
+    /// Name of the database on the servers.
+    pub dbname: String,
+    pub primary: ServerAddr,
+    /// Parsed now; routing to replicas arrives with the router.
+    pub replicas: Vec<ServerAddr>,
+    pub pool_mode: PoolMode,
+    pub pool: PoolSettings,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    /// Used to check clients (auth_type = password) and to log in to
+    /// PostgreSQL (trust, cleartext, md5 or SCRAM, as the server asks).
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub general: General,
+    pub databases: BTreeMap<String, Database>,
+    pub users: BTreeMap<String, User>,
+}
+
+impl Config {
+    /// Reads `path`, applies the process environment's `PGSLUICE_*__*`
+    /// variables and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse {
+            path: origin.to_owned(),
+            message,
+        };
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        apply_env_overlay(&mut table, env).map_err(ConfigError::Env)?;
+        let raw: RawConfig = table
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        Self::validate(raw)
+    }
+
+    pub fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
+        let g = &raw.general;
+        let default_pool = g.pool();
+        let pool_mode = PoolMode::parse(
+            "general.pool_mode",
+            g.pool_mode.as_deref().unwrap_or("transaction"),
+        )?;
+        let general = General {
+            listen_addr: {
+                let s = g.listen_addr.as_deref().unwrap_or("127.0.0.1:6432");
+                s.parse().map_err(|_| {
+                    invalid(
+                        "general.listen_addr",
+                        format!("`{s}` is not an IP:port address"),
+                    )
+                })?
+            },
+            pool_mode,
+            auth_type: AuthType::parse(g.auth_type.as_deref().unwrap_or("password"))?,
+            max_client_conn: count("general.max_client_conn", g.max_client_conn, 10_000, 1)?,
+            max_packet_size: {
+                let v = count(
+                    "general.max_packet_size",
+                    g.max_packet_size,
+                    PG_MAX_MESSAGE_LEN as u64,
+                    1024,
+                )?;
+                if v > PG_MAX_MESSAGE_LEN {
+                    return Err(invalid(
+                        "general.max_packet_size",
+                        format!("{v} exceeds PostgreSQL's own limit of {PG_MAX_MESSAGE_LEN} bytes"),
+                    ));
+                }
+                v
+            },
+            client_login_timeout: duration(
+                "general.client_login_timeout",
+                g.client_login_timeout.as_deref(),
+                "60s",
+            )?,
+            idle_transaction_timeout: optional_duration(
+                "general.idle_transaction_timeout",
+                g.idle_transaction_timeout.as_deref(),
+            )?,
+            query_timeout: optional_duration("general.query_timeout", g.query_timeout.as_deref())?,
+            shutdown_timeout: duration(
+                "general.shutdown_timeout",
+                g.shutdown_timeout.as_deref(),
+                "30s",
+            )?,
+            pool: pool_settings("general", &default_pool)?,
+        };
+
+        if raw.databases.is_empty() {
+            return Err(invalid(
+                "databases",
+                "no database configured; add a [databases.NAME] table with `primary = \"host:port\"`",
+            ));
+        }
+        let mut databases = BTreeMap::new();
+        for (name, db) in &raw.databases {
+            let key = |field: &str| format!("databases.{name}.{field}");
+            let primary = db
+                .primary
+                .as_deref()
+                .ok_or_else(|| invalid(key("primary"), "missing (host:port of the primary)"))?;
+            let database = Database {
+                name: name.clone(),
+                dbname: db.dbname.clone().unwrap_or_else(|| name.clone()),
+                primary: ServerAddr::parse(&key("primary"), primary)?,
+                replicas: db
+                    .replicas
+                    .iter()
+                    .map(|r| ServerAddr::parse(&key("replicas"), r))
+                    .collect::<Result<_, _>>()?,
+                pool_mode: match &db.pool_mode {
+                    Some(m) => PoolMode::parse(&key("pool_mode"), m)?,
+                    None => pool_mode,
+                },
+                pool: pool_settings(&format!("databases.{name}"), &db.pool().or(&default_pool))?,
+            };
+            databases.insert(name.clone(), database);
+        }
+
+        if raw.users.is_empty() {
+            return Err(invalid(
+                "users",
+                "no user configured; add a [users.NAME] table with `password = \"...\"`",
+            ));
+        }
+        let mut users = BTreeMap::new();
+        for (name, u) in &raw.users {
+            if general.auth_type == AuthType::Password && u.password.is_none() {
+                return Err(invalid(
+                    format!("users.{name}.password"),
+                    "missing, and general.auth_type = \"password\" needs it",
+                ));
+            }
+            users.insert(
+                name.clone(),
+                User {
+                    name: name.clone(),
+                    password: u.password.clone(),
+                },
+            );
+        }
+        Ok(Config {
+            general,
+            databases,
+            users,
+        })
+    }
+
+    /// The effective configuration as TOML, passwords redacted.
+    pub fn render(&self) -> String {
+        let g = &self.general;
+        let mut out = String::new();
+        let _ = writeln!(out, "[general]");
+        let _ = writeln!(out, "listen_addr = \"{}\"", g.listen_addr);
+        let _ = writeln!(out, "pool_mode = \"{}\"", g.pool_mode.as_str());
+        let _ = writeln!(out, "auth_type = \"{}\"", g.auth_type.as_str());
+        let _ = writeln!(out, "max_client_conn = {}", g.max_client_conn);
+        let _ = writeln!(out, "max_packet_size = {}", g.max_packet_size);
+        let _ = writeln!(
+            out,
+            "client_login_timeout = \"{}\"",
+            fmt_d(g.client_login_timeout)
+        );
+        let _ = writeln!(
+            out,
+            "idle_transaction_timeout = \"{}\"",
+            fmt_od(g.idle_transaction_timeout)
+        );
+        let _ = writeln!(out, "query_timeout = \"{}\"", fmt_od(g.query_timeout));
+        let _ = writeln!(out, "shutdown_timeout = \"{}\"", fmt_d(g.shutdown_timeout));
+        render_pool(&mut out, &g.pool);
+        for db in self.databases.values() {
+            let _ = writeln!(out, "\n[databases.{}]", toml_key(&db.name));
+            let _ = writeln!(out, "dbname = \"{}\"", db.dbname);
+            let _ = writeln!(out, "primary = \"{}\"", db.primary);
+            let replicas: Vec<String> = db.replicas.iter().map(|r| format!("\"{r}\"")).collect();
+            let _ = writeln!(out, "replicas = [{}]", replicas.join(", "));
+            let _ = writeln!(out, "pool_mode = \"{}\"", db.pool_mode.as_str());
+            render_pool(&mut out, &db.pool);
+        }
+        for u in self.users.values() {
+            let _ = writeln!(out, "\n[users.{}]", toml_key(&u.name));
+            if u.password.is_some() {
+                let _ = writeln!(out, "password = \"<redacted>\"");
+            }
+        }
+        out
+    }
+}
+
+fn toml_key(k: &str) -> String {
+    if !k.is_empty()
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        k.to_owned()
+    } else {
+        format!("\"{}\"", k.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+fn render_pool(out: &mut String, p: &PoolSettings) {
+    let _ = writeln!(out, "pool_size = {}", p.pool_size);
+    let _ = writeln!(out, "max_pool_size = {}", p.max_pool_size);
+    let _ = writeln!(out, "min_pool_size = {}", p.min_pool_size);
+    let _ = writeln!(
+        out,
+        "reserve_pool_timeout = \"{}\"",
+        fmt_d(p.reserve_pool_timeout)
+    );
+    let _ = writeln!(out, "checkout_timeout = \"{}\"", fmt_d(p.checkout_timeout));
+    let _ = writeln!(
+        out,
+        "server_idle_timeout = \"{}\"",
+        fmt_od(p.server_idle_timeout)
+    );
+    let _ = writeln!(out, "server_lifetime = \"{}\"", fmt_od(p.server_lifetime));
+    let _ = writeln!(
+        out,
+        "server_connect_timeout = \"{}\"",
+        fmt_d(p.server_connect_timeout)
+    );
+    let _ = writeln!(
+        out,
+        "server_login_retry = \"{}\"",
+        fmt_d(p.server_login_retry)
+    );
+}
+
+fn fmt_d(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn fmt_od(d: Option<Duration>) -> String {
+    d.map_or_else(|| "0s".to_owned(), fmt_d)
+}
+
+fn count(key: &str, v: Option<u64>, default: u64, min: u64) -> Result<usize, ConfigError> {
+    let v = v.unwrap_or(default);
+    if v < min {
+        return Err(invalid(key, format!("{v} is below the minimum of {min}")));
+    }
+    usize::try_from(v).map_err(|_| invalid(key, format!("{v} is too large")))
+}
+
+fn duration(key: &str, v: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
+    let s = v.unwrap_or(default);
+    humantime::parse_duration(s).map_err(|e| {
+        invalid(
+            key,
+            format!("`{s}` is not a duration ({e}); write e.g. \"30s\", \"500ms\", \"10m\""),
+        )
+    })
+}
+
+/// A duration where `"0s"` (or absence) means "off".
+fn optional_duration(key: &str, v: Option<&str>) -> Result<Option<Duration>, ConfigError> {
+    let d = duration(key, v, "0s")?;
+    Ok((!d.is_zero()).then_some(d))
+}
+
+fn pool_settings(prefix: &str, p: &RawPool) -> Result<PoolSettings, ConfigError> {
+    let key = |field: &str| format!("{prefix}.{field}");
+    let pool_size = count(&key("pool_size"), p.pool_size, 20, 1)?;
+    let max_pool_size = count(
+        &key("max_pool_size"),
+        p.max_pool_size,
+        100.max(pool_size as u64),
+        1,
+    )?;
+    if max_pool_size < pool_size {
+        return Err(invalid(
+            key("max_pool_size"),
+            format!("{max_pool_size} is below pool_size ({pool_size})"),
+        ));
+    }
+    let min_pool_size = count(&key("min_pool_size"), p.min_pool_size, 0, 0)?;
+    if min_pool_size > pool_size {
+        return Err(invalid(
+            key("min_pool_size"),
+            format!("{min_pool_size} is above pool_size ({pool_size})"),
+        ));
+    }
+    let checkout_timeout = duration(
+        &key("checkout_timeout"),
+        p.checkout_timeout.as_deref(),
+        "30s",
+    )?;
+    if checkout_timeout.is_zero() {
+        return Err(invalid(key("checkout_timeout"), "must be greater than 0s"));
+    }
+    let server_connect_timeout = duration(
+        &key("server_connect_timeout"),
+        p.server_connect_timeout.as_deref(),
+        "5s",
+    )?;
+    if server_connect_timeout.is_zero() {
+        return Err(invalid(
+            key("server_connect_timeout"),
+            "must be greater than 0s",
+        ));
+    }
+    Ok(PoolSettings {
+        pool_size,
+        max_pool_size,
+        min_pool_size,
+        reserve_pool_timeout: duration(
+            &key("reserve_pool_timeout"),
+            p.reserve_pool_timeout.as_deref(),
+            "100ms",
+        )?,
+        checkout_timeout,
+        server_idle_timeout: optional_duration(
+            &key("server_idle_timeout"),
+            Some(p.server_idle_timeout.as_deref().unwrap_or("10m")),
+        )?,
+        server_lifetime: optional_duration(
+            &key("server_lifetime"),
+            Some(p.server_lifetime.as_deref().unwrap_or("1h")),
+        )?,
+        server_connect_timeout,
+        server_login_retry: duration(
+            &key("server_login_retry"),
+            p.server_login_retry.as_deref(),
+            "5s",
+        )?,
+    })
+}
+
+#[cfg(test)]
+mod tests;

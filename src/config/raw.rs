@@ -1,0 +1,216 @@
+//! The configuration file as written: TOML with every field optional, plus
+//! the `PGSLUICE_` environment overlay applied to the TOML table before it is
+//! deserialised. Unknown keys are errors, so a typo never silently falls back
+//! to a default.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub general: RawGeneral,
+    #[serde(default)]
+    pub databases: BTreeMap<String, RawDatabase>,
+    #[serde(default)]
+    pub users: BTreeMap<String, RawUser>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGeneral {
+    pub listen_addr: Option<String>,
+    pub pool_mode: Option<String>,
+    pub auth_type: Option<String>,
+    pub max_client_conn: Option<u64>,
+    pub max_packet_size: Option<u64>,
+    pub client_login_timeout: Option<String>,
+    pub idle_transaction_timeout: Option<String>,
+    pub query_timeout: Option<String>,
+    pub shutdown_timeout: Option<String>,
+    // Pool settings for every pool (see `RawPool`). Listed inline rather
+    // than flattened: serde cannot deny unknown fields through `flatten`.
+    pub pool_size: Option<u64>,
+    pub max_pool_size: Option<u64>,
+    pub min_pool_size: Option<u64>,
+    pub reserve_pool_timeout: Option<String>,
+    pub checkout_timeout: Option<String>,
+    pub server_idle_timeout: Option<String>,
+    pub server_lifetime: Option<String>,
+    pub server_connect_timeout: Option<String>,
+    pub server_login_retry: Option<String>,
+}
+
+/// Pool settings: set in `[general]` for every pool, overridable per database.
+#[derive(Debug, Default, Clone)]
+pub struct RawPool {
+    pub pool_size: Option<u64>,
+    pub max_pool_size: Option<u64>,
+    pub min_pool_size: Option<u64>,
+    pub reserve_pool_timeout: Option<String>,
+    pub checkout_timeout: Option<String>,
+    pub server_idle_timeout: Option<String>,
+    pub server_lifetime: Option<String>,
+    pub server_connect_timeout: Option<String>,
+    pub server_login_retry: Option<String>,
+}
+
+macro_rules! pool_of {
+    ($s:expr) => {
+        RawPool {
+            pool_size: $s.pool_size,
+            max_pool_size: $s.max_pool_size,
+            min_pool_size: $s.min_pool_size,
+            reserve_pool_timeout: $s.reserve_pool_timeout.clone(),
+            checkout_timeout: $s.checkout_timeout.clone(),
+            server_idle_timeout: $s.server_idle_timeout.clone(),
+            server_lifetime: $s.server_lifetime.clone(),
+            server_connect_timeout: $s.server_connect_timeout.clone(),
+            server_login_retry: $s.server_login_retry.clone(),
+        }
+    };
+}
+
+impl RawGeneral {
+    pub fn pool(&self) -> RawPool {
+        pool_of!(self)
+    }
+}
+
+impl RawDatabase {
+    pub fn pool(&self) -> RawPool {
+        pool_of!(self)
+    }
+}
+
+impl RawPool {
+    /// `self` with unset fields taken from `defaults`.
+    pub fn or(self, defaults: &RawPool) -> RawPool {
+        RawPool {
+            pool_size: self.pool_size.or(defaults.pool_size),
+            max_pool_size: self.max_pool_size.or(defaults.max_pool_size),
+            min_pool_size: self.min_pool_size.or(defaults.min_pool_size),
+            reserve_pool_timeout: self
+                .reserve_pool_timeout
+                .or(defaults.reserve_pool_timeout.clone()),
+            checkout_timeout: self.checkout_timeout.or(defaults.checkout_timeout.clone()),
+            server_idle_timeout: self
+                .server_idle_timeout
+                .or(defaults.server_idle_timeout.clone()),
+            server_lifetime: self.server_lifetime.or(defaults.server_lifetime.clone()),
+            server_connect_timeout: self
+                .server_connect_timeout
+                .or(defaults.server_connect_timeout.clone()),
+            server_login_retry: self
+                .server_login_retry
+                .or(defaults.server_login_retry.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    pub primary: Option<String>,
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    pub dbname: Option<String>,
+    pub pool_mode: Option<String>,
+    // Pool settings for every pool (see `RawPool`). Listed inline rather
+    // than flattened: serde cannot deny unknown fields through `flatten`.
+    pub pool_size: Option<u64>,
+    pub max_pool_size: Option<u64>,
+    pub min_pool_size: Option<u64>,
+    pub reserve_pool_timeout: Option<String>,
+    pub checkout_timeout: Option<String>,
+    pub server_idle_timeout: Option<String>,
+    pub server_lifetime: Option<String>,
+    pub server_connect_timeout: Option<String>,
+    pub server_login_retry: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUser {
+    #[serde(default, deserialize_with = "string_or_number")]
+    pub password: Option<String>,
+}
+
+/// Passwords set through the environment arrive untyped: `12345` is a
+/// password, not an integer.
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        S(String),
+        I(i64),
+        F(f64),
+    }
+    Ok(Some(match Either::deserialize(d)? {
+        Either::S(s) => s,
+        Either::I(i) => i.to_string(),
+        Either::F(f) => f.to_string(),
+    }))
+}
+
+/// Applies `PGSLUICE_SECTION__KEY[__SUBKEY]=value` variables to `table`.
+///
+/// Path segments are lower-cased (`PGSLUICE_GENERAL__POOL_SIZE` →
+/// `general.pool_size`, `PGSLUICE_DATABASES__APP__PRIMARY` →
+/// `databases.app.primary`). A value replacing an existing string stays a
+/// string; otherwise it is read as a TOML value (number, bool, array) and
+/// falls back to a string.
+pub fn apply_env_overlay(
+    table: &mut toml::Table,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<String>, String> {
+    let mut applied = Vec::new();
+    for (name, value) in vars {
+        let Some(path) = name.strip_prefix("PGSLUICE_") else {
+            continue;
+        };
+        if !path.contains("__") {
+            // PGSLUICE_CONFIG and friends are for the CLI, not the file.
+            continue;
+        }
+        let segments: Vec<String> = path.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if segments.iter().any(String::is_empty) {
+            return Err(format!("environment variable {name}: empty path segment"));
+        }
+        set_path(table, &segments, &value)
+            .map_err(|e| format!("environment variable {name}: {e}"))?;
+        applied.push(name);
+    }
+    Ok(applied)
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], raw: &str) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty path")?;
+    let mut cur = table;
+    for seg in parents {
+        let entry = cur
+            .entry(seg.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{seg}` is not a table in the config file"))?;
+    }
+    let value = match cur.get(last) {
+        Some(toml::Value::String(_)) => toml::Value::String(raw.to_owned()),
+        _ => parse_scalar(raw),
+    };
+    cur.insert(last.clone(), value);
+    Ok(())
+}
+
+fn parse_scalar(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}

@@ -1,0 +1,273 @@
+//! One client connection: startup (SSL/GSSENC refusal, protocol
+//! negotiation, cancel requests), authentication, the welcome answered from
+//! the pool's cached parameters, then the session loop.
+//!
+//! A client that misbehaves is answered with an error and closed; nothing it
+//! does reaches another client or leaves a pooled server dirty.
+
+mod cancel;
+mod params;
+mod relay;
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::auth::{AuthStep, ClientAuth};
+use crate::config::AuthType;
+use crate::protocol::{self, ProtocolError, Severity, StartupPacket, sqlstate};
+use crate::proxy::{ClientPermit, Shared};
+
+pub use cancel::{CancelRegistry, CancelSlot};
+pub use params::{ClientParams, parse_options};
+pub use relay::{RelayState, ServerEvent};
+
+/// Cap on authentication messages (password, SASL) from a client.
+const MAX_AUTH_MESSAGE: usize = 16 * 1024;
+
+/// Why a client connection ended before its session started.
+#[derive(Debug, thiserror::Error)]
+enum LoginError {
+    #[error("client disconnected during startup")]
+    Gone,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    /// Refused with this SQLSTATE and message (sent as FATAL).
+    #[error("{message}")]
+    Refused { code: String, message: String },
+}
+
+fn refused(code: &str, message: impl Into<String>) -> LoginError {
+    LoginError::Refused {
+        code: code.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Serves one accepted client connection to the end.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: ClientPermit) {
+    let span = tracing::debug_span!("client", %peer);
+    async move {
+        let mut stream = stream;
+        let deadline = tokio::time::Instant::now() + shared.config.general.client_login_timeout;
+        let login = tokio::time::timeout_at(deadline, login(&mut stream, &shared, &permit)).await;
+        let session = match login {
+            Ok(Ok(Some(session))) => session,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => return refuse_login(&mut stream, e).await,
+            Err(_) => {
+                let timeout = shared.config.general.client_login_timeout;
+                let e = refused(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!(
+                        "client did not complete login within client_login_timeout ({})",
+                        humantime::format_duration(timeout)
+                    ),
+                );
+                return refuse_login(&mut stream, e).await;
+            }
+        };
+        session.run(stream).await;
+        drop(permit);
+    }
+    .instrument(span)
+    .await
+}
+
+async fn refuse_login(stream: &mut TcpStream, e: LoginError) {
+    let (code, message) = match &e {
+        LoginError::Gone => return,
+        LoginError::Io(err) => {
+            tracing::debug!(error = %err, "client I/O error during login");
+            return;
+        }
+        LoginError::Protocol(p) => (sqlstate::PROTOCOL_VIOLATION.to_owned(), p.to_string()),
+        LoginError::Refused { code, message } => (code.clone(), message.clone()),
+    };
+    tracing::debug!(%code, %message, "login refused");
+    let mut out = BytesMut::new();
+    protocol::error_response(&mut out, Severity::Fatal, &code, &message);
+    // Best effort, bounded: a client that does not read must not hold us.
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+}
+
+/// Reads more client bytes into `buf`; EOF is [`LoginError::Gone`].
+async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), LoginError> {
+    buf.reserve(1024);
+    if stream.read_buf(buf).await? == 0 {
+        return Err(LoginError::Gone);
+    }
+    Ok(())
+}
+
+/// Startup and authentication. `Ok(None)` when the connection was a cancel
+/// request (served and done).
+async fn login(
+    stream: &mut TcpStream,
+    shared: &Arc<Shared>,
+    permit: &ClientPermit,
+) -> Result<Option<session::Session>, LoginError> {
+    let mut buf = BytesMut::with_capacity(256);
+    let params = loop {
+        let Some(packet) = protocol::read_startup(&mut buf)? else {
+            read_more(stream, &mut buf).await?;
+            continue;
+        };
+        match packet {
+            StartupPacket::Ssl | StartupPacket::GssEnc => {
+                if !buf.is_empty() {
+                    // Bytes sent before our answer could be injected by a
+                    // man in the middle; PostgreSQL refuses them too.
+                    return Err(ProtocolError::Malformed(
+                        "data received after an encryption request",
+                    )
+                    .into());
+                }
+                stream.write_all(&[protocol::REFUSE_ENCRYPTION]).await?;
+            }
+            StartupPacket::Cancel {
+                process_id,
+                secret_key,
+            } => {
+                shared.cancels.cancel(process_id, secret_key).await;
+                return Ok(None);
+            }
+            StartupPacket::Startup {
+                minor,
+                params,
+                unsupported_options,
+            } => {
+                if minor > 0 || !unsupported_options.is_empty() {
+                    let mut out = BytesMut::new();
+                    protocol::negotiate_protocol_version(
+                        &mut out,
+                        protocol::PROTOCOL_3_0,
+                        &unsupported_options,
+                    );
+                    stream.write_all(&out).await?;
+                }
+                break params;
+            }
+        }
+    };
+    if permit.over_limit {
+        return Err(refused(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            format!(
+                "too many client connections (max_client_conn = {})",
+                shared.config.general.max_client_conn
+            ),
+        ));
+    }
+    if *shared.phase.borrow() != crate::proxy::Phase::Running {
+        return Err(refused(
+            sqlstate::ADMIN_SHUTDOWN,
+            "pgsluice is shutting down",
+        ));
+    }
+    let user_name = params.get("user").unwrap_or_default().to_owned();
+    authenticate(stream, &mut buf, shared, &user_name).await?;
+
+    let db_name = params.get("database").unwrap_or(&user_name).to_owned();
+    let config = &shared.config;
+    let Some(db) = config.databases.get(&db_name) else {
+        return Err(refused(
+            sqlstate::INVALID_CATALOG_NAME,
+            format!("database \"{db_name}\" does not exist in the pgsluice configuration"),
+        ));
+    };
+    let user = config.users.get(&user_name).ok_or_else(|| {
+        refused(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!("role \"{user_name}\" does not exist"),
+        )
+    })?;
+    let pool = shared.pools.primary(db, user);
+    let defaults = match pool.welcome_params() {
+        Some(p) => p,
+        None => {
+            // First client of this pool: one server login fills the cache.
+            let server = pool
+                .checkout()
+                .await
+                .map_err(|e| refused(e.sqlstate(), e.to_string()))?;
+            server.release();
+            pool.welcome_params()
+                .ok_or_else(|| refused(sqlstate::CONNECTION_FAILURE, "server sent no parameters"))?
+        }
+    };
+    let client_params = ClientParams::from_startup(&params, &defaults)
+        .map_err(|e| refused(sqlstate::FEATURE_NOT_SUPPORTED, e.0))?;
+    let (pid, slot) = shared.cancels.register();
+
+    let mut out = BytesMut::with_capacity(512);
+    protocol::authentication_ok(&mut out);
+    for (name, value) in defaults.iter() {
+        protocol::parameter_status(&mut out, name, client_params.get(name).unwrap_or(value));
+    }
+    protocol::backend_key_data(&mut out, pid, slot.secret_key());
+    protocol::ready_for_query(&mut out, protocol::TxStatus::Idle);
+    if let Err(e) = stream.write_all(&out).await {
+        shared.cancels.unregister(pid);
+        return Err(e.into());
+    }
+    tracing::debug!(pool = pool.label(), pid, "client logged in");
+    Ok(Some(session::Session::new(
+        buf,
+        shared.clone(),
+        pool,
+        db.pool_mode,
+        client_params,
+        pid,
+        slot,
+    )))
+}
+
+async fn authenticate(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    shared: &Shared,
+    user_name: &str,
+) -> Result<(), LoginError> {
+    let user = shared.config.users.get(user_name);
+    let mut auth = match shared.config.general.auth_type {
+        AuthType::Trust => ClientAuth::Trust {
+            user: user_name.to_owned(),
+            known: user.is_some(),
+        },
+        AuthType::Password => ClientAuth::Cleartext {
+            user: user_name.to_owned(),
+            expected: user.and_then(|u| u.password.clone()),
+            asked: false,
+        },
+    };
+    let mut out = BytesMut::new();
+    let mut step = auth.start(&mut out);
+    loop {
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+        match step {
+            AuthStep::Done => return Ok(()),
+            AuthStep::Failed(f) => return Err(refused(f.code, f.message)),
+            AuthStep::Continue => {}
+        }
+        let header = loop {
+            match protocol::peek_header(buf, MAX_AUTH_MESSAGE)? {
+                Some(h) if buf.len() >= h.total_len => break h,
+                _ => read_more(stream, buf).await?,
+            }
+        };
+        let msg = buf.split_to(header.total_len);
+        step = auth.on_message(&msg, &mut out);
+    }
+}

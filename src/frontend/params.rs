@@ -1,0 +1,322 @@
+//! Session parameters a client expects its server to have, and the one
+//! round trip that makes a pooled server match them.
+//!
+//! Tracked: the reported parameters clients care about (client_encoding,
+//! DateStyle, TimeZone, IntervalStyle, standard_conforming_strings,
+//! application_name) with the pool's defaults filled in, so a client never
+//! inherits another client's value; plus every other startup parameter
+//! (search_path, extra_float_digits, `-c` options…), applied with
+//! `set_config` exactly as PostgreSQL applies startup parameters.
+
+use crate::backend::ServerParams;
+use crate::protocol::StartupParams;
+
+/// Reported parameters every client gets its own value of.
+pub const TRACKED_REPORTED: &[&str] = &[
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "standard_conforming_strings",
+    "application_name",
+];
+
+/// Startup keys that are not session parameters.
+const NOT_PARAMETERS: &[&str] = &["user", "database", "options", "replication"];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientParams {
+    /// (name, value) the client expects, names as the client spelled them.
+    wanted: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParamError(pub String);
+
+impl ClientParams {
+    /// From the startup packet and the pool's reported defaults.
+    pub fn from_startup(
+        startup: &StartupParams,
+        defaults: &ServerParams,
+    ) -> Result<Self, ParamError> {
+        let mut p = Self::default();
+        for name in TRACKED_REPORTED {
+            if let Some(v) = defaults.get(name) {
+                p.set(name, v);
+            }
+        }
+        for (k, v) in startup.iter() {
+            if k == "replication" {
+                return Err(ParamError(
+                    "replication connections are not supported through pgsluice".into(),
+                ));
+            }
+            if k == "options" {
+                for (name, value) in parse_options(v)? {
+                    p.set(&name, &value);
+                }
+            } else if !NOT_PARAMETERS.contains(&k) {
+                p.set(k, v);
+            }
+        }
+        Ok(p)
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) {
+        match self
+            .wanted
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
+            Some((_, v)) => {
+                if v != value {
+                    value.clone_into(v);
+                }
+            }
+            None => self.wanted.push((name.to_owned(), value.to_owned())),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.wanted
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.wanted.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// A server's parameter changed while this client held it (its own SET,
+    /// or the canonical form PostgreSQL reported after our sync): the client
+    /// now expects that value.
+    pub fn observe(&mut self, name: &str, value: &str) {
+        if TRACKED_REPORTED
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(name))
+            || self.get(name).is_some()
+        {
+            self.set(name, value);
+        }
+    }
+
+    /// The SQL that makes `server` match, or `None` when it already does.
+    /// `set_by_pooler` lists unreported parameters an earlier sync set.
+    pub fn sync_sql(&self, server: &ServerParams, set_by_pooler: &[String]) -> Option<String> {
+        let mut sets = Vec::new();
+        for (name, value) in self.iter() {
+            if server.get(name) != Some(value) {
+                sets.push(format!(
+                    "pg_catalog.set_config({}, {}, false)",
+                    literal(name),
+                    literal(value)
+                ));
+            }
+        }
+        let mut resets = Vec::new();
+        for name in set_by_pooler {
+            if self.get(name).is_none() {
+                resets.push(format!("RESET {}", identifier(name)));
+            }
+        }
+        if sets.is_empty() && resets.is_empty() {
+            return None;
+        }
+        let mut sql = String::new();
+        if !sets.is_empty() {
+            sql.push_str("SELECT ");
+            sql.push_str(&sets.join(", "));
+            sql.push(';');
+        }
+        for r in resets {
+            sql.push_str(&r);
+            sql.push(';');
+        }
+        Some(sql)
+    }
+}
+
+impl ClientParams {
+    /// Records what a successful [`ClientParams::sync_sql`] changed on
+    /// `server`: reported parameters were updated from ParameterStatus (and
+    /// the client adopts PostgreSQL's canonical spelling); unreported ones are
+    /// recorded as set by the pooler.
+    pub fn after_sync(&mut self, server: &mut crate::backend::ServerConn) {
+        let wanted: Vec<(String, String)> = self.wanted.clone();
+        for (name, value) in wanted {
+            let pooler_set = server
+                .set_by_pooler
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(&name));
+            match server.params.get(&name) {
+                Some(current) if !pooler_set => {
+                    let current = current.to_owned();
+                    self.set(&name, &current);
+                }
+                _ => {
+                    server.params.set(&name, &value);
+                    if !pooler_set {
+                        server.set_by_pooler.push(name.clone());
+                    }
+                }
+            }
+        }
+        let mut i = 0;
+        while i < server.set_by_pooler.len() {
+            let name = server.set_by_pooler[i].clone();
+            if self.get(&name).is_none() {
+                server.params.remove(&name);
+                server.set_by_pooler.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+/// `E'...'` literal, correct whatever standard_conforming_strings says.
+fn literal(s: &str) -> String {
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+fn identifier(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Parses the `options` startup parameter: `-c name=value` / `-cname=value`
+/// / `--name=value`, with backslash escaping spaces, as PostgreSQL does.
+pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, ParamError> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    let mut in_word = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+                in_word = true;
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let setting = if w == "-c" {
+            it.next()
+                .ok_or_else(|| ParamError("`-c` without a setting in options".into()))?
+        } else if let Some(rest) = w.strip_prefix("-c") {
+            rest.to_owned()
+        } else if let Some(rest) = w.strip_prefix("--") {
+            rest.to_owned()
+        } else {
+            return Err(ParamError(format!(
+                "unsupported startup option `{w}` in options (only -c name=value is supported)"
+            )));
+        };
+        let (name, value) = setting
+            .split_once('=')
+            .ok_or_else(|| ParamError(format!("`{setting}` in options is not name=value")))?;
+        out.push((name.replace('-', "_"), value.to_owned()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> ServerParams {
+        let mut s = ServerParams::default();
+        s.set("TimeZone", "UTC");
+        s.set("DateStyle", "ISO, MDY");
+        s.set("application_name", "");
+        s.set("client_encoding", "UTF8");
+        s.set("server_version", "15.0");
+        s
+    }
+
+    fn startup(pairs: &[(&str, &str)]) -> StartupParams {
+        StartupParams(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn no_sync_when_server_matches() {
+        let p = ClientParams::from_startup(&startup(&[("user", "u")]), &defaults()).unwrap();
+        assert_eq!(p.sync_sql(&defaults(), &[]), None);
+        assert_eq!(p.get("server_version"), None);
+    }
+
+    #[test]
+    fn differing_and_unreported_params_are_set_and_reset() {
+        let p = ClientParams::from_startup(
+            &startup(&[
+                ("user", "u"),
+                ("application_name", "it's"),
+                ("search_path", "a, b"),
+            ]),
+            &defaults(),
+        )
+        .unwrap();
+        let sql = p
+            .sync_sql(&defaults(), &["extra_float_digits".into()])
+            .unwrap();
+        assert_eq!(
+            sql,
+            "SELECT pg_catalog.set_config(E'application_name', E'it\\'s', false), \
+             pg_catalog.set_config(E'search_path', E'a, b', false);RESET \"extra_float_digits\";"
+        );
+    }
+
+    #[test]
+    fn another_clients_value_is_undone() {
+        let p = ClientParams::from_startup(&startup(&[("user", "u")]), &defaults()).unwrap();
+        let mut server = defaults();
+        server.set("TimeZone", "Asia/Tokyo");
+        let sql = p.sync_sql(&server, &[]).unwrap();
+        assert!(sql.contains("E'TimeZone', E'UTC'"), "{sql}");
+    }
+
+    #[test]
+    fn options_are_parsed_like_postgres() {
+        assert_eq!(
+            parse_options("-c geqo=off --search-path=a\\ b -cwork_mem=64MB").unwrap(),
+            vec![
+                ("geqo".into(), "off".into()),
+                ("search_path".into(), "a b".into()),
+                ("work_mem".into(), "64MB".into())
+            ]
+        );
+        assert!(parse_options("-d 5").is_err());
+    }
+
+    #[test]
+    fn replication_is_refused() {
+        let err = ClientParams::from_startup(
+            &startup(&[("user", "u"), ("replication", "true")]),
+            &defaults(),
+        );
+        assert!(err.is_err());
+    }
+}

@@ -1,0 +1,252 @@
+//! What the relay knows about a client/server exchange in flight, as a pure
+//! state machine fed message tags. It decides when a server may be released:
+//! only at ReadyForQuery `I`, with no request unanswered (pipelined clients
+//! keep their server until every Sync is answered), no extended-protocol
+//! batch left open without Sync, and no COPY in progress.
+
+use std::time::Instant;
+
+use crate::protocol::{self, ErrorFields, TxStatus};
+
+/// Server message tags the relay needs whole.
+pub fn server_tag_inspected(tag: u8) -> bool {
+    matches!(tag, b'Z' | b'S' | b'E' | b'G' | b'W')
+}
+
+/// Client message tags the relay needs whole.
+pub fn client_tag_inspected(tag: u8) -> bool {
+    tag == b'X'
+}
+
+/// Something a server message means for the session.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ServerEvent {
+    None,
+    /// A ReadyForQuery arrived with this status.
+    Ready(TxStatus),
+    /// A session parameter changed.
+    Parameter {
+        name: String,
+        value: String,
+    },
+    /// The server reported a fatal error and is about to close.
+    Fatal(ErrorFields),
+    /// ReadyForQuery without a request outstanding: the stream is not what
+    /// we think it is, so this server must never be reused.
+    Desync,
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayState {
+    /// Requests sent (Query, Sync, FunctionCall) awaiting ReadyForQuery.
+    pending: usize,
+    /// Extended-protocol messages sent since the last Sync.
+    batch_open: bool,
+    copy_in: bool,
+    tx: TxStatus,
+    /// When the oldest unanswered request was sent (query_timeout).
+    pub request_since: Option<Instant>,
+    /// When the last ReadyForQuery arrived (idle_transaction_timeout).
+    pub ready_since: Instant,
+    /// The server said it is going away (FATAL) or desynchronised.
+    pub server_unusable: bool,
+}
+
+impl Default for RelayState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RelayState {
+    pub fn new() -> Self {
+        Self {
+            pending: 0,
+            batch_open: false,
+            copy_in: false,
+            tx: TxStatus::Idle,
+            request_since: None,
+            ready_since: Instant::now(),
+            server_unusable: false,
+        }
+    }
+
+    pub fn tx_status(&self) -> TxStatus {
+        self.tx
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// No request outstanding and no batch or COPY open. The transaction may
+    /// still be open (see [`RelayState::tx_status`]).
+    pub fn quiet(&self) -> bool {
+        self.pending == 0 && !self.batch_open && !self.copy_in
+    }
+
+    /// At a transaction boundary: the server could serve another client.
+    pub fn at_boundary(&self) -> bool {
+        self.quiet() && self.tx == TxStatus::Idle && !self.server_unusable
+    }
+
+    /// The pooler itself brought the server back to idle (e.g. ROLLBACK).
+    pub fn force_idle(&mut self) {
+        self.tx = TxStatus::Idle;
+    }
+
+    /// Account for a client message about to be forwarded.
+    pub fn on_client_tag(&mut self, tag: u8, now: Instant) {
+        match tag {
+            b'Q' | b'F' => self.request(now),
+            // The server ignores Sync and Flush during COPY IN.
+            b'S' if !self.copy_in => {
+                self.batch_open = false;
+                self.request(now);
+            }
+            b'P' | b'B' | b'D' | b'E' | b'C' => self.batch_open = true,
+            b'c' | b'f' => self.copy_in = false,
+            _ => {}
+        }
+    }
+
+    fn request(&mut self, now: Instant) {
+        if self.pending == 0 {
+            self.request_since = Some(now);
+        }
+        self.pending += 1;
+    }
+
+    /// Account for a whole server message being relayed.
+    pub fn on_server_message(&mut self, tag: u8, msg: &[u8], now: Instant) -> ServerEvent {
+        match tag {
+            b'Z' => {
+                let Some(status) = protocol::parse_ready_for_query(msg) else {
+                    self.server_unusable = true;
+                    return ServerEvent::Desync;
+                };
+                if self.pending == 0 {
+                    self.server_unusable = true;
+                    return ServerEvent::Desync;
+                }
+                self.pending -= 1;
+                self.copy_in = false;
+                self.tx = status;
+                self.ready_since = now;
+                self.request_since = (self.pending > 0).then_some(now);
+                ServerEvent::Ready(status)
+            }
+            b'S' => match protocol::parse_parameter_status(msg) {
+                Some((name, value)) => ServerEvent::Parameter {
+                    name: name.to_owned(),
+                    value: value.to_owned(),
+                },
+                None => ServerEvent::None,
+            },
+            b'E' => {
+                let fields = ErrorFields::parse(msg);
+                if fields.is_fatal() {
+                    self.server_unusable = true;
+                    ServerEvent::Fatal(fields)
+                } else {
+                    ServerEvent::None
+                }
+            }
+            b'G' | b'W' => {
+                self.copy_in = true;
+                ServerEvent::None
+            }
+            _ => ServerEvent::None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+
+    fn rfq(status: TxStatus) -> BytesMut {
+        let mut b = BytesMut::new();
+        protocol::ready_for_query(&mut b, status);
+        b
+    }
+
+    fn z(r: &mut RelayState, status: TxStatus) -> ServerEvent {
+        r.on_server_message(b'Z', &rfq(status), Instant::now())
+    }
+
+    #[test]
+    fn simple_query_releases_at_idle() {
+        let mut r = RelayState::new();
+        let now = Instant::now();
+        r.on_client_tag(b'Q', now);
+        assert!(!r.at_boundary());
+        assert_eq!(
+            z(&mut r, TxStatus::InTransaction),
+            ServerEvent::Ready(TxStatus::InTransaction)
+        );
+        assert!(!r.at_boundary(), "an open transaction keeps its server");
+        r.on_client_tag(b'Q', now);
+        z(&mut r, TxStatus::Idle);
+        assert!(r.at_boundary());
+    }
+
+    #[test]
+    fn pipelined_syncs_keep_the_server_until_all_answered() {
+        let mut r = RelayState::new();
+        let now = Instant::now();
+        for tag in [b'P', b'B', b'E', b'S', b'B', b'E', b'S'] {
+            r.on_client_tag(tag, now);
+        }
+        z(&mut r, TxStatus::Idle);
+        assert!(!r.at_boundary());
+        z(&mut r, TxStatus::Idle);
+        assert!(r.at_boundary());
+    }
+
+    #[test]
+    fn batch_without_sync_keeps_the_server() {
+        let mut r = RelayState::new();
+        let now = Instant::now();
+        for tag in [b'P', b'B', b'E', b'H'] {
+            r.on_client_tag(tag, now);
+        }
+        assert!(!r.at_boundary());
+        r.on_client_tag(b'S', now);
+        z(&mut r, TxStatus::Idle);
+        assert!(r.at_boundary());
+    }
+
+    #[test]
+    fn sync_during_copy_in_is_not_a_request() {
+        let mut r = RelayState::new();
+        let now = Instant::now();
+        r.on_client_tag(b'Q', now);
+        r.on_server_message(b'G', b"G\0\0\0\x07\0\0\0", now);
+        r.on_client_tag(b'd', now);
+        r.on_client_tag(b'S', now);
+        r.on_client_tag(b'c', now);
+        z(&mut r, TxStatus::Idle);
+        assert!(r.at_boundary());
+    }
+
+    #[test]
+    fn unsolicited_ready_marks_server_unusable() {
+        let mut r = RelayState::new();
+        assert_eq!(z(&mut r, TxStatus::Idle), ServerEvent::Desync);
+        assert!(!r.at_boundary());
+    }
+
+    #[test]
+    fn fatal_error_marks_server_unusable() {
+        let mut r = RelayState::new();
+        let mut e = BytesMut::new();
+        protocol::error_response(&mut e, protocol::Severity::Fatal, "57P01", "bye");
+        assert!(matches!(
+            r.on_server_message(b'E', &e, Instant::now()),
+            ServerEvent::Fatal(_)
+        ));
+        assert!(r.server_unusable);
+    }
+}

@@ -1,0 +1,18 @@
+//! pgsluice: a PostgreSQL connection pooler and read/write query router.
+//!
+//! The module list is the architecture (see docs/architecture.md):
+//! `protocol` (sans-IO wire codec) → `frontend` (one client session) → `pool`
+//! (server connections per node/database/user) → `backend` (one server
+//! connection). `config` turns TOML + environment into typed settings;
+//! `localpg` starts throwaway PostgreSQL clusters for the demo, tests and
+//! benchmarks.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod backend;
+pub mod config;
+pub mod frontend;
+pub mod localpg;
+pub mod pool;
+pub mod protocol;
+pub mod proxy;

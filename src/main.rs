@@ -1,0 +1,210 @@
+//! The `pgsluice` command: CLI, logging, signals and the runtime. No pooler
+//! logic lives here.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use pgsluice::config::Config;
+use pgsluice::localpg::{ClusterOptions, LocalCluster};
+use pgsluice::proxy::{Proxy, ShutdownHandle};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(
+    name = "pgsluice",
+    version,
+    about = "PostgreSQL connection pooler and read/write router"
+)]
+struct Cli {
+    /// Configuration file (TOML). PGSLUICE_SECTION__KEY variables override it.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "PGSLUICE_CONFIG",
+        default_value = "pgsluice.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pooler (the default).
+    Run,
+    /// Validate the configuration and print the effective settings.
+    Check,
+    /// Start a throwaway PostgreSQL primary + 2 replicas and pgsluice in front.
+    Demo {
+        /// Port pgsluice listens on (127.0.0.1).
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+        /// max_connections of the demo PostgreSQL servers.
+        #[arg(long, default_value_t = 200)]
+        max_connections: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(&cli.config),
+        Command::Run => runtime().and_then(|rt| rt.block_on(run(&cli.config))),
+        Command::Demo {
+            port,
+            max_connections,
+        } => demo(port, max_connections),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgsluice: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn check(path: &std::path::Path) -> Result<()> {
+    let config = Config::load(path).context("invalid configuration")?;
+    print!("{}", config.render());
+    Ok(())
+}
+
+async fn run(path: &std::path::Path) -> Result<()> {
+    let config = Config::load(path).context("invalid configuration")?;
+    let listen = config.general.listen_addr;
+    let proxy = Proxy::bind(config)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (general.listen_addr)"))?;
+    tracing::info!(addr = %proxy.local_addr()?, version = env!("CARGO_PKG_VERSION"), "pgsluice listening");
+    serve_until_signalled(proxy, false).await
+}
+
+/// Runs the proxy. SIGTERM drains (a second SIGTERM exits at once), SIGINT
+/// exits at once (`demo`: closes clients and returns so the cluster is
+/// cleaned up), SIGHUP is reserved for reload.
+async fn serve_until_signalled(proxy: Proxy, demo: bool) -> Result<()> {
+    let handle = proxy.shutdown_handle();
+    let mut task = tokio::spawn(proxy.run());
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = &mut task => {
+                r.context("proxy task failed")?;
+                return Ok(());
+            }
+            _ = term.recv() => {
+                if draining && !demo {
+                    tracing::warn!("second SIGTERM: exiting now");
+                    std::process::exit(1);
+                }
+                tracing::info!("SIGTERM: draining (no new clients; transactions may finish within shutdown_timeout)");
+                draining = true;
+                handle.shutdown();
+                if demo {
+                    stop_now(&handle, &mut task).await;
+                    return Ok(());
+                }
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: closing now");
+                if demo {
+                    stop_now(&handle, &mut task).await;
+                    return Ok(());
+                }
+                std::process::exit(0);
+            }
+            _ = hup.recv() => {
+                tracing::warn!("SIGHUP: configuration reload is not implemented yet; nothing changed");
+            }
+        }
+    }
+}
+
+async fn stop_now(handle: &ShutdownHandle, task: &mut tokio::task::JoinHandle<()>) {
+    handle.shutdown();
+    handle.stop_now();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
+}
+
+fn demo(port: u16, max_connections: u32) -> Result<()> {
+    eprintln!("pgsluice demo: starting PostgreSQL primary + 2 streaming replicas…");
+    let cluster = LocalCluster::start(ClusterOptions {
+        max_connections,
+        ..ClusterOptions::default()
+    })
+    .context("cannot start the demo PostgreSQL cluster")?;
+    let opts = cluster.options().clone();
+    let replicas: Vec<String> = cluster
+        .replicas()
+        .iter()
+        .map(|n| format!("\"{}\"", n.addr()))
+        .collect();
+    let toml = format!(
+        "[general]\nlisten_addr = \"127.0.0.1:{port}\"\npool_mode = \"transaction\"\nshutdown_timeout = \"5s\"\n\
+         [databases.{db}]\nprimary = \"{primary}\"\nreplicas = [{replicas}]\n\
+         [users.{user}]\npassword = \"{password}\"\n",
+        db = opts.database,
+        primary = cluster.primary().addr(),
+        replicas = replicas.join(", "),
+        user = opts.app_user,
+        password = opts.app_password,
+    );
+    let result = (|| -> Result<()> {
+        let config =
+            Config::from_toml(&toml, "demo", std::env::vars()).context("demo configuration")?;
+        let rt = runtime()?;
+        rt.block_on(async {
+            let proxy = Proxy::bind(config).await.with_context(|| {
+                format!("cannot listen on 127.0.0.1:{port}; pick another with --port")
+            })?;
+            let addr = proxy.local_addr()?;
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "pgsluice: postgres://{}:{}@127.0.0.1:{}/{}",
+                opts.app_user,
+                opts.app_password,
+                addr.port(),
+                opts.database
+            )?;
+            writeln!(out, "primary: {}", cluster.primary().addr())?;
+            for r in cluster.replicas() {
+                writeln!(out, "replica: {}", r.addr())?;
+            }
+            out.flush()?;
+            drop(out);
+            eprintln!(
+                "pgsluice demo: ready; Ctrl-C or SIGTERM stops everything and removes the data"
+            );
+            serve_until_signalled(proxy, true).await
+        })
+    })();
+    eprintln!("pgsluice demo: stopping PostgreSQL and removing its data…");
+    cluster.shutdown().context("cleaning up the demo cluster")?;
+    result
+}

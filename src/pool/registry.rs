@@ -1,0 +1,50 @@
+//! The set of pools, created on first use per (database, user).
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use super::{Pool, lock};
+use crate::backend::LoginSpec;
+use crate::config::{Database, User};
+
+#[derive(Default)]
+pub struct Pools {
+    map: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    conn_ids: Arc<AtomicU64>,
+}
+
+impl Pools {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The primary's pool for `db` and `user`, created on first use.
+    pub fn primary(&self, db: &Database, user: &User) -> Arc<Pool> {
+        let mut map = lock(&self.map);
+        if let Some(p) = map.get(&(db.name.clone(), user.name.clone())) {
+            return p.clone();
+        }
+        let spec = LoginSpec {
+            addr: db.primary.clone(),
+            user: user.name.clone(),
+            password: user.password.clone(),
+            database: db.dbname.clone(),
+            connect_timeout: db.pool.server_connect_timeout,
+        };
+        let label = format!("{}/{}@primary", db.name, user.name);
+        let pool = Pool::new(label, spec, db.pool.clone(), self.conn_ids.clone());
+        map.insert((db.name.clone(), user.name.clone()), pool.clone());
+        pool
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        lock(&self.map).values().cloned().collect()
+    }
+
+    pub fn close_all(&self) {
+        for p in self.all() {
+            p.close();
+        }
+    }
+}

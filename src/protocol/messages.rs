@@ -1,0 +1,242 @@
+//! Builders for the backend messages pgsluice speaks itself, and views of the
+//! few messages it inspects while relaying.
+
+use bytes::{BufMut, BytesMut};
+
+/// Transaction status carried by ReadyForQuery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    Idle,
+    InTransaction,
+    Failed,
+}
+
+impl TxStatus {
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            b'I' => Some(Self::Idle),
+            b'T' => Some(Self::InTransaction),
+            b'E' => Some(Self::Failed),
+            _ => None,
+        }
+    }
+
+    pub fn byte(self) -> u8 {
+        match self {
+            Self::Idle => b'I',
+            Self::InTransaction => b'T',
+            Self::Failed => b'E',
+        }
+    }
+}
+
+/// SQLSTATE codes pgsluice itself reports.
+pub mod sqlstate {
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const CONNECTION_FAILURE: &str = "08006";
+    pub const CONNECTION_EXCEPTION: &str = "08000";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const QUERY_CANCELED: &str = "57014";
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
+}
+
+/// Severity of an ErrorResponse we generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The statement failed; the connection lives on.
+    Error,
+    /// The connection is about to be closed.
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "ERROR",
+            Self::Fatal => "FATAL",
+        }
+    }
+}
+
+/// Writes a tagged message whose body is produced by `body`, back-patching
+/// the length word.
+fn tagged(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    buf.put_u8(tag);
+    let len_at = buf.len();
+    buf.put_i32(0);
+    body(buf);
+    let len = (buf.len() - len_at) as i32;
+    buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_cstr(buf: &mut BytesMut, s: &str) {
+    // A NUL inside would end the field early and desynchronise the peer.
+    buf.extend(s.bytes().filter(|&b| b != 0));
+    buf.put_u8(0);
+}
+
+pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, message: &str) {
+    tagged(buf, b'E', |b| {
+        b.put_u8(b'S');
+        put_cstr(b, severity.as_str());
+        b.put_u8(b'V');
+        put_cstr(b, severity.as_str());
+        b.put_u8(b'C');
+        put_cstr(b, code);
+        b.put_u8(b'M');
+        put_cstr(b, message);
+        b.put_u8(0);
+    });
+}
+
+pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
+    tagged(buf, b'Z', |b| b.put_u8(status.byte()));
+}
+
+pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
+    tagged(buf, b'S', |b| {
+        put_cstr(b, name);
+        put_cstr(b, value);
+    });
+}
+
+pub fn backend_key_data(buf: &mut BytesMut, process_id: i32, secret_key: i32) {
+    tagged(buf, b'K', |b| {
+        b.put_i32(process_id);
+        b.put_i32(secret_key);
+    });
+}
+
+pub fn authentication_ok(buf: &mut BytesMut) {
+    tagged(buf, b'R', |b| b.put_i32(0));
+}
+
+pub fn authentication_cleartext_password(buf: &mut BytesMut) {
+    tagged(buf, b'R', |b| b.put_i32(3));
+}
+
+pub fn negotiate_protocol_version(buf: &mut BytesMut, newest_minor: i32, options: &[String]) {
+    tagged(buf, b'v', |b| {
+        b.put_i32(newest_minor);
+        b.put_i32(options.len() as i32);
+        for o in options {
+            put_cstr(b, o);
+        }
+    });
+}
+
+/// Single-byte answer to SSLRequest / GSSENCRequest: not supported here.
+pub const REFUSE_ENCRYPTION: u8 = b'N';
+
+/// Body of a whole message (after the 5-byte header).
+pub fn body(msg: &[u8]) -> &[u8] {
+    msg.get(super::HEADER_LEN..).unwrap_or_default()
+}
+
+fn split_cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = body.iter().position(|&b| b == 0)?;
+    Some((&body[..end], &body[end + 1..]))
+}
+
+/// ParameterStatus ('S' from the server): name and value.
+pub fn parse_parameter_status(msg: &[u8]) -> Option<(&str, &str)> {
+    let (name, rest) = split_cstr(body(msg))?;
+    let (value, _) = split_cstr(rest)?;
+    Some((
+        std::str::from_utf8(name).ok()?,
+        std::str::from_utf8(value).ok()?,
+    ))
+}
+
+/// ReadyForQuery ('Z'): transaction status.
+pub fn parse_ready_for_query(msg: &[u8]) -> Option<TxStatus> {
+    body(msg).first().copied().and_then(TxStatus::from_byte)
+}
+
+/// The fields of an ErrorResponse / NoticeResponse that pgsluice acts on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorFields {
+    /// Non-localized severity (`V`), falling back to `S`.
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorFields {
+    pub fn parse(msg: &[u8]) -> Self {
+        let mut fields = Self::default();
+        let mut localized = String::new();
+        let mut rest = body(msg);
+        while let Some((&kind, tail)) = rest.split_first() {
+            if kind == 0 {
+                break;
+            }
+            let Some((value, next)) = split_cstr(tail) else {
+                break;
+            };
+            let value = String::from_utf8_lossy(value).into_owned();
+            match kind {
+                b'S' => localized = value,
+                b'V' => fields.severity = value,
+                b'C' => fields.code = value,
+                b'M' => fields.message = value,
+                _ => {}
+            }
+            rest = next;
+        }
+        if fields.severity.is_empty() {
+            fields.severity = localized;
+        }
+        fields
+    }
+
+    pub fn is_fatal(&self) -> bool {
+        self.severity == "FATAL" || self.severity == "PANIC"
+    }
+}
+
+/// Text of a simple Query ('Q') message, without its terminator.
+pub fn query_text(msg: &[u8]) -> &[u8] {
+    let b = body(msg);
+    b.strip_suffix(&[0]).unwrap_or(b)
+}
+
+/// Statement text of a Parse ('P') message.
+pub fn parse_statement_text(msg: &[u8]) -> Option<&[u8]> {
+    let (_name, rest) = split_cstr(body(msg))?;
+    let (text, _) = split_cstr(rest)?;
+    Some(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_response_round_trips() {
+        let mut buf = BytesMut::new();
+        error_response(&mut buf, Severity::Fatal, "53300", "too many\0 clients");
+        let f = ErrorFields::parse(&buf);
+        assert_eq!(f.code, "53300");
+        assert_eq!(f.message, "too many clients");
+        assert!(f.is_fatal());
+        let header = super::super::peek_header(&buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(header.total_len, buf.len());
+    }
+
+    #[test]
+    fn parameter_status_and_ready() {
+        let mut buf = BytesMut::new();
+        parameter_status(&mut buf, "TimeZone", "UTC");
+        assert_eq!(parse_parameter_status(&buf), Some(("TimeZone", "UTC")));
+        let mut buf = BytesMut::new();
+        ready_for_query(&mut buf, TxStatus::Failed);
+        assert_eq!(parse_ready_for_query(&buf), Some(TxStatus::Failed));
+    }
+}
