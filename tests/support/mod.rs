@@ -1,0 +1,172 @@
+//! Integration-test harness: one real PostgreSQL primary with two streaming
+//! replicas per test binary (started on first use, cleaned up by `localpg`'s
+//! reaper when the binary exits), and pgsluice started in-process on an
+//! ephemeral port with a config built by the test.
+//!
+//! Reads like the protocol: a test builds a proxy, connects clients through
+//! it, and checks what PostgreSQL itself says (`pg_backend_pid()`,
+//! `current_setting()`, `pg_stat_activity`).
+
+#![allow(dead_code)]
+
+pub mod raw;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use pgsluice::config::Config;
+use pgsluice::localpg::{ClusterOptions, LocalCluster};
+use pgsluice::proxy::{Proxy, Shared, ShutdownHandle};
+use tokio_postgres::{Client, NoTls};
+
+pub const APP_USER: &str = "app";
+pub const APP_PASSWORD: &str = "app";
+pub const APP_DB: &str = "app";
+
+/// The cluster shared by every test of this binary.
+pub fn cluster() -> &'static LocalCluster {
+    static CLUSTER: OnceLock<LocalCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        LocalCluster::start(ClusterOptions {
+            max_connections: 300,
+            ..ClusterOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("cannot start the test PostgreSQL cluster: {e}"))
+    })
+}
+
+/// A pgsluice running in this test's runtime.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    pub handle: ShutdownHandle,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl TestProxy {
+    /// Starts pgsluice in front of the test cluster. `general` is extra TOML
+    /// for the `[general]` table (e.g. `"pool_size = 2"`).
+    pub async fn start(general: &str) -> TestProxy {
+        Self::start_with(general, "").await
+    }
+
+    /// As [`TestProxy::start`], with extra TOML appended after the tables.
+    pub async fn start_with(general: &str, extra: &str) -> TestProxy {
+        let cluster = tokio::task::spawn_blocking(cluster)
+            .await
+            .expect("cluster start");
+        let replicas: Vec<String> = cluster
+            .replicas()
+            .iter()
+            .map(|n| format!("\"{}\"", n.addr()))
+            .collect();
+        let toml = format!(
+            "[general]\nlisten_addr = \"127.0.0.1:0\"\n{general}\n\
+             [databases.{APP_DB}]\nprimary = \"{}\"\nreplicas = [{}]\n\
+             [users.{APP_USER}]\npassword = \"{APP_PASSWORD}\"\n{extra}",
+            cluster.primary().addr(),
+            replicas.join(", "),
+        );
+        let config = Config::from_toml(&toml, "test", std::iter::empty())
+            .unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
+        let proxy = Proxy::bind(config).await.expect("bind proxy");
+        let addr = proxy.local_addr().expect("local addr");
+        let shared = proxy.shared().clone();
+        let handle = proxy.shutdown_handle();
+        let task = tokio::spawn(proxy.run());
+        TestProxy {
+            addr,
+            shared,
+            handle,
+            task,
+        }
+    }
+
+    pub fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB} connect_timeout=10",
+            self.addr.port()
+        )
+    }
+
+    /// A tokio-postgres client through pgsluice.
+    pub async fn connect(&self) -> Client {
+        self.connect_with("")
+            .await
+            .expect("connect through pgsluice")
+    }
+
+    /// Connects with extra conninfo (e.g. `"application_name=x"`).
+    pub async fn connect_with(&self, extra: &str) -> Result<Client, tokio_postgres::Error> {
+        let (client, conn) =
+            tokio_postgres::connect(&format!("{} {extra}", self.conninfo()), NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// The primary's pool for the app user, if created.
+    pub fn primary_pool(&self) -> Option<Arc<pgsluice::pool::Pool>> {
+        self.shared
+            .pools
+            .all()
+            .into_iter()
+            .find(|p| p.label() == "app/app@primary")
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.handle.stop_now();
+        self.shared.pools.close_all();
+    }
+}
+
+/// A direct superuser connection to node `index` (0 = primary).
+pub async fn superuser(index: usize) -> Client {
+    let c = tokio::task::spawn_blocking(cluster)
+        .await
+        .expect("cluster start");
+    let node = &c.nodes()[index];
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user={} password={} dbname={APP_DB}",
+        node.port,
+        c.superuser(),
+        c.superuser_password()
+    );
+    let (client, conn) = tokio_postgres::connect(&conninfo, NoTls)
+        .await
+        .expect("superuser connect");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// SQLSTATE of a tokio-postgres error, if the server (or pgsluice) sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_owned())
+}
+
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_owned())
+}
+
+/// Polls `check` until it is true or `timeout` passes.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
