@@ -1,0 +1,170 @@
+//! The `pgsluice` binary as an operator uses it: `check`, `--version`,
+//! `demo` (its endpoint lines are read by scripts) and `run` with signals.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgsluice");
+
+fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("pgsluice did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn version_and_check_of_the_example_configs() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("pgsluice "));
+    for file in ["config/minimal.toml", "config/primary-replicas.toml"] {
+        let out = Command::new(BIN).args(["check", "--config", file]).output().unwrap();
+        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("pool_size = 20") && text.contains("checkout_timeout = \"30s\""), "{text}");
+        assert!(!text.contains("change-me") && !text.contains("secret"), "password printed");
+    }
+}
+
+#[test]
+fn check_reports_the_bad_setting_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[general]\ncheckout_timeout = \"forever\"\n[databases.a]\nprimary = \"h:1\"\n[users.u]\npassword = \"p\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("general.checkout_timeout") && err.contains("forever"), "{err}");
+    // An environment override is validated the same way.
+    let out = Command::new(BIN)
+        .args(["check", "--config", "config/minimal.toml"])
+        .env("PGSLUICE_GENERAL__POOL_MODE", "sometimes")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("general.pool_mode"));
+    let out = Command::new(BIN).args(["check", "--config", "/nonexistent.toml"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.toml"));
+}
+
+#[test]
+fn demo_prints_endpoints_serves_and_cleans_up() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    while lines.len() < 4 {
+        match rx.recv_timeout(Duration::from_secs(90)) {
+            Ok(l) => lines.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("demo printed only {lines:?}");
+            }
+        }
+    }
+    let url = lines[0].strip_prefix("pgsluice: ").expect("pgsluice line first").to_owned();
+    assert!(url.starts_with("postgres://app:app@127.0.0.1:") && url.ends_with("/app"), "{url}");
+    let primary = lines[1].strip_prefix("primary: 127.0.0.1:").expect("primary line");
+    let replicas: Vec<&str> = lines[2..]
+        .iter()
+        .map(|l| l.strip_prefix("replica: 127.0.0.1:").expect("replica line"))
+        .collect();
+    assert_eq!(replicas.len(), 2);
+    let primary_port: u16 = primary.parse().unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect via demo");
+        tokio::spawn(conn);
+        let row = c
+            .query_one("SELECT pg_is_in_recovery(), inet_server_port()", &[])
+            .await
+            .unwrap();
+        assert!(!row.get::<_, bool>(0));
+        assert_eq!(row.get::<_, i32>(1), i32::from(primary_port));
+        // Ready for pgbench -i: the app user can create tables.
+        c.batch_execute("CREATE TABLE demo_probe (v int); DROP TABLE demo_probe").await.unwrap();
+    });
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(status.success(), "demo exited with {status}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", primary_port)).is_err(),
+        "demo left PostgreSQL running"
+    );
+}
+
+#[test]
+fn run_serves_and_exits_on_sigterm() {
+    let cluster = support::cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let path = dir.path().join("pgsluice.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[general]\nlisten_addr = \"127.0.0.1:{port}\"\n[databases.app]\nprimary = \"{}\"\n[users.app]\npassword = \"app\"\n",
+            cluster.primary().addr()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("postgres://app:app@127.0.0.1:{port}/app");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let c = loop {
+            match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                Ok((c, conn)) => {
+                    tokio::spawn(conn);
+                    break c;
+                }
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("pgsluice run never accepted: {e}"),
+            }
+        };
+        assert_eq!(c.query_one("SELECT 5", &[]).await.unwrap().get::<_, i32>(0), 5);
+        // SIGHUP is reserved for reload: it must not kill the process.
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(c.query_one("SELECT 6", &[]).await.unwrap().get::<_, i32>(0), 6);
+    });
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+}
