@@ -32,11 +32,24 @@ fn version_and_check_of_the_example_configs() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("pgsluice "));
     for file in ["config/minimal.toml", "config/primary-replicas.toml"] {
-        let out = Command::new(BIN).args(["check", "--config", file]).output().unwrap();
-        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(BIN)
+            .args(["check", "--config", file])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("pool_size = 20") && text.contains("checkout_timeout = \"30s\""), "{text}");
-        assert!(!text.contains("change-me") && !text.contains("secret"), "password printed");
+        assert!(
+            text.contains("pool_size = 20") && text.contains("checkout_timeout = \"30s\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("change-me") && !text.contains("secret"),
+            "password printed"
+        );
     }
 }
 
@@ -49,10 +62,17 @@ fn check_reports_the_bad_setting_and_fails() {
         "[general]\ncheckout_timeout = \"forever\"\n[databases.a]\nprimary = \"h:1\"\n[users.u]\npassword = \"p\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("general.checkout_timeout") && err.contains("forever"), "{err}");
+    assert!(
+        err.contains("general.checkout_timeout") && err.contains("forever"),
+        "{err}"
+    );
     // An environment override is validated the same way.
     let out = Command::new(BIN)
         .args(["check", "--config", "config/minimal.toml"])
@@ -61,7 +81,10 @@ fn check_reports_the_bad_setting_and_fails() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("general.pool_mode"));
-    let out = Command::new(BIN).args(["check", "--config", "/nonexistent.toml"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config", "/nonexistent.toml"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.toml"));
 }
@@ -91,9 +114,17 @@ fn demo_prints_endpoints_serves_and_cleans_up() {
             }
         }
     }
-    let url = lines[0].strip_prefix("pgsluice: ").expect("pgsluice line first").to_owned();
-    assert!(url.starts_with("postgres://app:app@127.0.0.1:") && url.ends_with("/app"), "{url}");
-    let primary = lines[1].strip_prefix("primary: 127.0.0.1:").expect("primary line");
+    let url = lines[0]
+        .strip_prefix("pgsluice: ")
+        .expect("pgsluice line first")
+        .to_owned();
+    assert!(
+        url.starts_with("postgres://app:app@127.0.0.1:") && url.ends_with("/app"),
+        "{url}"
+    );
+    let primary = lines[1]
+        .strip_prefix("primary: 127.0.0.1:")
+        .expect("primary line");
     let replicas: Vec<&str> = lines[2..]
         .iter()
         .map(|l| l.strip_prefix("replica: 127.0.0.1:").expect("replica line"))
@@ -101,9 +132,14 @@ fn demo_prints_endpoints_serves_and_cleans_up() {
     assert_eq!(replicas.len(), 2);
     let primary_port: u16 = primary.parse().unwrap();
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect via demo");
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect via demo");
         tokio::spawn(conn);
         let row = c
             .query_one("SELECT pg_is_in_recovery(), inet_server_port()", &[])
@@ -112,7 +148,9 @@ fn demo_prints_endpoints_serves_and_cleans_up() {
         assert!(!row.get::<_, bool>(0));
         assert_eq!(row.get::<_, i32>(1), i32::from(primary_port));
         // Ready for pgbench -i: the app user can create tables.
-        c.batch_execute("CREATE TABLE demo_probe (v int); DROP TABLE demo_probe").await.unwrap();
+        c.batch_execute("CREATE TABLE demo_probe (v int); DROP TABLE demo_probe")
+            .await
+            .unwrap();
     });
 
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
@@ -128,7 +166,11 @@ fn demo_prints_endpoints_serves_and_cleans_up() {
 fn run_serves_and_exits_on_sigterm() {
     let cluster = support::cluster();
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let path = dir.path().join("pgsluice.toml");
     std::fs::write(
         &path,
@@ -145,7 +187,10 @@ fn run_serves_and_exits_on_sigterm() {
         .spawn()
         .unwrap();
     let url = format!("postgres://app:app@127.0.0.1:{port}/app");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(30);
         let c = loop {
@@ -154,15 +199,23 @@ fn run_serves_and_exits_on_sigterm() {
                     tokio::spawn(conn);
                     break c;
                 }
-                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
                 Err(e) => panic!("pgsluice run never accepted: {e}"),
             }
         };
-        assert_eq!(c.query_one("SELECT 5", &[]).await.unwrap().get::<_, i32>(0), 5);
+        assert_eq!(
+            c.query_one("SELECT 5", &[]).await.unwrap().get::<_, i32>(0),
+            5
+        );
         // SIGHUP is reserved for reload: it must not kill the process.
         kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(c.query_one("SELECT 6", &[]).await.unwrap().get::<_, i32>(0), 6);
+        assert_eq!(
+            c.query_one("SELECT 6", &[]).await.unwrap().get::<_, i32>(0),
+            6
+        );
     });
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     let status = wait_exit(&mut child, Duration::from_secs(20));

@@ -560,25 +560,25 @@ impl Session {
 
     async fn on_timer(&mut self, client: &mut TcpStream) -> std::io::Result<Option<Step>> {
         let now = Instant::now();
-        let g = self.shared.config.general.clone();
-        if let (Some(qt), Some(since)) = (g.query_timeout, self.relay.request_since) {
+        let g = &self.shared.config.general;
+        let (query_timeout, idle_tx_timeout) = (g.query_timeout, g.idle_transaction_timeout);
+        if let (Some(qt), Some(since)) = (query_timeout, self.relay.request_since) {
             match self.query_cancelled {
-                Some(at) if at >= since => {
-                    if now >= at + QUERY_CANCEL_GRACE {
-                        let msg = format!(
-                            "query_timeout ({}) exceeded and the server did not answer the cancel",
-                            humantime::format_duration(qt)
-                        );
-                        if let Some(server) = self.server.take() {
-                            self.cancel.detach().await;
-                            drop(server);
-                        }
-                        return self
-                            .close_with(client, sqlstate::QUERY_CANCELED, &msg)
-                            .await
-                            .map(Some);
+                Some(at) if at >= since && now >= at + QUERY_CANCEL_GRACE => {
+                    let msg = format!(
+                        "query_timeout ({}) exceeded and the server did not answer the cancel",
+                        humantime::format_duration(qt)
+                    );
+                    if let Some(server) = self.server.take() {
+                        self.cancel.detach().await;
+                        drop(server);
                     }
+                    return self
+                        .close_with(client, sqlstate::QUERY_CANCELED, &msg)
+                        .await
+                        .map(Some);
                 }
+                Some(at) if at >= since => {}
                 _ if now >= since + qt => {
                     if let Some(server) = self.server.as_ref() {
                         tracing::info!(
@@ -595,7 +595,7 @@ impl Session {
                 _ => {}
             }
         }
-        if let Some(it) = g.idle_transaction_timeout {
+        if let Some(it) = idle_tx_timeout {
             if self.relay.quiet()
                 && self.relay.tx_status() != TxStatus::Idle
                 && now >= self.relay.ready_since + it
