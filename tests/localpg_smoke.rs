@@ -242,27 +242,43 @@ fn reaper_cleans_up_after_sigkill() {
     use std::io::{BufRead, BufReader, Read};
     use std::process::{Command, Stdio};
 
+    /// Kills the child if the test fails before it does.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     let exe = std::env::current_exe().expect("current_exe");
-    let mut child = Command::new(exe)
+    // The child also gets copies of its stdout as descriptors 7 and 12, not
+    // close-on-exec, like a test runner's pipes: nothing localpg starts may
+    // keep them.
+    let child = Command::new("/bin/bash")
+        .arg("-c")
+        .arg("exec 7>&1 12>&1; exec \"$0\" \"$@\"")
+        .arg(exe)
         .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn child");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut child = KillOnDrop(child);
+    let mut stdout = BufReader::new(child.0.stdout.take().expect("stdout"));
     let (mut root, mut pids) = (None, Vec::new());
     let mut line = String::new();
     loop {
         line.clear();
         let n = stdout.read_line(&mut line).expect("read child stdout");
         assert!(n > 0, "child exited before READY");
-        let line = line.trim();
-        if let Some(r) = line.strip_prefix("ROOT ") {
+        // libtest may print "test crash_child ... " on the same line.
+        if let Some((_, r)) = line.trim().split_once("ROOT ") {
             root = Some(std::path::PathBuf::from(r));
-        } else if let Some(p) = line.strip_prefix("PID ") {
+        } else if let Some((_, p)) = line.trim().split_once("PID ") {
             pids.push(p.parse::<u32>().expect("pid"));
-        } else if line == "READY" {
+        } else if line.contains("READY") {
             break;
         }
     }
@@ -270,8 +286,8 @@ fn reaper_cleans_up_after_sigkill() {
     assert_eq!(pids.len(), 2);
     assert!(root.exists());
 
-    child.kill().expect("SIGKILL child");
-    child.wait().expect("wait child");
+    child.0.kill().expect("SIGKILL child");
+    child.0.wait().expect("wait child");
     // Nothing else may hold the child's stdout: EOF must come promptly.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -45,16 +45,21 @@ impl CancelSlot {
 
     /// Detaches the server; returns once no cancel for it is in flight.
     pub async fn detach(&self) {
+        {
+            let mut s = self.lock();
+            s.target = None;
+            if s.in_flight == 0 {
+                return;
+            }
+        }
+        // Rare: a cancel is on its way to this server. No new one can start
+        // (the target is gone); wait for those in flight to be delivered.
         loop {
             let delivered = self.delivered.notified();
             tokio::pin!(delivered);
             delivered.as_mut().enable();
-            {
-                let mut s = self.lock();
-                s.target = None;
-                if s.in_flight == 0 {
-                    return;
-                }
+            if self.lock().in_flight == 0 {
+                return;
             }
             delivered.await;
         }

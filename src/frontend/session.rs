@@ -150,7 +150,13 @@ impl Session {
             }
             tokio::select! {
                 r = client.readable() => r?,
-                _ = self.phase.changed() => return Ok(Step::Continue),
+                r = self.phase.changed() => {
+                    if r.is_err() {
+                        // The proxy is gone: nothing will serve this client.
+                        return Ok(Step::Exit(Exit::Closed));
+                    }
+                    return Ok(Step::Continue);
+                }
             }
             self.cbuf.reserve(CLIENT_READ);
             match client.try_read_buf(&mut self.cbuf) {
@@ -340,13 +346,13 @@ impl Session {
                 Server(std::io::Result<usize>),
                 Client(std::io::Result<usize>),
                 Timer,
-                Phase,
+                Phase(bool),
             }
             let ev = tokio::select! {
                 r = server.stream.read_buf(&mut server.buf) => Ev::Server(r),
                 r = client.read_buf(&mut self.cbuf) => Ev::Client(r),
                 _ = timer => Ev::Timer,
-                _ = self.phase.changed() => Ev::Phase,
+                r = self.phase.changed() => Ev::Phase(r.is_ok()),
             };
             match ev {
                 Ev::Server(Ok(n)) if n > 0 => self.forward_server(client).await?,
@@ -367,7 +373,8 @@ impl Session {
                         return Ok(step);
                     }
                 }
-                Ev::Phase => {}
+                Ev::Phase(true) => {}
+                Ev::Phase(false) => return Ok(Step::Exit(Exit::Closed)),
             }
         }
     }

@@ -192,7 +192,7 @@ impl Postmaster {
             .try_clone()
             .map_err(|e| LocalPgError::io("duplicating a log file handle", e))?;
         ctx.run_as.chown(&files.log_file)?;
-        let mut cmd = tools::base_command(&ctx.tools.postgres);
+        let mut cmd = tools::sealed_command(&ctx.tools.postgres);
         cmd.arg("-D")
             .arg(&files.data_dir)
             .stdout(Stdio::from(log))

@@ -16,9 +16,10 @@
 //!    then SIGKILLs the survivors;
 //! 3. removes the cluster's temporary directory.
 //!
-//! Its stdin is the pipe, stdout and stderr are /dev/null, its working
-//! directory is `/`, and it runs in its own process group, so it holds no
-//! other descriptor of ours (a test runner's output pipe would otherwise stay
+//! Its stdin is the pipe, stdout and stderr are /dev/null, descriptors we
+//! inherited without close-on-exec are closed before the script runs, its
+//! working directory is `/`, and it runs in its own process group, so it
+//! holds no other descriptor of ours (a test runner's output pipe would otherwise stay
 //! open) and a Ctrl-C aimed at the caller's terminal does not reach it.
 
 use std::os::unix::process::CommandExt;
@@ -26,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use super::error::LocalPgError;
+use super::tools;
 
 /// `$1` = directory to remove, `$2..` = data directories.
 const SCRIPT: &str = r#"
@@ -62,9 +64,12 @@ pub(crate) struct Reaper {
 impl Reaper {
     /// Starts the reaper for a cluster rooted at `root` with these data dirs.
     pub fn spawn(root: &Path, data_dirs: &[PathBuf]) -> Result<Self, LocalPgError> {
-        let child = Command::new("/bin/sh")
+        let (shell, close_inherited) = tools::fd_closing_shell();
+        let child = Command::new(shell)
+            .env_remove("BASH_ENV")
+            .env_remove("ENV")
             .arg("-c")
-            .arg(SCRIPT)
+            .arg(format!("{close_inherited}{SCRIPT}"))
             .arg("pgsluice-localpg-reaper")
             .arg(root)
             .args(data_dirs)
@@ -74,7 +79,7 @@ impl Reaper {
             .current_dir("/")
             .process_group(0)
             .spawn()
-            .map_err(|e| LocalPgError::io("starting the cleanup process (/bin/sh)", e))?;
+            .map_err(|e| LocalPgError::io("starting the cleanup process (a shell)", e))?;
         Ok(Self { child })
     }
 

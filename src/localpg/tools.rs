@@ -256,6 +256,74 @@ pub(crate) fn base_command(program: &Path) -> Command {
     cmd
 }
 
+/// Descriptors above 2 that a child would inherit: not close-on-exec, so
+/// opened by whatever started us (a test runner's pipes, a jobserver, a
+/// CI harness). Everything Rust's std opens is close-on-exec already.
+fn inheritable_fds() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    let mut fds: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&fd| fd > 2)
+        .filter(|fd| {
+            // "flags:\t02100002": octal open flags; O_CLOEXEC is 02000000.
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).is_ok_and(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                    .is_some_and(|flags| flags & 0o2_000_000 == 0)
+            })
+        })
+        .collect();
+    fds.sort_unstable();
+    fds
+}
+
+/// A shell and a command line prefix that closes every inherited descriptor
+/// above 2 (see [`inheritable_fds`]). std has no "close all fds" option and
+/// this crate forbids the `unsafe` a `pre_exec` hook needs, so long-lived
+/// children (postmasters, the reaper) shed them with `exec N>&-` before
+/// `exec`ing the real program. bash is used because dash cannot name
+/// descriptors above 9.
+pub(crate) fn fd_closing_shell() -> (PathBuf, String) {
+    let bash = Path::new("/bin/bash");
+    let (shell, fds) = if is_executable(bash) {
+        (bash.to_path_buf(), inheritable_fds())
+    } else {
+        let fds = inheritable_fds()
+            .into_iter()
+            .filter(|&fd| fd <= 9)
+            .collect();
+        (PathBuf::from("/bin/sh"), fds)
+    };
+    let prefix = if fds.is_empty() {
+        String::new()
+    } else {
+        let closes: String = fds.iter().map(|fd| format!(" {fd}>&-")).collect();
+        format!("exec{closes}; ")
+    };
+    (shell, prefix)
+}
+
+/// Like [`base_command`], for a long-lived child: it inherits no descriptor
+/// above 2 from us. If there is nothing to close, `program` is run directly;
+/// otherwise through a shell that closes them and then `exec`s it (same
+/// pid), so the caller's arguments still go to `program`.
+pub(crate) fn sealed_command(program: &Path) -> Command {
+    let (shell, prefix) = fd_closing_shell();
+    if prefix.is_empty() {
+        return base_command(program);
+    }
+    let mut cmd = base_command(&shell);
+    cmd.env_remove("BASH_ENV")
+        .env_remove("ENV")
+        .arg("-c")
+        .arg(format!("{prefix}exec \"$0\" \"$@\""))
+        .arg(program);
+    cmd
+}
+
 /// Runs `cmd` to completion, capturing its output; non-zero exit is an error
 /// described as `what` (which must not contain secrets).
 pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<Output, LocalPgError> {
