@@ -4,6 +4,7 @@
 //! keep their server until every Sync is answered), no extended-protocol
 //! batch left open without Sync, and no COPY in progress.
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use crate::protocol::{self, ErrorFields, TxStatus};
@@ -38,8 +39,9 @@ pub enum ServerEvent {
 
 #[derive(Debug, Clone)]
 pub struct RelayState {
-    /// Requests sent (Query, Sync, FunctionCall) awaiting ReadyForQuery.
-    pending: usize,
+    /// Requests sent (Query `Q`, Sync `S`, FunctionCall `F`) awaiting their
+    /// ReadyForQuery, oldest first.
+    pending: VecDeque<u8>,
     /// Extended-protocol messages sent since the last Sync.
     batch_open: bool,
     copy_in: bool,
@@ -61,7 +63,7 @@ impl Default for RelayState {
 impl RelayState {
     pub fn new() -> Self {
         Self {
-            pending: 0,
+            pending: VecDeque::new(),
             batch_open: false,
             copy_in: false,
             tx: TxStatus::Idle,
@@ -76,13 +78,24 @@ impl RelayState {
     }
 
     pub fn pending(&self) -> usize {
-        self.pending
+        self.pending.len()
+    }
+
+    /// Back to the state of a fresh server attachment, keeping allocations.
+    pub fn reset(&mut self) {
+        self.pending.clear();
+        self.batch_open = false;
+        self.copy_in = false;
+        self.tx = TxStatus::Idle;
+        self.request_since = None;
+        self.ready_since = Instant::now();
+        self.server_unusable = false;
     }
 
     /// No request outstanding and no batch or COPY open. The transaction may
     /// still be open (see [`RelayState::tx_status`]).
     pub fn quiet(&self) -> bool {
-        self.pending == 0 && !self.batch_open && !self.copy_in
+        self.pending.is_empty() && !self.batch_open && !self.copy_in
     }
 
     /// At a transaction boundary: the server could serve another client.
@@ -98,11 +111,11 @@ impl RelayState {
     /// Account for a client message about to be forwarded.
     pub fn on_client_tag(&mut self, tag: u8, now: Instant) {
         match tag {
-            b'Q' | b'F' => self.request(now),
+            b'Q' | b'F' => self.request(tag, now),
             // The server ignores Sync and Flush during COPY IN.
             b'S' if !self.copy_in => {
                 self.batch_open = false;
-                self.request(now);
+                self.request(tag, now);
             }
             b'P' | b'B' | b'D' | b'E' | b'C' => self.batch_open = true,
             b'c' | b'f' => self.copy_in = false,
@@ -110,11 +123,11 @@ impl RelayState {
         }
     }
 
-    fn request(&mut self, now: Instant) {
-        if self.pending == 0 {
+    fn request(&mut self, tag: u8, now: Instant) {
+        if self.pending.is_empty() {
             self.request_since = Some(now);
         }
-        self.pending += 1;
+        self.pending.push_back(tag);
     }
 
     /// Account for a whole server message being relayed.
@@ -125,15 +138,14 @@ impl RelayState {
                     self.server_unusable = true;
                     return ServerEvent::Desync;
                 };
-                if self.pending == 0 {
+                if self.pending.pop_front().is_none() {
                     self.server_unusable = true;
                     return ServerEvent::Desync;
                 }
-                self.pending -= 1;
                 self.copy_in = false;
                 self.tx = status;
                 self.ready_since = now;
-                self.request_since = (self.pending > 0).then_some(now);
+                self.request_since = (!self.pending.is_empty()).then_some(now);
                 ServerEvent::Ready(status)
             }
             b'S' => match protocol::parse_parameter_status(msg) {
@@ -154,6 +166,14 @@ impl RelayState {
             }
             b'G' | b'W' => {
                 self.copy_in = true;
+                // The server entered COPY IN while running the oldest
+                // request. If that is an extended-protocol batch whose Sync
+                // the client already sent, the server reads that Sync in copy
+                // mode and ignores it: no ReadyForQuery will answer it (the
+                // client's Sync after CopyDone gets it instead).
+                if self.pending.front() == Some(&b'S') {
+                    self.pending.pop_front();
+                }
                 ServerEvent::None
             }
             _ => ServerEvent::None,
@@ -227,6 +247,39 @@ mod tests {
         r.on_client_tag(b'd', now);
         r.on_client_tag(b'S', now);
         r.on_client_tag(b'c', now);
+        z(&mut r, TxStatus::Idle);
+        assert!(r.at_boundary());
+    }
+
+    #[test]
+    fn extended_copy_in_with_early_sync_is_counted_once() {
+        // tokio-postgres and libpq: Bind, Execute, Sync, then (after
+        // CopyInResponse) CopyData, CopyDone, Sync. PostgreSQL ignores the
+        // first Sync (read in copy mode) and answers the second.
+        let mut r = RelayState::new();
+        let now = Instant::now();
+        for tag in [b'B', b'E', b'S'] {
+            r.on_client_tag(tag, now);
+        }
+        r.on_server_message(b'G', b"G\0\0\0\x07\0\0\0", now);
+        for tag in [b'd', b'd', b'c', b'S'] {
+            r.on_client_tag(tag, now);
+        }
+        z(&mut r, TxStatus::Idle);
+        assert!(r.at_boundary(), "pending: {}", r.pending());
+    }
+
+    #[test]
+    fn extended_copy_in_with_flush_then_sync_after_done() {
+        let mut r = RelayState::new();
+        let now = Instant::now();
+        for tag in [b'P', b'B', b'E', b'H'] {
+            r.on_client_tag(tag, now);
+        }
+        r.on_server_message(b'G', b"G\0\0\0\x07\0\0\0", now);
+        for tag in [b'd', b'f', b'S'] {
+            r.on_client_tag(tag, now);
+        }
         z(&mut r, TxStatus::Idle);
         assert!(r.at_boundary());
     }

@@ -187,7 +187,9 @@ impl Session {
                 client.write_all(&self.out).await?;
                 Ok(Step::Continue)
             }
-            b'H' if whole => {
+            // Flush with nothing before it; or the tail of a COPY the server
+            // already ended with an error (it would ignore these too).
+            b'H' | b'd' | b'c' | b'f' if whole => {
                 self.cbuf.advance(header.total_len);
                 Ok(Step::Continue)
             }
@@ -238,7 +240,7 @@ impl Session {
         }
         self.cancel.attach(server.cancel_key);
         self.server = Some(server);
-        self.relay = RelayState::new();
+        self.relay.reset();
         self.sscan = Scanner::new();
         self.query_cancelled = None;
         Ok(Step::Continue)

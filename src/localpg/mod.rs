@@ -193,7 +193,20 @@ impl LocalCluster {
         // On error, dropping `cluster` stops what was started and cleans up.
         cluster.start_primary()?;
         let primary_at = started.elapsed();
+        // Base backups before the application database exists: their
+        // checkpoint then has next to nothing to flush. The role and database
+        // reach the replicas as WAL, and we wait until they have replayed it.
         cluster.start_replicas()?;
+        let target_lsn = cluster.create_app_objects()?;
+        for index in 1..=cluster.options.replicas {
+            node::wait_streaming(
+                &cluster.ctx,
+                &cluster.files(index),
+                cluster.nodes[index].port,
+                &target_lsn,
+                STREAM_TIMEOUT,
+            )?;
+        }
         tracing::info!(
             root = %cluster.root.display(),
             primary = cluster.nodes[0].port,
@@ -221,6 +234,12 @@ impl LocalCluster {
         append_file(&files.data_dir.join("postgresql.conf"), &self.shared_conf())?;
         let (postmaster, port) = node::launch(&self.ctx, &files, PortChoice::Pick)?;
         self.add_node(NodeRole::Primary, files, port, postmaster);
+        Ok(())
+    }
+
+    /// Creates the application role and database on the primary; returns
+    /// the primary's WAL position afterwards.
+    fn create_app_objects(&self) -> Result<String, LocalPgError> {
         let o = &self.options;
         let role = tools::quote_ident(&o.app_user);
         let create_role = format!(
@@ -231,16 +250,19 @@ impl LocalCluster {
             "CREATE DATABASE {} OWNER {role}",
             tools::quote_ident(&o.database)
         );
-        self.ctx.psql(
-            port,
+        let started = Instant::now();
+        let lsn = self.ctx.psql(
+            self.nodes[0].port,
             "postgres",
             &[
                 "SET password_encryption = 'scram-sha-256'",
                 &create_role,
                 &create_db,
+                "SELECT pg_current_wal_lsn()",
             ],
         )?;
-        Ok(())
+        tracing::debug!(elapsed = ?started.elapsed(), "created the application role and database");
+        Ok(lsn)
     }
 
     fn initdb(&self, data_dir: &Path) -> Result<(), LocalPgError> {
@@ -260,7 +282,9 @@ impl LocalCluster {
             .arg(format!("--pwfile={}", pwfile.display()))
             .args(["--no-sync", "-E", "UTF8", "--locale=C"]);
         self.ctx.run_as.apply(&mut cmd);
+        let started = Instant::now();
         let result = tools::run(&mut cmd, "initdb");
+        tracing::debug!(elapsed = ?started.elapsed(), "initdb finished");
         let _ = std::fs::remove_file(&pwfile);
         result.map(drop)
     }
@@ -329,18 +353,7 @@ impl LocalCluster {
                 }
             }
         }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        for index in 1..=count {
-            node::wait_streaming(
-                &self.ctx,
-                &self.files(index),
-                self.nodes[index].port,
-                STREAM_TIMEOUT,
-            )?;
-        }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     fn add_node(&mut self, role: NodeRole, files: NodeFiles, port: u16, postmaster: Postmaster) {
@@ -552,7 +565,9 @@ fn provision_replica(
         .args(["-U", &ctx.superuser, "--no-sync"])
         .env("PGPASSWORD", &ctx.password);
     ctx.run_as.apply(&mut cmd);
+    let started = Instant::now();
     tools::run(&mut cmd, &format!("pg_basebackup for {}", files.label))?;
+    tracing::debug!(node = %files.label, elapsed = ?started.elapsed(), "pg_basebackup finished");
     node::launch(ctx, files, PortChoice::Pick)
 }
 

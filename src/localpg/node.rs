@@ -410,28 +410,32 @@ pub(crate) fn log_tail(path: &Path) -> String {
     tools::last_lines(&text, LOG_TAIL_LINES)
 }
 
-/// Waits until replica on `port` streams WAL from the primary.
+/// Waits until the replica on `port` streams WAL from the primary and has
+/// replayed it up to `target_lsn` (a primary position such as "0/3000148").
 pub(crate) fn wait_streaming(
     ctx: &Ctx,
     files: &NodeFiles,
     port: u16,
+    target_lsn: &str,
     timeout: Duration,
 ) -> Result<(), LocalPgError> {
+    let query = format!(
+        "SELECT coalesce((SELECT status FROM pg_stat_wal_receiver), 'no wal receiver'), \
+         coalesce(pg_last_wal_replay_lsn() >= {}::pg_lsn, false)",
+        tools::quote_literal(target_lsn)
+    );
     let deadline = Instant::now() + timeout;
     loop {
-        let status = ctx.psql(
-            port,
-            "postgres",
-            &["SELECT status FROM pg_stat_wal_receiver"],
-        )?;
-        if status == "streaming" {
+        let answer = ctx.psql(port, "postgres", &[&query])?;
+        let (status, replayed) = answer.split_once('|').unwrap_or((answer.as_str(), "f"));
+        if status == "streaming" && replayed == "t" {
             return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(LocalPgError::NotStreaming {
                 node: files.label.clone(),
                 timeout,
-                status,
+                status: format!("{status}, replayed up to {target_lsn}: {replayed}"),
                 log: files.log_file.clone(),
                 log_tail: log_tail(&files.log_file),
             });
