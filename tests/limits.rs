@@ -18,8 +18,7 @@ async fn max_client_conn_refuses_extra_clients() {
     let err = proxy
         .connect_with("")
         .await
-        .err()
-        .expect("third client refused");
+        .expect_err("third client refused");
     assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
     assert!(
         message(&err).contains("max_client_conn = 2"),

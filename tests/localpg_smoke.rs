@@ -170,6 +170,31 @@ fn local_cluster_lifecycle() {
         "true"
     );
 
+    // A restart waits (retrying) while another process holds the node's port.
+    cluster.stop_node(2).expect("stop replica2");
+    let squatter = std::net::TcpListener::bind(cluster.nodes()[2].addr())
+        .expect("bind the stopped node's port");
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(squatter);
+    });
+    let t = Instant::now();
+    cluster
+        .start_node(2)
+        .expect("start replica2 once its port is free");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        t.elapsed()
+    );
+    releaser.join().expect("releaser thread");
+    assert_eq!(
+        cluster
+            .psql(2, "postgres", &["SELECT inet_server_port()"])
+            .expect("psql"),
+        cluster.nodes()[2].port.to_string()
+    );
+
     // kill_node / start_node on the primary: crash recovery keeps the data.
     let t = Instant::now();
     cluster.kill_node(0).expect("kill primary");

@@ -126,9 +126,10 @@ pub enum LocalPgError {
         log_tail: String,
     },
 
-    /// A replica accepted logins but did not stream WAL from the primary in time.
+    /// A replica accepted logins but did not stream and replay the primary's
+    /// WAL in time.
     #[error(
-        "{node} is not streaming from the primary after {timeout:?} (wal receiver status: {status}); last lines of {}:\n{log_tail}",
+        "{node} did not stream and replay the primary's WAL within {timeout:?} (wal receiver: {status}); last lines of {}:\n{log_tail}",
         .log.display()
     )]
     NotStreaming {
@@ -136,7 +137,8 @@ pub enum LocalPgError {
         node: String,
         /// How long we waited.
         timeout: Duration,
-        /// The last `pg_stat_wal_receiver.status` seen (empty: no receiver).
+        /// The last `pg_stat_wal_receiver.status` seen and whether replay
+        /// had reached the target position.
         status: String,
         /// The replica's log file.
         log: PathBuf,

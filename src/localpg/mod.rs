@@ -13,7 +13,8 @@
 //!   below the kernel's ephemeral range.
 //! - [`LocalCluster::start`] returns only once every node accepts a real
 //!   (SCRAM) login and every replica streams WAL from the primary through its
-//!   own physical replication slot (`slot1`, `slot2`, ...).
+//!   own physical replication slot (`slot1`, `slot2`, ...), and has replayed
+//!   the creation of the application role and database.
 //! - The superuser is `postgres` with a random password; the application
 //!   role and database of [`ClusterOptions`] exist, the database owned by the
 //!   role, ready for `pgbench -i`.
@@ -325,6 +326,18 @@ impl LocalCluster {
         let count = self.options.replicas;
         let ctx = &self.ctx;
         let files: Vec<NodeFiles> = (1..=count).map(|i| self.files(i)).collect();
+        // The slots exist, reserving WAL, before any backup starts. With
+        // `pg_basebackup -C` the slot is created only after the backup's
+        // checkpoint and reserves WAL from then on, so a concurrent backup's
+        // checkpoint can remove the segment the first one still has to
+        // stream ("requested WAL segment ... has already been removed").
+        if count > 0 {
+            let slots: Vec<String> = (1..=count)
+                .map(|i| format!("SELECT pg_create_physical_replication_slot('slot{i}', true)"))
+                .collect();
+            let slots: Vec<&str> = slots.iter().map(String::as_str).collect();
+            self.ctx.psql(primary_port, "postgres", &slots)?;
+        }
         // Base backups and startups overlap: each replica in its own thread.
         let results: Vec<Result<(Postmaster, u16), LocalPgError>> = std::thread::scope(|s| {
             let handles: Vec<_> = files
@@ -344,16 +357,16 @@ impl LocalCluster {
                 })
                 .collect()
         });
-        let mut first_error = None;
+        let mut started = Vec::with_capacity(count);
         for (f, result) in files.into_iter().zip(results) {
-            match result {
-                Ok((postmaster, port)) => self.add_node(NodeRole::Replica, f, port, postmaster),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
+            // On error, the replicas already started are killed as `started`
+            // is dropped (see `Postmaster`'s `Drop`).
+            started.push((f, result?));
         }
-        first_error.map_or(Ok(()), Err)
+        for (f, (postmaster, port)) in started {
+            self.add_node(NodeRole::Replica, f, port, postmaster);
+        }
+        Ok(())
     }
 
     fn add_node(&mut self, role: NodeRole, files: NodeFiles, port: u16, postmaster: Postmaster) {
@@ -547,8 +560,8 @@ host    replication  all   127.0.0.1/32   scram-sha-256
 host    replication  all   ::1/128        scram-sha-256
 ";
 
-/// Base backup of the primary into the replica's data dir (creating slot
-/// `slot{index}`), then start it.
+/// Base backup of the primary into the replica's data dir, streaming WAL
+/// through the existing slot `slot{index}`, then start it.
 fn provision_replica(
     ctx: &Ctx,
     primary_port: u16,
@@ -558,7 +571,7 @@ fn provision_replica(
     let mut cmd = tools::base_command(&ctx.tools.pg_basebackup);
     cmd.arg("-D")
         .arg(&files.data_dir)
-        .args(["-R", "-X", "stream", "-C", "-S"])
+        .args(["-R", "-X", "stream", "-S"])
         .arg(format!("slot{index}"))
         .args(["-c", "fast", "-h", "127.0.0.1", "-p"])
         .arg(primary_port.to_string())
