@@ -54,7 +54,7 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(&cli.config),
-        Command::Run => runtime().and_then(|rt| rt.block_on(run(&cli.config))),
+        Command::Run => run(&cli.config),
         Command::Demo {
             port,
             max_connections,
@@ -78,8 +78,12 @@ fn init_logging() {
         .init();
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+fn runtime(config: &Config) -> Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.general.worker_threads {
+        builder.worker_threads(n);
+    }
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")
@@ -91,14 +95,16 @@ fn check(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-async fn run(path: &std::path::Path) -> Result<()> {
+fn run(path: &std::path::Path) -> Result<()> {
     let config = Config::load(path).context("invalid configuration")?;
-    let listen = config.general.listen_addr;
-    let proxy = Proxy::bind(config)
-        .await
-        .with_context(|| format!("cannot listen on {listen} (general.listen_addr)"))?;
-    tracing::info!(addr = %proxy.local_addr()?, version = env!("CARGO_PKG_VERSION"), "pgsluice listening");
-    serve_until_signalled(proxy, false).await
+    runtime(&config)?.block_on(async {
+        let listen = config.general.listen_addr;
+        let proxy = Proxy::bind(config)
+            .await
+            .with_context(|| format!("cannot listen on {listen} (general.listen_addr)"))?;
+        tracing::info!(addr = %proxy.local_addr()?, version = env!("CARGO_PKG_VERSION"), "pgsluice listening");
+        serve_until_signalled(proxy, false).await
+    })
 }
 
 /// Runs the proxy. SIGTERM drains (a second SIGTERM exits at once), SIGINT
@@ -177,7 +183,7 @@ fn demo(port: u16, max_connections: u32) -> Result<()> {
     let result = (|| -> Result<()> {
         let config =
             Config::from_toml(&toml, "demo", std::env::vars()).context("demo configuration")?;
-        let rt = runtime()?;
+        let rt = runtime(&config)?;
         rt.block_on(async {
             let proxy = Proxy::bind(config).await.with_context(|| {
                 format!("cannot listen on 127.0.0.1:{port}; pick another with --port")

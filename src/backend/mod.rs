@@ -156,6 +156,19 @@ impl ServerConn {
         self.cancel_key.process_id
     }
 
+    /// Forgets tokio's cached "readable" flag left by the relay's last
+    /// successful read, without a syscall, so that [`Self::is_clean_idle`]
+    /// costs nothing unless the server really sent something (or closed)
+    /// after this point. Call when the connection goes idle with an empty
+    /// buffer. If bytes raced in just before this call, the connection is
+    /// merely found broken on its next use, as if it had died a moment after
+    /// checkout.
+    pub fn forget_read_readiness(&self) {
+        let _ = self.stream.try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+    }
+
     /// True when the idle connection is still usable: nothing arrived
     /// unasked (an error or EOF from a terminated backend) and no bytes of
     /// an earlier exchange are left over.
@@ -163,6 +176,7 @@ impl ServerConn {
         if !self.buf.is_empty() {
             return false;
         }
+        // No syscall unless the reactor saw the socket become readable.
         let mut probe = [0u8; 1];
         matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }

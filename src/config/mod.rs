@@ -162,6 +162,8 @@ pub struct General {
     pub idle_transaction_timeout: Option<Duration>,
     pub query_timeout: Option<Duration>,
     pub shutdown_timeout: Duration,
+    /// Threads running client and server connections; `None` = one per CPU.
+    pub worker_threads: Option<usize>,
     pub pool: PoolSettings,
 }
 
@@ -282,6 +284,16 @@ impl Config {
                 g.shutdown_timeout.as_deref(),
                 "30s",
             )?,
+            worker_threads: match g.worker_threads {
+                None | Some(0) => None,
+                Some(n) if n > 1024 => {
+                    return Err(invalid(
+                        "general.worker_threads",
+                        format!("{n} is above the maximum of 1024 (0 = one per CPU)"),
+                    ));
+                }
+                Some(n) => Some(n as usize),
+            },
             pool: pool_settings("general", &default_pool)?,
         };
 
@@ -367,6 +379,7 @@ impl Config {
         );
         let _ = writeln!(out, "query_timeout = \"{}\"", fmt_od(g.query_timeout));
         let _ = writeln!(out, "shutdown_timeout = \"{}\"", fmt_d(g.shutdown_timeout));
+        let _ = writeln!(out, "worker_threads = {}", g.worker_threads.unwrap_or(0));
         render_pool(&mut out, &g.pool);
         for db in self.databases.values() {
             let _ = writeln!(out, "\n[databases.{}]", toml_key(&db.name));

@@ -303,6 +303,7 @@ impl Pool {
 
     fn release(self: &Arc<Self>, mut conn: ServerConn) {
         conn.last_used = Instant::now();
+        conn.forget_read_readiness();
         if retired(&conn) {
             tracing::debug!(pool = %self.label, pid = conn.process_id(), "server_lifetime reached; closing");
             self.discard(conn);
