@@ -1,0 +1,454 @@
+#!/usr/bin/env python3
+"""Helpers for bench/run.sh (python3 standard library only).
+
+Subcommands:
+  freeport [N]                    print N distinct free TCP ports on 127.0.0.1
+  authprobe HOST PORT USER DB     print the client auth method a server asks for
+  ticks PID                       print utime+stime (clock ticks) of PID from /proc/PID/stat
+  scram-secret PASSWORD           print a SCRAM-SHA-256 secret (random salt, 4096 iterations)
+  record ...                      parse one pgbench run, append a CSV row, print a summary
+  report --csv F --meta F --md F  write the markdown report (also printed to stdout)
+"""
+
+import argparse
+import base64
+import csv
+import glob
+import hashlib
+import hmac
+import math
+import os
+import socket
+import statistics
+import struct
+import sys
+
+CSV_FIELDS = [
+    "round", "workload", "target", "position", "status", "tps", "transactions",
+    "failed_tx", "lat_avg_ms", "p50_ms", "p99_ms", "conn_ms", "pooler_cpu_s",
+    "pooler_us_per_tx", "pooler_rss_kb", "clients", "duration_s", "started_at",
+]
+
+# Order and description of the workloads (ids shared with run.sh).
+WORKLOADS = [
+    ("select-simple", "-S -M simple -c 16", "read-only point selects, simple protocol, 16 clients"),
+    ("select-extended", "-S -M extended -c 16", "read-only point selects, extended protocol, 16 clients"),
+    ("tpcb", "-c 16", "TPC-B-like read/write transactions (pgbench default script), 16 clients"),
+    ("select-500", "-S -c 500", "read-only point selects, 500 clients (more clients than pool size 20)"),
+    ("select-connect", "-S -C -c 32", "a new connection for every transaction, 32 clients"),
+]
+TARGETS = ["direct", "pgbouncer", "pgsluice"]
+
+
+# ---------------------------------------------------------------- small tools
+
+def cmd_freeport(args):
+    n = int(args[0]) if args else 1
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        print(" ".join(str(s.getsockname()[1]) for s in socks))
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _recv_exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        buf += chunk
+    return buf
+
+
+def cmd_authprobe(args):
+    """Send a StartupMessage and report which authentication the server asks for."""
+    host, port, user, db = args[0], int(args[1]), args[2], args[3]
+    params = b"user\0" + user.encode() + b"\0database\0" + db.encode() + b"\0\0"
+    body = struct.pack("!I", 196608) + params
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(struct.pack("!I", len(body) + 4) + body)
+        kind = _recv_exact(s, 1)
+        length = struct.unpack("!I", _recv_exact(s, 4))[0]
+        payload = _recv_exact(s, length - 4)
+    if kind == b"E":
+        print("error:" + payload.replace(b"\0", b" ").decode(errors="replace").strip())
+        return 1
+    if kind != b"R":
+        print("unknown:message-" + kind.decode(errors="replace"))
+        return 1
+    code = struct.unpack("!I", payload[:4])[0]
+    if code == 0:
+        print("trust")
+    elif code == 3:
+        print("plain")
+    elif code == 5:
+        print("md5")
+    elif code == 10:
+        mechs = [m for m in payload[4:].split(b"\0") if m]
+        print("scram-sha-256" if b"SCRAM-SHA-256" in mechs else "sasl:" + ",".join(m.decode() for m in mechs))
+    else:
+        print("unknown:%d" % code)
+    return 0
+
+
+def read_ticks(pid):
+    with open("/proc/%s/stat" % pid) as f:
+        data = f.read()
+    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
+    rest = data[data.rindex(")") + 2:].split()
+    # rest[0] is field 3 (state); utime is field 14, stime field 15.
+    return int(rest[11]) + int(rest[12])
+
+
+def cmd_scram_secret(args):
+    """SCRAM-SHA-256 secret in PostgreSQL's pg_authid format (ASCII passwords only)."""
+    password = args[0].encode()
+    salt, iterations = os.urandom(16), 4096
+    salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = lambda b: base64.b64encode(b).decode()
+    print("SCRAM-SHA-256$%d:%s$%s:%s" % (iterations, b64(salt), b64(stored_key), b64(server_key)))
+
+
+def cmd_ticks(args):
+    print(read_ticks(args[0]))
+
+
+# ---------------------------------------------------------------- pgbench parsing
+
+def parse_pgbench(text):
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("number of transactions actually processed:"):
+            out["transactions"] = int(line.split(":")[1].split()[0].split("/")[0])
+        elif line.startswith("number of failed transactions:"):
+            out["failed_tx"] = int(line.split(":")[1].split()[0])
+        elif line.startswith("latency average ="):
+            out["lat_avg_ms"] = float(line.split("=")[1].split()[0])
+        elif line.startswith("initial connection time ="):
+            out["conn_ms"] = float(line.split("=")[1].split()[0])
+        elif line.startswith("average connection time ="):
+            out["conn_ms"] = float(line.split("=")[1].split()[0])
+        elif line.startswith("tps ="):
+            out["tps"] = float(line.split("=")[1].split()[0])
+    return out
+
+
+def latency_percentiles(prefix):
+    """p50/p99 in ms from pgbench -l per-transaction logs (field 3 = latency in us)."""
+    lat = []
+    for path in glob.glob(glob.escape(prefix) + "*"):
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2].isdigit():
+                    lat.append(int(parts[2]))
+    if not lat:
+        return None, None, 0
+    lat.sort()
+
+    def rank(p):
+        return lat[max(0, math.ceil(p * len(lat)) - 1)] / 1000.0
+
+    return rank(0.50), rank(0.99), len(lat)
+
+
+def fmt(v, nd=3):
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        return ("%." + str(nd) + "f") % v
+    return str(v)
+
+
+def cmd_record(argv):
+    ap = argparse.ArgumentParser(prog="bench.py record")
+    ap.add_argument("--csv", required=True)
+    ap.add_argument("--round", required=True)
+    ap.add_argument("--workload", required=True)
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--position", required=True)
+    ap.add_argument("--rc", type=int, required=True)
+    ap.add_argument("--out", required=True, help="pgbench stdout+stderr")
+    ap.add_argument("--log-prefix", default="")
+    ap.add_argument("--connect-mode", type=int, default=0)
+    ap.add_argument("--ticks-before", default="")
+    ap.add_argument("--ticks-after", default="")
+    ap.add_argument("--clk-tck", type=int, default=100)
+    ap.add_argument("--rss-kb", default="")
+    ap.add_argument("--clients", default="")
+    ap.add_argument("--duration", default="")
+    ap.add_argument("--started-at", default="")
+    a = ap.parse_args(argv)
+
+    with open(a.out, errors="replace") as f:
+        text = f.read()
+    r = parse_pgbench(text)
+    tx = r.get("transactions")
+    status = "ok"
+    if a.rc == 124 or a.rc == 137:
+        status = "failed:timeout"
+    elif a.rc != 0:
+        status = "failed:rc=%d" % a.rc
+    elif tx == 0:
+        status = "failed:no-transactions"
+    elif tx is None or "tps" not in r:
+        status = "failed:unparsed"
+    elif r.get("failed_tx", 0) > 0:
+        status = "failed:%d-failed-tx" % r["failed_tx"]
+
+    p50 = p99 = None
+    if a.log_prefix and not a.connect_mode and status == "ok":
+        p50, p99, _ = latency_percentiles(a.log_prefix)
+    cpu_s = us_per_tx = None
+    if a.ticks_before != "" and a.ticks_after != "":
+        cpu_s = (int(a.ticks_after) - int(a.ticks_before)) / a.clk_tck
+        if status == "ok" and tx:
+            us_per_tx = cpu_s * 1e6 / tx
+
+    row = {
+        "round": a.round, "workload": a.workload, "target": a.target, "position": a.position,
+        "status": status,
+        "tps": fmt(r.get("tps") if status == "ok" else None, 1),
+        "transactions": tx if tx is not None else "",
+        "failed_tx": r.get("failed_tx", ""),
+        "lat_avg_ms": fmt(r.get("lat_avg_ms")),
+        "p50_ms": fmt(p50), "p99_ms": fmt(p99),
+        "conn_ms": fmt(r.get("conn_ms")),
+        "pooler_cpu_s": fmt(cpu_s, 2), "pooler_us_per_tx": fmt(us_per_tx, 1),
+        "pooler_rss_kb": a.rss_kb, "clients": a.clients, "duration_s": a.duration,
+        "started_at": a.started_at,
+    }
+    new = not os.path.exists(a.csv) or os.path.getsize(a.csv) == 0
+    with open(a.csv, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+    summary = "round %s %-16s %-9s %s tps=%s" % (a.round, a.workload, a.target, status, row["tps"] or "-")
+    if row["p99_ms"]:
+        summary += " p99=%sms" % row["p99_ms"]
+    if a.connect_mode and row["conn_ms"]:
+        summary += " conn=%sms" % row["conn_ms"]
+    if row["pooler_us_per_tx"]:
+        summary += " pooler=%sus/tx" % row["pooler_us_per_tx"]
+    print(summary)
+    if status != "ok":
+        tail = "\n".join(text.strip().splitlines()[-8:])
+        print("  pgbench output (tail):\n    " + tail.replace("\n", "\n    "), file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- report
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def num(s):
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return None
+
+
+def f1(v, nd=0, suffix=""):
+    if v is None:
+        return "—"
+    return ("{:,.%df}" % nd).format(v) + suffix
+
+
+def read_meta(path):
+    meta = {}
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if "=" in line:
+                k, v = line.split("=", 1)
+                meta[k] = v
+    return meta
+
+
+def cmd_report(argv):
+    ap = argparse.ArgumentParser(prog="bench.py report")
+    ap.add_argument("--csv", required=True)
+    ap.add_argument("--meta", required=True)
+    ap.add_argument("--md", required=True)
+    a = ap.parse_args(argv)
+    meta = read_meta(a.meta)
+    with open(a.csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    by = {}
+    for r in rows:
+        by.setdefault((r["workload"], r["target"]), []).append(r)
+    rounds = sorted({int(r["round"]) for r in rows})
+
+    def get(wl, tgt, rnd, field):
+        for r in by.get((wl, tgt), []):
+            if int(r["round"]) == rnd and r["status"] == "ok":
+                return num(r[field])
+        return None
+
+    L = []
+    L.append("# pgsluice end-to-end benchmarks")
+    L.append("")
+    if meta.get("standin") == "1":
+        L.append("> **Stand-in run.** The `pgsluice` column below is a *second pgbouncer* started by "
+                 "`bench/standin-demo.sh`, used to prove the harness before the pgsluice `demo` "
+                 "subcommand existed. These are not pgsluice numbers.")
+        L.append("")
+    L.append("Generated by `bench/run.sh` on %s (run took %s)." % (meta.get("date", "?"), meta.get("elapsed", "?")))
+    L.append("Raw per-run results: `%s`." % meta.get("csv_rel", a.csv))
+    L.append("")
+    L.append("## Machine")
+    L.append("")
+    L.append("| | |")
+    L.append("|---|---|")
+    for k, label in [("cpu", "CPU"), ("nproc", "cores (nproc)"), ("mem", "memory"), ("kernel", "kernel"), ("load", "load average"),
+                     ("os", "OS"), ("pg_version", "PostgreSQL"), ("pgbench_version", "pgbench"),
+                     ("pgbouncer_version", "pgbouncer"), ("commit", "pgsluice commit"),
+                     ("pgsluice_bin", "pgsluice binary")]:
+        if meta.get(k):
+            L.append("| %s | %s |" % (label, meta[k].replace("|", "\\|")))
+    L.append("")
+    L.append("## Settings")
+    L.append("")
+    for line in meta.get("settings", "").split(" ;; "):
+        if line:
+            L.append("- " + line)
+    L.append("")
+
+    L.append("## Summary (medians over %d round%s)" % (len(rounds), "" if len(rounds) == 1 else "s"))
+    L.append("")
+    L.append("Ratios are computed per round (same round, back-to-back runs) and the median of those "
+             "per-round ratios is shown; >1 means pgsluice is faster. `n` = rounds in which all "
+             "compared runs succeeded.")
+    L.append("")
+    L.append("| workload | pgbench | direct tps | pgbouncer tps | pgsluice tps | pgsluice / pgbouncer | pgsluice / direct | pgbouncer / direct |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|")
+    lat_lines = []
+    cpu_lines = []
+    for wl, args, _desc in WORKLOADS:
+        if not any((wl, t) in by for t in TARGETS):
+            continue
+        tps = {t: med([get(wl, t, rn, "tps") for rn in rounds]) for t in TARGETS}
+
+        def ratio(a_t, b_t):
+            vals = []
+            for rn in rounds:
+                x, y = get(wl, a_t, rn, "tps"), get(wl, b_t, rn, "tps")
+                if x is not None and y:
+                    vals.append(x / y)
+            if not vals:
+                return "—"
+            return "%.2f× (n=%d; %s)" % (statistics.median(vals), len(vals),
+                                          ", ".join("%.2f" % v for v in vals))
+
+        def tps_cell(t):
+            ok = sum(1 for r in by.get((wl, t), []) if r["status"] == "ok")
+            total = len(by.get((wl, t), []))
+            cell = f1(tps[t])
+            if total and ok < total:
+                cell += " (%d/%d failed)" % (total - ok, total)
+            return cell
+
+        L.append("| %s | `%s` | %s | %s | %s | %s | %s | %s |" % (
+            wl, args, tps_cell("direct"), tps_cell("pgbouncer"), tps_cell("pgsluice"),
+            ratio("pgsluice", "pgbouncer"), ratio("pgsluice", "direct"), ratio("pgbouncer", "direct")))
+
+        connect = "-C" in args.split()
+        if connect:
+            conn = {t: med([get(wl, t, rn, "conn_ms") for rn in rounds]) for t in TARGETS}
+            lat_lines.append("| %s | n/a (`-C`: tps only) | — | — | %s | %s | %s |" % (
+                wl, f1(conn["direct"], 3), f1(conn["pgbouncer"], 3), f1(conn["pgsluice"], 3)))
+        else:
+            p99 = {t: med([get(wl, t, rn, "p99_ms") for rn in rounds]) for t in TARGETS}
+            lat_lines.append("| %s | %s | %s | %s | — | — | — |" % (
+                wl, f1(p99["direct"], 3), f1(p99["pgbouncer"], 3), f1(p99["pgsluice"], 3)))
+        cpu = {t: med([get(wl, t, rn, "pooler_us_per_tx") for rn in rounds]) for t in ("pgbouncer", "pgsluice")}
+        rss = {t: med([get(wl, t, rn, "pooler_rss_kb") for rn in rounds]) for t in ("pgbouncer", "pgsluice")}
+        cr = "—"
+        if cpu["pgbouncer"] and cpu["pgsluice"] is not None:
+            cr = "%.2f×" % (cpu["pgsluice"] / cpu["pgbouncer"])
+        cpu_lines.append("| %s | %s | %s | %s | %s | %s |" % (
+            wl, f1(cpu["pgbouncer"], 1), f1(cpu["pgsluice"], 1), cr,
+            f1(rss["pgbouncer"], 0), f1(rss["pgsluice"], 0)))
+
+    L.append("")
+    L.append("### Latency")
+    L.append("")
+    L.append("p99 = 99th percentile of per-transaction latency from the `pgbench -l` logs (median over "
+             "rounds). For `-C` runs pgbench's per-transaction latency is not comparable, so only tps "
+             "(above) and pgbench's average connection time are shown.")
+    L.append("")
+    L.append("| workload | p99 ms direct | p99 ms pgbouncer | p99 ms pgsluice | connect ms direct | connect ms pgbouncer | connect ms pgsluice |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|")
+    L.extend(lat_lines)
+    L.append("")
+    L.append("### Pooler CPU per transaction")
+    L.append("")
+    L.append("utime+stime of the pooler process (`/proc/PID/stat` fields 14–15) over the pgbench run, "
+             "divided by the transactions pgbench reported (median over rounds; lower is better). "
+             "On this shared %s-core box this is the steadiest figure: pgbench, PostgreSQL and the "
+             "pooler compete for the same cores. RSS = pooler resident memory sampled mid-run." % meta.get("nproc", "?"))
+    L.append("")
+    L.append("| workload | pgbouncer µs/tx | pgsluice µs/tx | pgsluice / pgbouncer | pgbouncer RSS kB | pgsluice RSS kB |")
+    L.append("|---|---:|---:|---:|---:|---:|")
+    L.extend(cpu_lines)
+    L.append("")
+    L.append("## Raw per-round numbers")
+    L.append("")
+    L.append("`pos` = position of the run within its round's workload group (targets are rotated per round).")
+    L.append("")
+    L.append("| round | workload | target | pos | status | tps | p99 ms | conn ms | pooler µs/tx | pooler CPU s | RSS kB |")
+    L.append("|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    order = {w[0]: i for i, w in enumerate(WORKLOADS)}
+    for r in sorted(rows, key=lambda r: (int(r["round"]), order.get(r["workload"], 99), int(r["position"]))):
+        L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            r["round"], r["workload"], r["target"], r["position"], r["status"], r["tps"] or "—",
+            r["p99_ms"] or "—", r["conn_ms"] or "—", r["pooler_us_per_tx"] or "—",
+            r["pooler_cpu_s"] or "—", r["pooler_rss_kb"] or "—"))
+    L.append("")
+    notes = meta.get("notes", "")
+    if notes:
+        L.append("## Notes")
+        L.append("")
+        for n in notes.split(" ;; "):
+            if n:
+                L.append("- " + n)
+        L.append("")
+    text = "\n".join(L)
+    os.makedirs(os.path.dirname(os.path.abspath(a.md)), exist_ok=True)
+    with open(a.md, "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+def main():
+    if len(sys.argv) < 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    cmd, rest = sys.argv[1], sys.argv[2:]
+    fn = {"freeport": cmd_freeport, "authprobe": cmd_authprobe, "ticks": cmd_ticks, "scram-secret": cmd_scram_secret,
+          "record": cmd_record, "report": cmd_report}.get(cmd)
+    if fn is None:
+        print("unknown subcommand: " + cmd, file=sys.stderr)
+        return 2
+    return fn(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

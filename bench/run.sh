@@ -1,0 +1,399 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: pgbench directly against PostgreSQL vs through pgbouncer vs through
+# pgsluice, interleaved over several rounds. See bench/README.md.
+#
+# usage: bench/run.sh [--rounds N] [--duration SECS] [--quick] [--standin]
+#   --rounds N        rounds of all workloads x all targets (default 3)
+#   --duration SECS   pgbench -T per run (default 15)
+#   --quick           smoke test: 1 round, 5 s; writes bench/results/quick.{md,csv}
+#   --standin         harness self-test: a second pgbouncer (bench/standin-demo.sh) plays
+#                     pgsluice; writes bench/results/standin.{md,csv}
+# Other runs write docs/benchmarks.md and bench/results/latest.csv.
+# environment:
+#   PGSLUICE_BIN           pgsluice binary (default: <repo>/target/release/pgsluice)
+#   BENCH_PGBOUNCER_AUTH   force pgbouncer's client auth_type (default: whatever pgsluice asks for)
+#   BENCH_PGBOUNCER_PLAINTEXT_AUTH_FILE=1  with SCRAM, plaintext password in pgbouncer's auth_file
+#   BENCH_KEEP_WORK=1      keep the temp dir (pgbench output, pooler logs) for debugging
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$BENCH_DIR/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$BENCH_DIR/lib.sh"
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+
+ROUNDS=3
+DURATION=15
+STANDIN=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --rounds) [ $# -ge 2 ] || die "--rounds needs a value"; ROUNDS=$2; shift 2 ;;
+    --rounds=*) ROUNDS=${1#*=}; shift ;;
+    --duration) [ $# -ge 2 ] || die "--duration needs a value"; DURATION=$2; shift 2 ;;
+    --duration=*) DURATION=${1#*=}; shift ;;
+    --quick) ROUNDS=1; DURATION=5; shift ;;
+    --standin) STANDIN=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; die "unknown argument: $1" ;;
+  esac
+done
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds must be a positive integer (got '$ROUNDS')"
+[[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "--duration must be a positive integer (got '$DURATION')"
+
+# ------------------------------------------------------------------ fixed settings
+SCALE=10
+JOBS=2
+POOL_SIZE=20
+MAX_CLIENT_CONN=20000
+PG_MAX_CONNECTIONS=700
+TARGETS=(direct pgbouncer pgsluice)
+WORKLOAD_IDS=(select-simple select-extended tpcb select-500 select-connect)
+declare -A WL_ARGS=(
+  [select-simple]="-S -M simple -c 16"
+  [select-extended]="-S -M extended -c 16"
+  [tpcb]="-c 16"
+  [select-500]="-S -c 500"
+  [select-connect]="-S -C -c 32"
+)
+export PGSLUICE_GENERAL__POOL_SIZE=$POOL_SIZE
+export PGSLUICE_GENERAL__MAX_POOL_SIZE=$POOL_SIZE
+export PGSLUICE_GENERAL__MAX_CLIENT_CONN=$MAX_CLIENT_CONN
+# libpq defaults for every psql/pgbench below: TCP on loopback, no TLS (same for all targets).
+export PGHOST=127.0.0.1 PGUSER=app PGPASSWORD=app PGDATABASE=app PGSSLMODE=disable PGCONNECT_TIMEOUT=15
+unset PGSERVICE PGOPTIONS
+
+QUICK=0
+[ "$ROUNDS" = 1 ] && [ "$DURATION" = 5 ] && QUICK=1
+if [ "$STANDIN" = 1 ]; then
+  OUT_MD=$BENCH_DIR/results/standin.md
+  OUT_CSV=$BENCH_DIR/results/standin.csv
+elif [ "$QUICK" = 1 ]; then # a smoke test does not replace the published numbers
+  OUT_MD=$BENCH_DIR/results/quick.md
+  OUT_CSV=$BENCH_DIR/results/quick.csv
+else
+  OUT_MD=$REPO/docs/benchmarks.md
+  OUT_CSV=$BENCH_DIR/results/latest.csv
+fi
+
+START_EPOCH=$(date +%s)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "none (no commit yet)")
+if git -C "$REPO" rev-parse HEAD >/dev/null 2>&1 && [ -n "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+  COMMIT="$COMMIT (working tree has uncommitted changes)"
+fi
+WORK=$(mktemp -d /tmp/pgsluice-bench.XXXXXX)
+chmod 755 "$WORK"
+mkdir -p "$WORK/logs" "$WORK/out"
+DEMO_PID='' BOUNCER_PID='' PGBENCH_PID='' SAMPLER_PID=''
+NOTES=()
+
+# ------------------------------------------------------------------ cleanup
+stop_demo() {
+  local pid=$DEMO_PID i left
+  DEMO_PID=''
+  log "stopping the demo (SIGTERM to pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 600; i++)); do alive "$pid" || break; sleep 0.1; done
+  if alive "$pid"; then
+    log "warning: demo pid $pid still running 60 s after SIGTERM; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+  # The demo was started in its own session: anything left in it was started by it.
+  left=$(ps -o pid= -s "$pid" 2>/dev/null | tr -s ' \n' ' ' || true)
+  if [ -n "${left// /}" ]; then
+    log "warning: the demo left processes behind (pids:$left); terminating them"
+    for p in $left; do kill -TERM "$p" 2>/dev/null || true; done
+    sleep 3
+    for p in $left; do alive "$p" && kill -KILL "$p" 2>/dev/null || true; done
+  fi
+}
+
+cleanup() {
+  local rc=$?
+  set +e
+  trap - EXIT
+  trap '' INT TERM # finish cleaning up even if signalled again
+  if [ -n "$PGBENCH_PID" ]; then stop_pid "$PGBENCH_PID" TERM 5; wait "$PGBENCH_PID" 2>/dev/null; fi
+  if [ -n "$SAMPLER_PID" ]; then kill "$SAMPLER_PID" 2>/dev/null; wait "$SAMPLER_PID" 2>/dev/null; fi
+  if [ -n "$BOUNCER_PID" ]; then log "stopping pgbouncer (pid $BOUNCER_PID)"; stop_pid "$BOUNCER_PID" TERM 10; fi
+  [ -n "$DEMO_PID" ] && stop_demo
+  if [ "$rc" -ne 0 ] && [ -s "$WORK/results.csv" ]; then
+    mkdir -p "$BENCH_DIR/results" && cp "$WORK/results.csv" "$BENCH_DIR/results/partial.csv" &&
+      log "the results so far are in bench/results/partial.csv"
+  fi
+  if [ "$rc" -ne 0 ] && [ -s "$WORK/demo.err" ]; then
+    log "last lines of the demo's stderr:"
+    tail -n 20 "$WORK/demo.err" >&2
+  fi
+  if [ "${BENCH_KEEP_WORK:-0}" = 1 ]; then
+    log "keeping $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT
+trap 'log "terminated"; exit 143' TERM
+
+# ------------------------------------------------------------------ 1. prerequisites
+command -v python3 >/dev/null || die "python3 not found"
+command -v pgbench >/dev/null || die "pgbench not found (Debian: apt-get install -y postgresql-15)"
+command -v psql >/dev/null || die "psql not found (Debian: apt-get install -y postgresql-client-15)"
+[ -x "$PGBIN/postgres" ] || die "PostgreSQL 15 server binaries not found in $PGBIN (apt-get install -y postgresql-15)"
+if ! command -v pgbouncer >/dev/null; then
+  [ "$(id -u)" -eq 0 ] || die "pgbouncer not found and not root: apt-get install -y pgbouncer"
+  log "pgbouncer not found: installing it with apt-get"
+  apt-get update -qq >"$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; die "apt-get update failed"; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >>"$WORK/apt.log" 2>&1 ||
+    { tail -n 30 "$WORK/apt.log" >&2; die "apt-get install pgbouncer failed"; }
+  command -v pgbouncer >/dev/null || die "pgbouncer still not on PATH after installing it"
+fi
+ensure_pg_user
+
+if [ "$STANDIN" = 1 ]; then
+  DEMO_CMD=("$BENCH_DIR/standin-demo.sh" demo)
+  BIN_INFO="not used (stand-in run)"
+  export STANDIN_POOLER_PIDFILE="$WORK/standin-pooler.pid"
+  BENCH_APP_SCRAM_SECRET=$(py scram-secret app)
+  export BENCH_APP_SCRAM_SECRET
+else
+  BIN=${PGSLUICE_BIN:-$REPO/target/release/pgsluice}
+  if [ ! -x "$BIN" ]; then
+    command -v cargo >/dev/null || die "$BIN is missing and cargo is not on PATH to build it"
+    log "$BIN is missing: building it with cargo build --release"
+    (cd "$REPO" && cargo build --release) || die "cargo build --release failed"
+    [ -x "$BIN" ] || die "cargo build --release did not produce $BIN"
+  fi
+  "$BIN" demo --help >/dev/null 2>&1 ||
+    die "$BIN has no working 'demo' subcommand ('$BIN demo --help' failed); rebuild it"
+  DEMO_CMD=("$BIN" demo)
+  BIN_INFO="$BIN, built $(date -d "@$(stat -c %Y "$BIN")" '+%Y-%m-%d %H:%M:%S %Z')"
+fi
+
+# Many client connections (500 clients, -C) need more than 1024 descriptors.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+log "open-files limit for pgbench: $(ulimit -n)"
+
+# ------------------------------------------------------------------ 2. start targets
+read -r SLUICE_PORT < <(py freeport 1)
+log "starting: ${DEMO_CMD[*]} --port $SLUICE_PORT --max-connections $PG_MAX_CONNECTIONS"
+# setsid: own session, so a Ctrl-C reaches only us and the demo gets one clean SIGTERM.
+setsid "${DEMO_CMD[@]}" --port "$SLUICE_PORT" --max-connections "$PG_MAX_CONNECTIONS" \
+  </dev/null >"$WORK/demo.out" 2>"$WORK/demo.err" &
+DEMO_PID=$!
+
+for ((i = 0; i < 1800; i++)); do
+  nrep=$(grep -c '^replica: ' "$WORK/demo.out" 2>/dev/null) || nrep=0
+  [ "$nrep" -ge 2 ] && break
+  alive "$DEMO_PID" || { cat "$WORK/demo.out" >&2; die "the demo exited before it was ready (stderr above/below)"; }
+  sleep 0.1
+done
+nrep=$(grep -c '^replica: ' "$WORK/demo.out" 2>/dev/null) || nrep=0
+[ "$nrep" -ge 2 ] ||
+  { cat "$WORK/demo.out" >&2; die "the demo did not print its endpoint lines within 180 s"; }
+log "demo ready after $(( $(date +%s) - START_EPOCH )) s:"
+sed 's/^/    /' "$WORK/demo.out" >&2
+
+SLUICE_URL=$(sed -n 's/^pgsluice: //p' "$WORK/demo.out" | head -n1)
+PRIMARY=$(sed -n 's/^primary: //p' "$WORK/demo.out" | head -n1)
+[[ $SLUICE_URL =~ @([^:/@]+):([0-9]+)/ ]] || die "cannot parse the pgsluice line: '$SLUICE_URL'"
+SLUICE_HOST=${BASH_REMATCH[1]} SLUICE_PORT_SEEN=${BASH_REMATCH[2]}
+[[ $PRIMARY =~ ^([^:]+):([0-9]+)$ ]] || die "cannot parse the primary line: '$PRIMARY'"
+PRIMARY_HOST=${BASH_REMATCH[1]} PRIMARY_PORT=${BASH_REMATCH[2]}
+for h in "$SLUICE_HOST" "$PRIMARY_HOST"; do
+  [ "$h" = 127.0.0.1 ] || die "refusing to benchmark a non-loopback address: $h"
+done
+[ "$SLUICE_PORT_SEEN" = "$SLUICE_PORT" ] || log "warning: demo reports port $SLUICE_PORT_SEEN, asked for $SLUICE_PORT"
+SLUICE_PORT=$SLUICE_PORT_SEEN
+
+if [ "$STANDIN" = 1 ]; then
+  [ -s "$STANDIN_POOLER_PIDFILE" ] || die "stand-in did not write its pooler pid"
+  SLUICE_PID=$(cat "$STANDIN_POOLER_PIDFILE")
+  NOTES+=("Stand-in run: pooler CPU of the 'pgsluice' column is the stand-in pgbouncer's pid, not the demo shell's.")
+else
+  SLUICE_PID=$DEMO_PID
+fi
+
+psql -p "$PRIMARY_PORT" -Atqc 'select 1' >/dev/null 2>"$WORK/psql.err" ||
+  { cat "$WORK/psql.err" >&2; die "cannot connect to the primary 127.0.0.1:$PRIMARY_PORT as app/app"; }
+psql -p "$SLUICE_PORT" -Atqc 'select 1' >/dev/null 2>"$WORK/psql.err" ||
+  { cat "$WORK/psql.err" >&2; die "cannot run 'select 1' through pgsluice on 127.0.0.1:$SLUICE_PORT"; }
+
+# pgbouncer gets the same client authentication method pgsluice asks clients for, so that
+# connection-heavy runs (-C) compare like with like.
+SLUICE_AUTH=$(py authprobe 127.0.0.1 "$SLUICE_PORT" app app || true)
+if [ -n "${BENCH_PGBOUNCER_AUTH:-}" ]; then
+  BOUNCER_AUTH=$BENCH_PGBOUNCER_AUTH
+else
+  case $SLUICE_AUTH in
+    trust|plain|md5|scram-sha-256) BOUNCER_AUTH=$SLUICE_AUTH ;;
+    *) BOUNCER_AUTH=scram-sha-256
+       NOTES+=("pgsluice's client auth method could not be classified ('$SLUICE_AUTH'); pgbouncer used scram-sha-256.") ;;
+  esac
+fi
+PRIMARY_AUTH=$(py authprobe 127.0.0.1 "$PRIMARY_PORT" app app || true)
+log "client auth asked for: pgsluice $SLUICE_AUTH, primary (direct) $PRIMARY_AUTH; pgbouncer auth_type: $BOUNCER_AUTH"
+if [ "$PRIMARY_AUTH" != "$BOUNCER_AUTH" ]; then
+  NOTES+=("Client authentication differs: the poolers ask pgbench for '$BOUNCER_AUTH' (pgsluice asks for '$SLUICE_AUTH'), PostgreSQL itself (direct) for '$PRIMARY_AUTH'. In \`-C\` runs, which log in for every transaction, the ratios against direct include that difference; pgsluice vs pgbouncer do not.")
+fi
+
+# With SCRAM, pgbouncer is set up as in production: its auth_file holds app's SCRAM secret,
+# identical to the server's (pgbouncer then verifies clients with a few HMACs and logs in to
+# the server with the client's SCRAM keys). app cannot read its secret from pg_authid, so the
+# harness sets app's password to a secret of the same password "app" that it made itself.
+# BENCH_PGBOUNCER_PLAINTEXT_AUTH_FILE=1: plaintext auth_file instead (PBKDF2 per client login).
+AUTH_FILE_PW=app
+AUTH_FILE_DESC="plaintext password"
+if [ "$BOUNCER_AUTH" = scram-sha-256 ] && [ "${BENCH_PGBOUNCER_PLAINTEXT_AUTH_FILE:-0}" != 1 ]; then
+  AUTH_FILE_PW=${BENCH_APP_SCRAM_SECRET:-$(py scram-secret app)}
+  psql -p "$PRIMARY_PORT" -v ON_ERROR_STOP=1 -Atqc "ALTER ROLE app PASSWORD '$AUTH_FILE_PW'" >/dev/null 2>"$WORK/psql.err" ||
+    { cat "$WORK/psql.err" >&2; die "could not set app's password to a SCRAM secret (set BENCH_PGBOUNCER_PLAINTEXT_AUTH_FILE=1 to skip)"; }
+  for p in "$PRIMARY_PORT" "$SLUICE_PORT"; do
+    psql -p "$p" -Atqc 'select 1' >/dev/null 2>"$WORK/psql.err" ||
+      { cat "$WORK/psql.err" >&2; die "login on port $p failed after re-setting app's password (same password, new salt)"; }
+  done
+  AUTH_FILE_DESC="SCRAM secret identical to the server's (the harness re-sets app's password \"app\" with its own salt; clients verified without PBKDF2, server logins by SCRAM pass-through)"
+fi
+read -r BOUNCER_PORT < <(py freeport 1)
+start_pgbouncer "$WORK/pgbouncer" pgbouncer "$BOUNCER_PORT" "$PRIMARY_PORT" "$BOUNCER_AUTH" "$POOL_SIZE" "$MAX_CLIENT_CONN" "$AUTH_FILE_PW"
+BOUNCER_PID=$STARTED_PGBOUNCER_PID
+log "pgbouncer pid $BOUNCER_PID on 127.0.0.1:$BOUNCER_PORT (open files: $(awk '/Max open files/ {print $4}' "/proc/$BOUNCER_PID/limits"))"
+psql -p "$BOUNCER_PORT" -Atqc 'select 1' >/dev/null 2>"$WORK/psql.err" ||
+  { cat "$WORK/psql.err" "$WORK/pgbouncer/pgbouncer.log" >&2; die "cannot run 'select 1' through pgbouncer"; }
+
+# ------------------------------------------------------------------ 3. data + runs
+log "pgbench -i -s $SCALE (through the primary)"
+pgbench -i -s "$SCALE" -q -p "$PRIMARY_PORT" >"$WORK/init.log" 2>&1 ||
+  { tail -n 20 "$WORK/init.log" >&2; die "pgbench -i failed"; }
+
+CHECKPOINT_OK=1
+if ! psql -p "$PRIMARY_PORT" -Atqc 'CHECKPOINT' >/dev/null 2>"$WORK/psql.err"; then
+  CHECKPOINT_OK=0
+  NOTES+=("CHECKPOINT was skipped before every run: user app may not run it ($(head -n1 "$WORK/psql.err"))")
+  log "warning: CHECKPOINT not permitted for app; preparation is VACUUM/TRUNCATE only"
+fi
+
+prepare() {
+  local cmds=(-c 'TRUNCATE pgbench_history' -c 'VACUUM pgbench_branches, pgbench_tellers, pgbench_accounts')
+  [ "$CHECKPOINT_OK" = 1 ] && cmds+=(-c 'CHECKPOINT')
+  psql -p "$PRIMARY_PORT" -v ON_ERROR_STOP=1 -q "${cmds[@]}" >/dev/null 2>"$WORK/prep.err" ||
+    { cat "$WORK/prep.err" >&2; die "preparation (VACUUM/CHECKPOINT) failed"; }
+  sleep 1
+}
+
+target_port() {
+  case $1 in direct) echo "$PRIMARY_PORT" ;; pgbouncer) echo "$BOUNCER_PORT" ;; pgsluice) echo "$SLUICE_PORT" ;; esac
+}
+target_pid() {
+  case $1 in direct) echo '' ;; pgbouncer) echo "$BOUNCER_PID" ;; pgsluice) echo "$SLUICE_PID" ;; esac
+}
+
+CLK_TCK=$(getconf CLK_TCK)
+RESULTS="$WORK/results.csv"
+
+run_one() { # ROUND WORKLOAD TARGET POSITION
+  local round=$1 wl=$2 tgt=$3 pos=$4 port pid args conn=0 prefix out rc=0
+  local tb='' ta='' rss='' started clients
+  port=$(target_port "$tgt")
+  pid=$(target_pid "$tgt")
+  read -ra args <<<"${WL_ARGS[$wl]}"
+  [[ " ${WL_ARGS[$wl]} " == *" -C "* ]] && conn=1
+  clients=$(sed -n 's/.*-c \([0-9]*\).*/\1/p' <<<"${WL_ARGS[$wl]}")
+  prefix="$WORK/logs/r${round}-${wl}-${tgt}"
+  out="$WORK/out/r${round}-${wl}-${tgt}.txt"
+  prepare
+  if [ -n "$pid" ]; then
+    tb=$(py ticks "$pid" 2>/dev/null) || die "$tgt (pid $pid) is no longer running (before $wl, round $round)"
+    ( sleep "$(( (DURATION + 1) / 2 ))"; awk '/^VmRSS/ {print $2}' "/proc/$pid/status" >"$prefix-rss" 2>/dev/null ) &
+    SAMPLER_PID=$!
+  fi
+  started=$(date -Is)
+  timeout -k 10 $((DURATION + 90)) \
+    pgbench -n -T "$DURATION" -j "$JOBS" -p "$port" -l --log-prefix="$prefix" "${args[@]}" >"$out" 2>&1 &
+  PGBENCH_PID=$!
+  wait "$PGBENCH_PID" || rc=$?
+  PGBENCH_PID=''
+  if [ -n "$pid" ]; then
+    ta=$(py ticks "$pid" 2>/dev/null) || ta=""
+    wait "$SAMPLER_PID" 2>/dev/null || true
+    SAMPLER_PID=''
+    rss=$(cat "$prefix-rss" 2>/dev/null || true)
+  fi
+  py record --csv "$RESULTS" --round "$round" --workload "$wl" --target "$tgt" --position "$pos" \
+    --rc "$rc" --out "$out" --log-prefix "$prefix." --connect-mode "$conn" \
+    --ticks-before "$tb" --ticks-after "$ta" --clk-tck "$CLK_TCK" --rss-kb "$rss" \
+    --clients "$clients" --duration "$DURATION" --started-at "$started" >&2
+  rm -f "$prefix".* "$prefix-rss"
+  if [ -n "$pid" ] && ! alive "$pid"; then
+    die "$tgt (pid $pid) died during the run ($wl, round $round)"
+  fi
+}
+
+WARMUP=$(( DURATION < 5 ? DURATION : 3 ))
+log "warm-up: ${WARMUP}s of -S -c 16 per target (not recorded)"
+for tgt in "${TARGETS[@]}"; do
+  if ! pgbench -n -S -c 16 -j "$JOBS" -T "$WARMUP" -p "$(target_port "$tgt")" >"$WORK/warmup-$tgt.txt" 2>&1; then
+    log "warning: warm-up through $tgt failed:"
+    tail -n 5 "$WORK/warmup-$tgt.txt" >&2
+    NOTES+=("The warm-up run through $tgt failed.")
+  fi
+done
+
+TOTAL=$(( ROUNDS * ${#WORKLOAD_IDS[@]} * ${#TARGETS[@]} ))
+log "running $TOTAL runs of ${DURATION}s (≈ $(( TOTAL * (DURATION + 4) / 60 )) min)"
+n=0
+for ((round = 1; round <= ROUNDS; round++)); do
+  for wl in "${WORKLOAD_IDS[@]}"; do
+    for ((k = 0; k < ${#TARGETS[@]}; k++)); do
+      tgt=${TARGETS[$(( (k + round - 1) % ${#TARGETS[@]} ))]}
+      n=$((n + 1))
+      log "[$n/$TOTAL] round $round, $wl (${WL_ARGS[$wl]}), $tgt"
+      run_one "$round" "$wl" "$tgt" "$((k + 1))"
+    done
+  done
+done
+
+# ------------------------------------------------------------------ 5. report
+ELAPSED=$(( $(date +%s) - START_EPOCH ))
+PREP="TRUNCATE pgbench_history; VACUUM pgbench_branches, pgbench_tellers, pgbench_accounts"
+[ "$CHECKPOINT_OK" = 1 ] && PREP="$PREP; CHECKPOINT"
+SETTINGS=(
+  "pgbench scale $SCALE (\`pgbench -i -s $SCALE\` once, through the primary); every run: \`pgbench -n -T $DURATION -j $JOBS -l <workload args>\` (no -P progress), PGSSLMODE=disable, TCP 127.0.0.1, user app/app"
+  "$ROUNDS round(s); in each round, each workload runs against direct, pgbouncer and pgsluice back to back, the target order rotated by one every round; a ${WARMUP}s unrecorded \`-S -c 16\` warm-up per target before round 1"
+  "before every run, for every target, via the primary: $PREP; then 1 s pause"
+  "PostgreSQL: \`${DEMO_CMD[*]} --port PORT --max-connections $PG_MAX_CONNECTIONS\` (primary + 2 streaming replicas); direct = pgbench to the primary"
+  "pgsluice: transaction mode (demo default), PGSLUICE_GENERAL__POOL_SIZE=$POOL_SIZE, PGSLUICE_GENERAL__MAX_POOL_SIZE=$POOL_SIZE, PGSLUICE_GENERAL__MAX_CLIENT_CONN=$MAX_CLIENT_CONN; pooler process = the \`demo\` process; client auth it asks for: $SLUICE_AUTH"
+  "pgbouncer: pool_mode=transaction, default_pool_size=$POOL_SIZE, reserve_pool_size=0, max_client_conn=$MAX_CLIENT_CONN, auth_type=$BOUNCER_AUTH, auth_file with a $AUTH_FILE_DESC, log_connections=0, log_disconnections=0, listen_backlog=4096, TLS off, run as user $PG_USER with ulimit -n 65536, against the same primary"
+  "workloads: $(for w in "${WORKLOAD_IDS[@]}"; do printf '%s = `%s`; ' "$w" "${WL_ARGS[$w]}"; done | sed 's/; $//')"
+  "p99 from the per-transaction \`-l\` logs (nearest rank); \`-C\` runs: tps and pgbench's average connection time only"
+)
+NOTES+=("The pgbouncer and pgsluice poolers share the 2 cores with pgbench and PostgreSQL; compare per-round ratios and µs/tx rather than absolute tps.")
+join() { local IFS=$'\x1f'; local s="$*"; printf '%s' "${s//$'\x1f'/ ;; }"; }
+{
+  echo "date=$(date '+%Y-%m-%d %H:%M:%S %Z')"
+  echo "elapsed=$((ELAPSED / 60)) min $((ELAPSED % 60)) s"
+  echo "standin=$STANDIN"
+  echo "csv_rel=${OUT_CSV#"$REPO"/}"
+  echo "cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+  echo "nproc=$(nproc)"
+  echo "mem=$(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+  echo "kernel=$(uname -sr)"
+  echo "load=$LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end (1/5/15-min load averages; the start values include whatever ran just before; the harness itself keeps ~2-4 busy)"
+  echo "os=$(. /etc/os-release 2>/dev/null && echo "${PRETTY_NAME:-?}")"
+  echo "pg_version=$(psql -p "$PRIMARY_PORT" -Atqc 'select version()' 2>/dev/null | cut -d, -f1)"
+  echo "pgbench_version=$(pgbench --version)"
+  echo "pgbouncer_version=$(pgbouncer --version | head -n1)"
+  echo "commit=$COMMIT"
+  echo "pgsluice_bin=$BIN_INFO"
+  echo "settings=$(join "${SETTINGS[@]}")"
+  echo "notes=$(join "${NOTES[@]}")"
+} >"$WORK/meta.txt"
+
+mkdir -p "$(dirname "$OUT_CSV")" "$(dirname "$OUT_MD")"
+cp "$RESULTS" "$OUT_CSV"
+py report --csv "$OUT_CSV" --meta "$WORK/meta.txt" --md "$OUT_MD"
+FAILED=$(awk -F, 'NR > 1 && $5 != "ok"' "$OUT_CSV" | wc -l)
+log "done in $((ELAPSED / 60)) min $((ELAPSED % 60)) s: wrote ${OUT_MD#"$REPO"/} and ${OUT_CSV#"$REPO"/}; failed runs: $FAILED"
