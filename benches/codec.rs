@@ -12,17 +12,11 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use pgsluice::backend::ServerParams;
-use pgsluice::frontend::{ClientParams, RelayState};
+use pgsluice::frontend::{ClientParams, RelayState, server_tag_inspected};
 use pgsluice::protocol::{
     self, PG_MAX_MESSAGE_LEN, PROTOCOL_3_0, Scanner, Segment, Severity, StartupParams, TxStatus,
     read_startup, sqlstate,
 };
-
-/// The tags the session needs whole (`frontend::relay::server_tag_inspected`,
-/// not exported).
-fn server_tag_inspected(tag: u8) -> bool {
-    matches!(tag, b'Z' | b'S' | b'E' | b'G' | b'W')
-}
 
 fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     buf.put_u8(tag);

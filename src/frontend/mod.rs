@@ -26,7 +26,7 @@ use crate::proxy::{ClientPermit, Shared};
 
 pub use cancel::{CancelRegistry, CancelSlot};
 pub use params::{ClientParams, parse_options};
-pub use relay::{RelayState, ServerEvent};
+pub use relay::{RelayState, ServerEvent, client_tag_inspected, server_tag_inspected};
 
 /// Cap on authentication messages (password, SASL) from a client.
 const MAX_AUTH_MESSAGE: usize = 16 * 1024;

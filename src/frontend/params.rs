@@ -200,7 +200,7 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, ParamError>
                 }
                 in_word = true;
             }
-            c if c.is_whitespace() => {
+            c if c.is_ascii_whitespace() => {
                 if in_word {
                     words.push(std::mem::take(&mut cur));
                     in_word = false;

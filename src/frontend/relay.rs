@@ -173,6 +173,9 @@ impl RelayState {
                 // client's Sync after CopyDone gets it instead).
                 if self.pending.front() == Some(&b'S') {
                     self.pending.pop_front();
+                    // The batch stays open until the client's Sync after
+                    // CopyDone/CopyFail: its CommandComplete is still owed.
+                    self.batch_open = true;
                 }
                 ServerEvent::None
             }
@@ -262,9 +265,14 @@ mod tests {
             r.on_client_tag(tag, now);
         }
         r.on_server_message(b'G', b"G\0\0\0\x07\0\0\0", now);
-        for tag in [b'd', b'd', b'c', b'S'] {
+        for tag in [b'd', b'd', b'c'] {
             r.on_client_tag(tag, now);
         }
+        assert!(
+            !r.at_boundary(),
+            "CommandComplete and ReadyForQuery still owed"
+        );
+        r.on_client_tag(b'S', now);
         z(&mut r, TxStatus::Idle);
         assert!(r.at_boundary(), "pending: {}", r.pending());
     }

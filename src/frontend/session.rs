@@ -52,6 +52,12 @@ enum Step {
     Exit(Exit),
 }
 
+/// Whether the server connection survived relaying its output.
+enum ServerFlow {
+    Ok,
+    Lost,
+}
+
 pub struct Session {
     cbuf: BytesMut,
     out: BytesMut,
@@ -357,7 +363,11 @@ impl Session {
                 r = self.phase.changed() => Ev::Phase(r.is_ok()),
             };
             match ev {
-                Ev::Server(Ok(n)) if n > 0 => self.forward_server(client).await?,
+                Ev::Server(Ok(n)) if n > 0 => {
+                    if let ServerFlow::Lost = self.forward_server(client).await? {
+                        return self.server_lost(client).await;
+                    }
+                }
                 Ev::Server(r) => {
                     if let Err(e) = r {
                         tracing::debug!(error = %e, "server read failed");
@@ -448,9 +458,9 @@ impl Session {
 
     /// Relays the server's buffered output to the client, acting on the
     /// messages that change state.
-    async fn forward_server(&mut self, client: &mut TcpStream) -> std::io::Result<()> {
+    async fn forward_server(&mut self, client: &mut TcpStream) -> std::io::Result<ServerFlow> {
         let Some(server) = self.server.as_deref_mut() else {
-            return Ok(());
+            return Ok(ServerFlow::Ok);
         };
         let now = Instant::now();
         let mut pos = 0;
@@ -462,9 +472,14 @@ impl Session {
             {
                 Ok(s) => s,
                 Err(e) => {
+                    // Forward what came before, then treat the server as lost.
                     tracing::warn!(error = %e, "server sent a malformed message");
                     self.relay.server_unusable = true;
-                    break;
+                    if pos > written {
+                        client.write_all(&server.buf[written..pos]).await?;
+                    }
+                    server.buf.clear();
+                    return Ok(ServerFlow::Lost);
                 }
             };
             match seg {
@@ -532,7 +547,7 @@ impl Session {
                 _ => self.relay.server_unusable = true,
             }
         }
-        Ok(())
+        Ok(ServerFlow::Ok)
     }
 
     /// The server connection broke: tell the client and end the session.
