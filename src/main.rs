@@ -79,10 +79,16 @@ fn init_logging() {
 }
 
 fn runtime(config: &Config) -> Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.general.worker_threads {
-        builder.worker_threads(n);
-    }
+    // One thread: a current-thread runtime, with no cross-thread wakeups.
+    let mut builder = match config.general.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder
         .enable_all()
         .build()

@@ -163,6 +163,7 @@ pub struct General {
     pub query_timeout: Option<Duration>,
     pub shutdown_timeout: Duration,
     /// Threads running client and server connections; `None` = one per CPU.
+    /// The default is 1: see docs/configuration.md for the measurement.
     pub worker_threads: Option<usize>,
     pub pool: PoolSettings,
 }
@@ -284,15 +285,15 @@ impl Config {
                 g.shutdown_timeout.as_deref(),
                 "30s",
             )?,
-            worker_threads: match g.worker_threads {
-                None | Some(0) => None,
-                Some(n) if n > 1024 => {
+            worker_threads: match g.worker_threads.unwrap_or(1) {
+                0 => None,
+                n if n > 1024 => {
                     return Err(invalid(
                         "general.worker_threads",
                         format!("{n} is above the maximum of 1024 (0 = one per CPU)"),
                     ));
                 }
-                Some(n) => Some(n as usize),
+                n => Some(n as usize),
             },
             pool: pool_settings("general", &default_pool)?,
         };

@@ -25,7 +25,11 @@ use crate::pool::{Pool, Pooled};
 use crate::protocol::{self, Scanner, Segment, Severity, TxStatus, sqlstate};
 use crate::proxy::{Phase, Shared};
 
-/// Read size for client input.
+/// First read of a client's next request: most fit, and an allocation this
+/// small is served from the allocator's thread cache (the buffer is freed
+/// again while the client is idle).
+const CLIENT_FIRST_READ: usize = 1024;
+/// Read size for client input while relaying (COPY, pipelines, big binds).
 const CLIENT_READ: usize = 8 * 1024;
 /// Read size for server output.
 const SERVER_READ: usize = 32 * 1024;
@@ -56,6 +60,30 @@ enum Step {
 enum ServerFlow {
     Ok,
     Lost,
+}
+
+/// Reads what the socket has into `buf`. A short read means the socket was
+/// drained at that instant, so tokio's readiness flag is cleared as part of
+/// the same readiness event (tick-safe: data arriving after the read sets a
+/// newer event that this does not clear). Without this, the relay's next
+/// poll of the client would cost a `recvfrom` returning EAGAIN on every
+/// transaction.
+fn read_draining(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let mut got = 0;
+    let result = stream.try_io(tokio::io::Interest::READABLE, || {
+        let spare = buf.capacity() - buf.len();
+        let n = stream.try_read_buf(buf)?;
+        got = n;
+        if n > 0 && n < spare {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
+    }
 }
 
 pub struct Session {
@@ -164,8 +192,8 @@ impl Session {
                     return Ok(Step::Continue);
                 }
             }
-            self.cbuf.reserve(CLIENT_READ);
-            match client.try_read_buf(&mut self.cbuf) {
+            self.cbuf.reserve(CLIENT_FIRST_READ);
+            match read_draining(client, &mut self.cbuf) {
                 Ok(0) => return Ok(Step::Exit(Exit::ClientGone)),
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Step::Continue),
