@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
 use crate::config::Config;
-use crate::frontend::{self, CancelRegistry};
+use crate::frontend::{self, CancelRegistry, StatementRegistry};
 use crate::pool::Pools;
 
 /// Where the process is in its life; sessions watch it.
@@ -29,6 +29,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub pools: Pools,
     pub cancels: CancelRegistry,
+    /// Prepared statements deduplicated across clients and servers.
+    pub statements: StatementRegistry,
     pub phase: watch::Receiver<Phase>,
     clients: AtomicUsize,
     clients_gone: Notify,
@@ -102,6 +104,7 @@ impl Proxy {
             config: Arc::new(config),
             pools: Pools::new(),
             cancels: CancelRegistry::new(),
+            statements: StatementRegistry::new(),
             phase,
             clients: AtomicUsize::new(0),
             clients_gone: Notify::new(),

@@ -58,6 +58,8 @@ async fn login(spec: &LoginSpec, id: u64) -> Result<ServerConn, BackendError> {
         created: Instant::now(),
         last_used: Instant::now(),
         retire_at: None,
+        prepared: std::collections::HashMap::new(),
+        prepared_tick: 0,
     };
     let mut out = BytesMut::new();
     frontend::startup_message(

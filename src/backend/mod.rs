@@ -120,6 +120,11 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// When this connection is retired (server_lifetime, jittered).
     pub retire_at: Option<Instant>,
+    /// pgsluice-named prepared statements this server holds, with the tick
+    /// of their last use (for LRU eviction).
+    pub prepared: std::collections::HashMap<u64, (std::sync::Arc<crate::frontend::Statement>, u64)>,
+    /// Use counter for `prepared`.
+    pub prepared_tick: u64,
 }
 
 impl std::fmt::Debug for ServerConn {

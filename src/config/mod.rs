@@ -165,6 +165,9 @@ pub struct General {
     /// Threads running client and server connections; `None` = one per CPU.
     /// The default is 1: see docs/configuration.md for the measurement.
     pub worker_threads: Option<usize>,
+    /// Prepared statements pgsluice keeps on each server connection in
+    /// transaction/statement mode before evicting the least recently used.
+    pub max_prepared_statements: usize,
     pub pool: PoolSettings,
 }
 
@@ -295,6 +298,12 @@ impl Config {
                 }
                 n => Some(n as usize),
             },
+            max_prepared_statements: count(
+                "general.max_prepared_statements",
+                g.max_prepared_statements,
+                500,
+                1,
+            )?,
             pool: pool_settings("general", &default_pool)?,
         };
 
@@ -381,6 +390,11 @@ impl Config {
         let _ = writeln!(out, "query_timeout = \"{}\"", fmt_od(g.query_timeout));
         let _ = writeln!(out, "shutdown_timeout = \"{}\"", fmt_d(g.shutdown_timeout));
         let _ = writeln!(out, "worker_threads = {}", g.worker_threads.unwrap_or(0));
+        let _ = writeln!(
+            out,
+            "max_prepared_statements = {}",
+            g.max_prepared_statements
+        );
         render_pool(&mut out, &g.pool);
         for db in self.databases.values() {
             let _ = writeln!(out, "\n[databases.{}]", toml_key(&db.name));

@@ -9,6 +9,7 @@ mod cancel;
 mod params;
 mod relay;
 mod session;
+mod statements;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use crate::proxy::{ClientPermit, Shared};
 pub use cancel::{CancelRegistry, CancelSlot};
 pub use params::{ClientParams, parse_options};
 pub use relay::{RelayState, ServerEvent, client_tag_inspected, server_tag_inspected};
+pub use statements::{Statement, StatementRegistry};
 
 /// Cap on authentication messages (password, SASL) from a client.
 const MAX_AUTH_MESSAGE: usize = 16 * 1024;

@@ -77,6 +77,11 @@ impl RelayState {
         self.tx
     }
 
+    /// The server is in COPY IN (it ignores Sync and Flush).
+    pub fn copy_in(&self) -> bool {
+        self.copy_in
+    }
+
     pub fn pending(&self) -> usize {
         self.pending.len()
     }

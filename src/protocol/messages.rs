@@ -44,6 +44,7 @@ pub mod sqlstate {
     pub const QUERY_CANCELED: &str = "57014";
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
+    pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
 }
 
 /// Severity of an ErrorResponse we generate.

@@ -53,6 +53,10 @@ impl TestProxy {
 
     /// As [`TestProxy::start`], with extra TOML appended after the tables.
     pub async fn start_with(general: &str, extra: &str) -> TestProxy {
+        // RUST_LOG=debug cargo test ... shows pgsluice's own logs.
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+        }
         let cluster = tokio::task::spawn_blocking(cluster)
             .await
             .expect("cluster start");

@@ -16,9 +16,12 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+mod tracked;
+
 use super::cancel::CancelSlot;
 use super::params::ClientParams;
 use super::relay::{self, RelayState, ServerEvent};
+use super::statements::{ClientStatements, Replies, Verdict};
 use crate::backend::{self, QueryOutcome};
 use crate::config::PoolMode;
 use crate::pool::{Pool, Pooled};
@@ -60,6 +63,32 @@ enum Step {
 enum ServerFlow {
     Ok,
     Lost,
+}
+
+/// Writes synthetic replies now due, after the server bytes up to `pos`.
+async fn emit_synthetic(
+    replies: &mut Replies,
+    out: &mut BytesMut,
+    client: &mut TcpStream,
+    buf: &[u8],
+    written: &mut usize,
+    pos: usize,
+) -> std::io::Result<()> {
+    out.clear();
+    replies.take_ready(out);
+    if !out.is_empty() {
+        client.write_all(&buf[*written..pos]).await?;
+        client.write_all(out).await?;
+        *written = pos;
+    }
+    Ok(())
+}
+
+/// CommandComplete of `DISCARD ALL` / `DEALLOCATE ALL`: the server dropped
+/// every prepared statement it had.
+fn forgets_all_statements(msg: &[u8]) -> bool {
+    let body = protocol::body(msg);
+    body == b"DISCARD ALL\0" || body == b"DEALLOCATE ALL\0"
 }
 
 /// Reads what the socket has into `buf`. A short read means the socket was
@@ -104,6 +133,19 @@ pub struct Session {
     rollback_pending: bool,
     /// The query_timeout cancel was sent for the request started then.
     query_cancelled: Option<Instant>,
+    /// Transaction/statement mode: named prepared statements are mapped to
+    /// pooled servers (see `statements.rs`); session mode passes through.
+    tracked: bool,
+    /// This client's prepared statements, by its own names.
+    statements: ClientStatements,
+    /// Replies owed to the client, in order (tracked mode).
+    replies: Replies,
+    /// Rewritten client bytes on their way to the server (tracked mode).
+    sout: BytesMut,
+    /// After pgsluice itself reported an error for a statement name, the
+    /// client's messages up to its next Sync are dropped, as PostgreSQL
+    /// skips them.
+    client_skip: bool,
 }
 
 impl Session {
@@ -133,6 +175,11 @@ impl Session {
             phase,
             rollback_pending: false,
             query_cancelled: None,
+            tracked: mode != PoolMode::Session,
+            statements: ClientStatements::default(),
+            replies: Replies::new(),
+            sout: BytesMut::new(),
+            client_skip: false,
         }
     }
 
@@ -275,6 +322,7 @@ impl Session {
         self.cancel.attach(server.cancel_key);
         self.server = Some(server);
         self.relay.reset();
+        self.replies.reset();
         self.sscan = Scanner::new();
         self.query_cancelled = None;
         Ok(Step::Continue)
@@ -420,7 +468,11 @@ impl Session {
     }
 
     fn at_release_point(&self) -> bool {
-        self.relay.at_boundary()
+        // Client bytes not yet forwarded (a message still arriving whole)
+        // belong to this exchange: release only with nothing pending.
+        self.cbuf.is_empty()
+            && self.relay.at_boundary()
+            && self.replies.is_empty()
             && self.sscan.at_boundary()
             && self.cscan.at_boundary()
             && self.server.as_ref().is_some_and(|s| s.buf.is_empty())
@@ -436,6 +488,9 @@ impl Session {
     /// Forwards every complete or streamable client message in `cbuf`.
     /// Returns a step when the session must end.
     async fn forward_client(&mut self, client: &mut TcpStream) -> std::io::Result<Option<Step>> {
+        if self.tracked {
+            return self.forward_client_tracked(client).await;
+        }
         let max = self.shared.config.general.max_packet_size;
         let now = Instant::now();
         let mut pos = 0;
@@ -487,6 +542,7 @@ impl Session {
     /// Relays the server's buffered output to the client, acting on the
     /// messages that change state.
     async fn forward_server(&mut self, client: &mut TcpStream) -> std::io::Result<ServerFlow> {
+        let tracked = self.tracked;
         let Some(server) = self.server.as_deref_mut() else {
             return Ok(ServerFlow::Ok);
         };
@@ -513,11 +569,49 @@ impl Session {
             match seg {
                 Segment::Pass { len } => pos += len,
                 Segment::NeedMore => break,
-                Segment::Start { header, whole } if relay::server_tag_inspected(header.tag) => {
+                Segment::Start { header, whole }
+                    if relay::server_tag_inspected(header.tag)
+                        || (tracked && !matches!(header.tag, b'D' | b'd')) =>
+                {
                     if !whole {
                         break;
                     }
                     let end = pos + header.total_len;
+                    if tracked {
+                        let msg = &server.buf[pos..end];
+                        match self.replies.on_server(header.tag) {
+                            Verdict::Forward => {}
+                            Verdict::Swallow => {
+                                client.write_all(&server.buf[written..pos]).await?;
+                                written = end;
+                            }
+                            Verdict::Desync => {
+                                tracing::warn!(
+                                    tag = %char::from(header.tag),
+                                    "server reply does not match the requests sent"
+                                );
+                                self.relay.server_unusable = true;
+                            }
+                        }
+                        if header.tag == b'C' && forgets_all_statements(msg) {
+                            server.prepared.clear();
+                            self.statements.clear();
+                        }
+                        tracked::apply_undo(server, &mut self.statements, &mut self.replies.undone);
+                    }
+                    if !relay::server_tag_inspected(header.tag) {
+                        pos = end;
+                        emit_synthetic(
+                            &mut self.replies,
+                            &mut self.out,
+                            client,
+                            &server.buf,
+                            &mut written,
+                            pos,
+                        )
+                        .await?;
+                        continue;
+                    }
                     match self
                         .relay
                         .on_server_message(header.tag, &server.buf[pos..end], now)
@@ -555,8 +649,23 @@ impl Session {
                         _ => {}
                     }
                     pos = end;
+                    if tracked {
+                        emit_synthetic(
+                            &mut self.replies,
+                            &mut self.out,
+                            client,
+                            &server.buf,
+                            &mut written,
+                            pos,
+                        )
+                        .await?;
+                    }
                 }
                 Segment::Start { header, .. } => {
+                    if tracked {
+                        // DataRow / CopyData: never a reply's end.
+                        self.replies.on_server(header.tag);
+                    }
                     pos += self.sscan.pass_partial(header, server.buf.len() - pos);
                 }
             }
@@ -702,6 +811,7 @@ impl Session {
                     for name in std::mem::take(&mut server.set_by_pooler) {
                         server.params.remove(&name);
                     }
+                    server.prepared.clear();
                 }
                 _ => return,
             }

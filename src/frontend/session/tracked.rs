@@ -1,0 +1,311 @@
+//! The client → server direction in transaction and statement mode: named
+//! prepared statements are rewritten to their pooled server-side names,
+//! prepared on demand, and answered locally where PostgreSQL's answer is
+//! known (see `frontend/statements.rs`).
+
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::{Exit, Session, Step};
+use crate::backend::ServerConn;
+use crate::frontend::statements::{
+    self, CLOSE_COMPLETE, ClientStatements, Kind, PARSE_COMPLETE, Statement, Undo,
+};
+use crate::protocol::{Segment, sqlstate};
+
+/// Applies and clears the undo records of messages that never took effect.
+pub(super) fn apply_undo(
+    server: &mut ServerConn,
+    names: &mut ClientStatements,
+    undone: &mut Vec<Undo>,
+) {
+    for undo in undone.drain(..) {
+        match undo {
+            Undo::ServerForget(id) => {
+                server.prepared.remove(&id);
+            }
+            Undo::ClientForget(name) => {
+                names.remove(&name);
+            }
+            Undo::ClientRestore(name, stmt) => {
+                names.insert(&name, stmt);
+            }
+            Undo::ServerRestore(stmt) => {
+                server.prepared_tick += 1;
+                server
+                    .prepared
+                    .insert(stmt.id, (stmt, server.prepared_tick));
+            }
+        }
+    }
+}
+
+/// Client messages the tracked relay needs whole.
+fn needs_whole(tag: u8) -> bool {
+    matches!(tag, b'X' | b'P' | b'B' | b'D' | b'C')
+}
+
+impl Session {
+    pub(super) async fn forward_client_tracked(
+        &mut self,
+        client: &mut TcpStream,
+    ) -> std::io::Result<Option<Step>> {
+        let max = self.shared.config.general.max_packet_size;
+        let now = Instant::now();
+        let cbuf = std::mem::take(&mut self.cbuf);
+        self.sout.clear();
+        let mut pos = 0;
+        let mut end = None;
+        let mut protocol_error = None;
+        loop {
+            match self.cscan.next(&cbuf[pos..], max) {
+                Ok(Segment::Pass { len }) => {
+                    if !self.client_skip {
+                        self.sout.extend_from_slice(&cbuf[pos..pos + len]);
+                    }
+                    pos += len;
+                }
+                Ok(Segment::Start { header, whole }) => {
+                    let tag = header.tag;
+                    if needs_whole(tag) && !whole {
+                        break;
+                    }
+                    if tag == b'X' {
+                        end = Some(Step::Exit(Exit::Terminated));
+                        break;
+                    }
+                    if self.client_skip && tag != b'S' {
+                        // Dropped: PostgreSQL skips up to Sync after an error.
+                        pos += self.cscan.pass_partial(header, cbuf.len() - pos);
+                        continue;
+                    }
+                    if needs_whole(tag) {
+                        let msg = &cbuf[pos..pos + header.total_len];
+                        self.relay.on_client_tag(tag, now);
+                        self.rewrite(tag, msg);
+                        pos += header.total_len;
+                        continue;
+                    }
+                    let copy_in = self.relay.copy_in();
+                    self.relay.on_client_tag(tag, now);
+                    match tag {
+                        b'E' => self.replies.push_server(Kind::Execute, false, Vec::new()),
+                        b'S' if !copy_in => {
+                            self.client_skip = false;
+                            self.replies.push_server(Kind::Sync, false, Vec::new());
+                        }
+                        b'Q' | b'F' => self.replies.push_server(Kind::Simple, false, Vec::new()),
+                        _ => {}
+                    }
+                    let n = self.cscan.pass_partial(header, cbuf.len() - pos);
+                    self.sout.extend_from_slice(&cbuf[pos..pos + n]);
+                    pos += n;
+                }
+                Ok(Segment::NeedMore) => break,
+                Err(e) => {
+                    protocol_error = Some(e);
+                    break;
+                }
+            }
+        }
+        self.cbuf = cbuf;
+        self.cbuf.advance(pos);
+        let server_ok = self.flush_to_server().await;
+        // Synthetic replies with nothing owed before them go out now.
+        self.out.clear();
+        self.replies.take_ready(&mut self.out);
+        if !self.out.is_empty() {
+            client.write_all(&self.out).await?;
+        }
+        if let Some(e) = protocol_error {
+            return self
+                .close_with(client, sqlstate::PROTOCOL_VIOLATION, &e.to_string())
+                .await
+                .map(Some);
+        }
+        if !server_ok {
+            return self.server_lost(client).await.map(Some);
+        }
+        Ok(end)
+    }
+
+    /// Writes the rewritten bytes to the server; false if it is gone.
+    async fn flush_to_server(&mut self) -> bool {
+        if let Some(server) = self.server.as_deref_mut() {
+            apply_undo(server, &mut self.statements, &mut self.replies.undone);
+            if self.sout.is_empty() {
+                return true;
+            }
+            return server.stream.write_all(&self.sout).await.is_ok();
+        }
+        false
+    }
+
+    /// Parse, Bind, Describe and Close: rewritten, injected or answered here.
+    fn rewrite(&mut self, tag: u8, msg: &[u8]) {
+        match tag {
+            b'P' => self.on_parse(msg),
+            b'B' => {
+                let kind = Kind::Bind;
+                match statements::parse_bind(msg) {
+                    Some((portal, name, rest)) if !name.is_empty() => {
+                        match self.statements.get(name).cloned() {
+                            Some(stmt) => {
+                                self.ensure_prepared(&stmt);
+                                statements::write_bind(
+                                    &mut self.sout,
+                                    portal,
+                                    &stmt.server_name,
+                                    rest,
+                                );
+                            }
+                            // Unknown name: the server answers 26000 itself.
+                            None => self.sout.extend_from_slice(msg),
+                        }
+                    }
+                    _ => self.sout.extend_from_slice(msg),
+                }
+                self.replies.push_server(kind, false, Vec::new());
+            }
+            b'D' => {
+                match statements::parse_target(msg) {
+                    Some((b'S', name)) if !name.is_empty() => match self
+                        .statements
+                        .get(name)
+                        .cloned()
+                    {
+                        Some(stmt) => {
+                            self.ensure_prepared(&stmt);
+                            statements::write_target(&mut self.sout, b'D', b'S', &stmt.server_name);
+                        }
+                        None => self.sout.extend_from_slice(msg),
+                    },
+                    _ => self.sout.extend_from_slice(msg),
+                }
+                self.replies.push_server(Kind::Describe, false, Vec::new());
+            }
+            b'C' => match statements::parse_target(msg) {
+                Some((b'S', name)) if !name.is_empty() => {
+                    // Closing only forgets the client's name; the pooled
+                    // server statement may serve other clients.
+                    let undo = self
+                        .statements
+                        .remove(name)
+                        .map(|stmt| vec![Undo::ClientRestore(name.to_vec(), stmt)])
+                        .unwrap_or_default();
+                    self.replies
+                        .push_synthetic(Bytes::from_static(CLOSE_COMPLETE), undo);
+                }
+                _ => {
+                    self.sout.extend_from_slice(msg);
+                    self.replies.push_server(Kind::Close, false, Vec::new());
+                }
+            },
+            _ => self.sout.extend_from_slice(msg),
+        }
+    }
+
+    fn on_parse(&mut self, msg: &[u8]) {
+        let Some((name, tail)) = statements::parse_parse(msg) else {
+            // Malformed: let the server say so.
+            self.sout.extend_from_slice(msg);
+            self.replies.push_server(Kind::Parse, false, Vec::new());
+            return;
+        };
+        if name.is_empty() {
+            self.sout.extend_from_slice(msg);
+            self.replies.push_server(Kind::Parse, false, Vec::new());
+            return;
+        }
+        if self.statements.get(name).is_some() {
+            let message = format!(
+                "prepared statement \"{}\" already exists",
+                String::from_utf8_lossy(name)
+            );
+            self.replies.push_synthetic(
+                statements::statement_error(sqlstate::DUPLICATE_PREPARED_STATEMENT, &message),
+                Vec::new(),
+            );
+            self.client_skip = true;
+            return;
+        }
+        let stmt = self.shared.statements.intern(tail);
+        self.statements.insert(name, stmt.clone());
+        let forget_name = Undo::ClientForget(name.to_vec());
+        let Some(server) = self.server.as_deref_mut() else {
+            return;
+        };
+        if let Some(entry) = server.prepared.get_mut(&stmt.id) {
+            server.prepared_tick += 1;
+            entry.1 = server.prepared_tick;
+            self.replies
+                .push_synthetic(Bytes::from_static(PARSE_COMPLETE), vec![forget_name]);
+        } else {
+            self.make_room();
+            let Some(server) = self.server.as_deref_mut() else {
+                return;
+            };
+            stmt.write_parse(&mut self.sout);
+            server.prepared_tick += 1;
+            server
+                .prepared
+                .insert(stmt.id, (stmt.clone(), server.prepared_tick));
+            self.replies.push_server(
+                Kind::Parse,
+                false,
+                vec![Undo::ServerForget(stmt.id), forget_name],
+            );
+        }
+    }
+
+    /// Makes sure the attached server holds `stmt`, preparing it there
+    /// (silently) first if not.
+    fn ensure_prepared(&mut self, stmt: &std::sync::Arc<Statement>) {
+        let Some(server) = self.server.as_deref_mut() else {
+            return;
+        };
+        server.prepared_tick += 1;
+        if let Some(entry) = server.prepared.get_mut(&stmt.id) {
+            entry.1 = server.prepared_tick;
+            return;
+        }
+        self.make_room();
+        let Some(server) = self.server.as_deref_mut() else {
+            return;
+        };
+        stmt.write_parse(&mut self.sout);
+        server
+            .prepared
+            .insert(stmt.id, (stmt.clone(), server.prepared_tick));
+        self.replies
+            .push_server(Kind::Parse, true, vec![Undo::ServerForget(stmt.id)]);
+    }
+
+    /// Evicts the least recently used statement from the attached server
+    /// when it holds `max_prepared_statements`.
+    fn make_room(&mut self) {
+        let max = self.shared.config.general.max_prepared_statements;
+        let Some(server) = self.server.as_deref_mut() else {
+            return;
+        };
+        if server.prepared.len() < max {
+            return;
+        }
+        let Some(victim) = server
+            .prepared
+            .iter()
+            .min_by_key(|(_, (_, tick))| *tick)
+            .map(|(id, _)| *id)
+        else {
+            return;
+        };
+        if let Some((stmt, _)) = server.prepared.remove(&victim) {
+            statements::write_target(&mut self.sout, b'C', b'S', &stmt.server_name);
+            self.replies
+                .push_server(Kind::Close, true, vec![Undo::ServerRestore(stmt)]);
+        }
+    }
+}

@@ -1,0 +1,487 @@
+//! Named prepared statements across pooled servers (transaction and
+//! statement mode).
+//!
+//! A client's named Parse is recorded under the client's name and
+//! deduplicated globally by (query text, parameter types) to one server-side
+//! name, `PGSLUICE_<id>`. Each server connection remembers which of those it
+//! holds. Before a Bind or Describe reaches a server that lacks the
+//! statement, the Parse is sent there first, silently; a Parse the server
+//! already holds, and a Close of a client name, are answered by pgsluice with
+//! a synthetic ParseComplete / CloseComplete **in order**. The [`Replies`]
+//! queue keeps that order: it lists, for every message forwarded or answered
+//! locally, the reply the client is owed, so synthetic replies are emitted
+//! exactly where PostgreSQL would have sent them, replies to injected
+//! messages never reach the client, and an error makes everything up to the
+//! next Sync vanish as it does on the server (with the bookkeeping undone).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::protocol::{self, Severity};
+
+/// One distinct (query text, parameter types), as the server knows it.
+#[derive(Debug)]
+pub struct Statement {
+    pub id: u64,
+    pub server_name: String,
+    /// Parse body after the statement name: query, NUL, parameter types.
+    tail: Bytes,
+}
+
+impl Statement {
+    /// A Parse of this statement under its server-side name.
+    pub fn write_parse(&self, out: &mut BytesMut) {
+        let len = 4 + self.server_name.len() + 1 + self.tail.len();
+        out.put_u8(b'P');
+        out.put_i32(len as i32);
+        out.put_slice(self.server_name.as_bytes());
+        out.put_u8(0);
+        out.put_slice(&self.tail);
+    }
+}
+
+/// Process-wide deduplication of statements.
+#[derive(Default)]
+pub struct StatementRegistry {
+    map: Mutex<HashMap<Bytes, Weak<Statement>>>,
+    next_id: AtomicU64,
+    /// Size at which dead entries are next swept.
+    sweep_at: AtomicU64,
+}
+
+impl StatementRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The statement for this Parse tail, shared by every client using it.
+    pub fn intern(&self, tail: &[u8]) -> Arc<Statement> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(tail).and_then(Weak::upgrade) {
+            return s;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let tail = Bytes::copy_from_slice(tail);
+        let stmt = Arc::new(Statement {
+            id,
+            server_name: format!("PGSLUICE_{id}"),
+            tail: tail.clone(),
+        });
+        map.insert(tail, Arc::downgrade(&stmt));
+        // Statements no client references any more are forgotten; servers
+        // that still hold them simply never see them used again.
+        if map.len() as u64 >= self.sweep_at.load(Ordering::Relaxed).max(1024) {
+            map.retain(|_, w| w.strong_count() > 0);
+            self.sweep_at.store(map.len() as u64 * 2, Ordering::Relaxed);
+        }
+        stmt
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn split_cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = b.iter().position(|&c| c == 0)?;
+    Some((&b[..end], &b[end + 1..]))
+}
+
+/// A Parse message: statement name and the rest of the body.
+pub fn parse_parse(msg: &[u8]) -> Option<(&[u8], &[u8])> {
+    split_cstr(protocol::body(msg))
+}
+
+/// A Bind message: portal, statement name, and the rest of the body.
+pub fn parse_bind(msg: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let (portal, rest) = split_cstr(protocol::body(msg))?;
+    let (stmt, rest) = split_cstr(rest)?;
+    Some((portal, stmt, rest))
+}
+
+/// A Describe or Close message: kind (`S` or `P`) and name.
+pub fn parse_target(msg: &[u8]) -> Option<(u8, &[u8])> {
+    let (&kind, rest) = protocol::body(msg).split_first()?;
+    let (name, _) = split_cstr(rest)?;
+    Some((kind, name))
+}
+
+pub fn write_bind(out: &mut BytesMut, portal: &[u8], stmt: &str, rest: &[u8]) {
+    let len = 4 + portal.len() + 1 + stmt.len() + 1 + rest.len();
+    out.put_u8(b'B');
+    out.put_i32(len as i32);
+    out.put_slice(portal);
+    out.put_u8(0);
+    out.put_slice(stmt.as_bytes());
+    out.put_u8(0);
+    out.put_slice(rest);
+}
+
+pub fn write_target(out: &mut BytesMut, tag: u8, kind: u8, name: &str) {
+    out.put_u8(tag);
+    out.put_i32((4 + 1 + name.len() + 1) as i32);
+    out.put_u8(kind);
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+}
+
+pub const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
+pub const CLOSE_COMPLETE: &[u8] = &[b'3', 0, 0, 0, 4];
+
+/// An error PostgreSQL would have sent for a client's statement name.
+pub fn statement_error(code: &str, message: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    protocol::error_response(&mut b, Severity::Error, code, message);
+    b.freeze()
+}
+
+/// What the server's reply to a forwarded message looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Parse,
+    Bind,
+    Describe,
+    Close,
+    Execute,
+    Sync,
+    /// Query or FunctionCall: everything up to ReadyForQuery.
+    Simple,
+}
+
+/// Bookkeeping to reverse if the message it belongs to never takes effect
+/// (an error made the server skip it).
+#[derive(Debug, Clone)]
+pub enum Undo {
+    /// The server does not hold this statement after all.
+    ServerForget(u64),
+    /// The client's name was not created after all.
+    ClientForget(Vec<u8>),
+    /// The client's name was not closed after all.
+    ClientRestore(Vec<u8>, Arc<Statement>),
+    /// The server still holds this statement (an eviction was skipped).
+    ServerRestore(Arc<Statement>),
+}
+
+#[derive(Debug)]
+enum Reply {
+    Server {
+        kind: Kind,
+        /// The message was injected by pgsluice: its success reply is
+        /// swallowed (an error still reaches the client: it explains the
+        /// failure of the client's own message behind it).
+        hidden: bool,
+        undo: Vec<Undo>,
+    },
+    Synthetic {
+        msg: Bytes,
+        undo: Vec<Undo>,
+    },
+}
+
+/// What to do with one server message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Forward,
+    /// A reply to an injected message: do not relay it.
+    Swallow,
+    /// The reply does not match what was asked: the stream is not what we
+    /// think it is, and the server must not be reused.
+    Desync,
+}
+
+/// The replies a client is owed, in order.
+#[derive(Debug, Default)]
+pub struct Replies {
+    queue: VecDeque<Reply>,
+    /// The server hit an error and skips messages until the next Sync.
+    skipping: bool,
+    /// Undo records of messages that never took effect; drained by the
+    /// session.
+    pub undone: Vec<Undo>,
+}
+
+impl Replies {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn reset(&mut self) {
+        self.queue.clear();
+        self.skipping = false;
+        self.undone.clear();
+    }
+
+    /// A message forwarded to the server.
+    pub fn push_server(&mut self, kind: Kind, hidden: bool, undo: Vec<Undo>) {
+        if self.skipping {
+            if kind == Kind::Sync {
+                self.skipping = false;
+            } else {
+                // The server will skip it: it never takes effect.
+                self.undone.extend(undo);
+                return;
+            }
+        }
+        self.queue.push_back(Reply::Server { kind, hidden, undo });
+    }
+
+    /// A reply pgsluice gives itself, in order.
+    pub fn push_synthetic(&mut self, msg: Bytes, undo: Vec<Undo>) {
+        if self.skipping {
+            self.undone.extend(undo);
+            return;
+        }
+        self.queue.push_back(Reply::Synthetic { msg, undo });
+    }
+
+    /// Moves synthetic replies now at the head of the queue into `out`.
+    pub fn take_ready(&mut self, out: &mut BytesMut) {
+        while let Some(Reply::Synthetic { .. }) = self.queue.front() {
+            if let Some(Reply::Synthetic { msg, .. }) = self.queue.pop_front() {
+                out.extend_from_slice(&msg);
+            }
+        }
+    }
+
+    /// Accounts for one server message (its tag; for ErrorResponse, whether
+    /// it is fatal does not matter here).
+    pub fn on_server(&mut self, tag: u8) -> Verdict {
+        // Asynchronous messages may come at any time.
+        if matches!(tag, b'N' | b'A' | b'S') {
+            return Verdict::Forward;
+        }
+        // A fatal error may come with nothing outstanding (a terminated
+        // backend); the relay deals with it.
+        if tag == b'E' && self.queue.is_empty() {
+            return Verdict::Forward;
+        }
+        // Synthetic replies are emitted as soon as they reach the head, so
+        // the head is always a server reply when the server speaks.
+        let Some(Reply::Server { kind, hidden, .. }) = self.queue.front() else {
+            return Verdict::Desync;
+        };
+        let (kind, hidden) = (*kind, *hidden);
+        let completes = match (kind, tag) {
+            (_, b'E') if kind != Kind::Simple => {
+                self.fail_head();
+                return Verdict::Forward;
+            }
+            (Kind::Parse, b'1') | (Kind::Bind, b'2') | (Kind::Close, b'3') => true,
+            (Kind::Describe, b'T' | b'n') => true,
+            (Kind::Describe, b't') => false,
+            (Kind::Execute, b'C' | b'I' | b's') => true,
+            (Kind::Execute, b'G' | b'W') => {
+                // COPY IN: the Sync the client sent behind this Execute is
+                // read by the server in copy mode and ignored.
+                if let Some(i) = self.queue.iter().position(|r| {
+                    matches!(
+                        r,
+                        Reply::Server {
+                            kind: Kind::Sync,
+                            ..
+                        }
+                    )
+                }) {
+                    self.queue.remove(i);
+                }
+                false
+            }
+            (Kind::Execute, b'D' | b'H' | b'd' | b'c') => false,
+            (Kind::Sync | Kind::Simple, b'Z') => true,
+            (Kind::Simple, _) => false,
+            _ => return Verdict::Desync,
+        };
+        if completes {
+            self.queue.pop_front();
+            if kind == Kind::Sync {
+                self.skipping = false;
+            }
+            if hidden {
+                return Verdict::Swallow;
+            }
+        }
+        Verdict::Forward
+    }
+
+    /// The head message failed: it and everything up to the next Sync are
+    /// skipped by the server.
+    fn fail_head(&mut self) {
+        while let Some(front) = self.queue.front() {
+            if matches!(
+                front,
+                Reply::Server {
+                    kind: Kind::Sync,
+                    ..
+                }
+            ) {
+                return;
+            }
+            match self.queue.pop_front() {
+                Some(Reply::Server { undo, .. } | Reply::Synthetic { undo, .. }) => {
+                    self.undone.extend(undo)
+                }
+                None => break,
+            }
+        }
+        self.skipping = true;
+    }
+}
+
+/// A client's prepared statements, by the client's names.
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    by_name: HashMap<Vec<u8>, Arc<Statement>>,
+}
+
+impl ClientStatements {
+    pub fn get(&self, name: &[u8]) -> Option<&Arc<Statement>> {
+        self.by_name.get(name)
+    }
+
+    pub fn insert(&mut self, name: &[u8], stmt: Arc<Statement>) -> Option<Arc<Statement>> {
+        self.by_name.insert(name.to_vec(), stmt)
+    }
+
+    pub fn remove(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
+        self.by_name.remove(name)
+    }
+
+    pub fn clear(&mut self) {
+        self.by_name.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn synthetic_bytes(r: &mut Replies) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        r.take_ready(&mut out);
+        out.to_vec()
+    }
+
+    #[test]
+    fn registry_dedups_by_text_and_types() {
+        let reg = StatementRegistry::new();
+        let a = reg.intern(b"SELECT 1\0\0\0");
+        let b = reg.intern(b"SELECT 1\0\0\0");
+        let c = reg.intern(b"SELECT 1\0\0\x01\0\0\0\x17");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_ne!(a.id, c.id);
+        let mut out = BytesMut::new();
+        a.write_parse(&mut out);
+        let (name, tail) = parse_parse(&out).unwrap();
+        assert_eq!(name, a.server_name.as_bytes());
+        assert_eq!(tail, b"SELECT 1\0\0\0");
+    }
+
+    #[test]
+    fn synthetic_reply_waits_for_earlier_server_replies() {
+        let mut r = Replies::new();
+        r.push_server(Kind::Bind, false, vec![]);
+        r.push_synthetic(Bytes::from_static(PARSE_COMPLETE), vec![]);
+        r.push_server(Kind::Sync, false, vec![]);
+        assert!(
+            synthetic_bytes(&mut r).is_empty(),
+            "Bind's reply comes first"
+        );
+        assert_eq!(r.on_server(b'2'), Verdict::Forward);
+        assert_eq!(synthetic_bytes(&mut r), PARSE_COMPLETE);
+        assert_eq!(r.on_server(b'Z'), Verdict::Forward);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn injected_parse_reply_is_swallowed() {
+        let mut r = Replies::new();
+        r.push_server(Kind::Parse, true, vec![Undo::ServerForget(7)]);
+        r.push_server(Kind::Bind, false, vec![]);
+        assert_eq!(r.on_server(b'1'), Verdict::Swallow);
+        assert_eq!(r.on_server(b'2'), Verdict::Forward);
+        assert!(r.undone.is_empty());
+    }
+
+    #[test]
+    fn error_skips_to_sync_and_undoes() {
+        let mut r = Replies::new();
+        r.push_server(Kind::Parse, true, vec![Undo::ServerForget(1)]);
+        r.push_server(Kind::Bind, false, vec![]);
+        r.push_synthetic(
+            Bytes::from_static(CLOSE_COMPLETE),
+            vec![Undo::ClientForget(b"x".to_vec())],
+        );
+        r.push_server(Kind::Execute, false, vec![]);
+        // Nothing up to the Sync yet: later messages are skipped as they come.
+        assert_eq!(r.on_server(b'E'), Verdict::Forward);
+        assert_eq!(r.undone.len(), 2);
+        r.push_server(Kind::Parse, false, vec![Undo::ServerForget(2)]);
+        assert_eq!(r.undone.len(), 3);
+        r.push_server(Kind::Sync, false, vec![]);
+        assert!(synthetic_bytes(&mut r).is_empty());
+        assert_eq!(r.on_server(b'Z'), Verdict::Forward);
+        assert!(r.is_empty());
+        // After the Sync, business as usual.
+        r.push_synthetic(Bytes::from_static(PARSE_COMPLETE), vec![]);
+        assert_eq!(synthetic_bytes(&mut r), PARSE_COMPLETE);
+    }
+
+    #[test]
+    fn simple_query_errors_do_not_skip() {
+        let mut r = Replies::new();
+        r.push_server(Kind::Simple, false, vec![]);
+        for tag in [b'T', b'D', b'C', b'E', b'N'] {
+            assert_eq!(r.on_server(tag), Verdict::Forward);
+        }
+        assert_eq!(r.on_server(b'Z'), Verdict::Forward);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn extended_copy_in_drops_the_early_sync() {
+        let mut r = Replies::new();
+        r.push_server(Kind::Bind, false, vec![]);
+        r.push_server(Kind::Execute, false, vec![]);
+        r.push_server(Kind::Sync, false, vec![]);
+        assert_eq!(r.on_server(b'2'), Verdict::Forward);
+        assert_eq!(r.on_server(b'G'), Verdict::Forward);
+        r.push_server(Kind::Sync, false, vec![]);
+        assert_eq!(r.on_server(b'C'), Verdict::Forward);
+        assert_eq!(r.on_server(b'Z'), Verdict::Forward);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn unexpected_reply_is_a_desync() {
+        let mut r = Replies::new();
+        r.push_server(Kind::Bind, false, vec![]);
+        assert_eq!(r.on_server(b'1'), Verdict::Desync);
+        let mut empty = Replies::new();
+        assert_eq!(empty.on_server(b'Z'), Verdict::Desync);
+    }
+
+    #[test]
+    fn message_views_round_trip() {
+        let mut out = BytesMut::new();
+        write_bind(&mut out, b"p1", "PGSLUICE_3", b"\0\0\0\0\0\0");
+        let (portal, stmt, rest) = parse_bind(&out).unwrap();
+        assert_eq!(
+            (portal, stmt, rest),
+            (&b"p1"[..], &b"PGSLUICE_3"[..], &b"\0\0\0\0\0\0"[..])
+        );
+        out.clear();
+        write_target(&mut out, b'D', b'S', "PGSLUICE_3");
+        assert_eq!(parse_target(&out), Some((b'S', &b"PGSLUICE_3"[..])));
+    }
+}

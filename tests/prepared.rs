@@ -1,0 +1,285 @@
+//! Named prepared statements across pooled servers in transaction mode:
+//! drivers prepare on one server and execute on another; pgsluice prepares
+//! on demand, shares one server statement between clients, answers Parse /
+//! Close in order, and keeps PostgreSQL's error semantics.
+
+mod support;
+
+use std::time::Duration;
+
+use support::raw::{Raw, message};
+use support::*;
+
+async fn pid(c: &tokio_postgres::Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_prepared_on_one_server_runs_on_another() {
+    let proxy = TestProxy::start("pool_size = 2\nmax_pool_size = 2").await;
+    let a = proxy.connect().await;
+    let b = proxy.connect().await;
+    let stmt = a
+        .prepare("SELECT $1::int4 * 2, pg_backend_pid()")
+        .await
+        .unwrap();
+    let first: i32 = a.query_one(&stmt, &[&21i32]).await.unwrap().get(1);
+    // B holds that server in a transaction: A's next execution lands on the other one.
+    b.batch_execute("BEGIN").await.unwrap();
+    let b_pid = pid(&b).await;
+    assert_eq!(b_pid, first, "LIFO: B took the server A prepared on");
+    let row = a.query_one(&stmt, &[&5i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 10);
+    assert_ne!(row.get::<_, i32>(1), b_pid, "ran on the other server");
+    b.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_share_few_servers_with_prepared_statements() {
+    let proxy = TestProxy::start("pool_size = 3\nmax_pool_size = 3").await;
+    let mut tasks = Vec::new();
+    for i in 0..30i32 {
+        let conninfo = proxy.conninfo();
+        tasks.push(tokio::spawn(async move {
+            let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let s1 = c.prepare("SELECT $1::int4 + 1").await.unwrap();
+            let s2 = c
+                .prepare(&format!("SELECT $1::text || '-{i}'"))
+                .await
+                .unwrap();
+            for j in 0..40i32 {
+                let v: i32 = c.query_one(&s1, &[&j]).await.unwrap().get(0);
+                assert_eq!(v, j + 1);
+                let t: String = c.query_one(&s2, &[&"x"]).await.unwrap().get(0);
+                assert_eq!(t, format!("x-{i}"));
+                if j % 10 == 0 {
+                    let tx = c.simple_query("BEGIN; SELECT 1; COMMIT").await;
+                    assert!(tx.is_ok());
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    // One server statement per distinct text and server, not per client.
+    let su = superuser(0).await;
+    let n: i64 = su
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n >= 1);
+}
+
+#[tokio::test]
+async fn two_clients_same_sql_share_one_server_statement() {
+    let proxy = TestProxy::start("pool_size = 1\nmax_pool_size = 1").await;
+    let a = proxy.connect().await;
+    let b = proxy.connect().await;
+    let sa = a.prepare("SELECT 'shared'::text").await.unwrap();
+    let sb = b.prepare("SELECT 'shared'::text").await.unwrap();
+    a.query_one(&sa, &[]).await.unwrap();
+    b.query_one(&sb, &[]).await.unwrap();
+    let rows = a
+        .simple_query(
+            "SELECT name FROM pg_prepared_statements WHERE statement = 'SELECT ''shared''::text'",
+        )
+        .await
+        .unwrap();
+    let names: Vec<String> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].starts_with("PGSLUICE_"), "{names:?}");
+}
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut b = cstr(name);
+    b.extend(cstr(sql));
+    b.extend(0i16.to_be_bytes());
+    message(b'P', &b)
+}
+
+fn bind(stmt: &str) -> Vec<u8> {
+    let mut b = cstr("");
+    b.extend(cstr(stmt));
+    b.extend(0i16.to_be_bytes());
+    b.extend(0i16.to_be_bytes());
+    b.extend(0i16.to_be_bytes());
+    message(b'B', &b)
+}
+
+fn execute() -> Vec<u8> {
+    let mut b = cstr("");
+    b.extend(0i32.to_be_bytes());
+    message(b'E', &b)
+}
+
+fn close(name: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    b.extend(cstr(name));
+    message(b'C', &b)
+}
+
+fn sync() -> Vec<u8> {
+    message(b'S', &[])
+}
+
+async fn replies(c: &mut Raw) -> Vec<(char, Option<String>)> {
+    let mut got = Vec::new();
+    while let Some(m) = c.recv(Duration::from_secs(5)).await {
+        got.push((m.tag as char, m.sqlstate()));
+        if m.tag == b'Z' {
+            break;
+        }
+    }
+    got
+}
+
+fn tags(r: &[(char, Option<String>)]) -> String {
+    r.iter().map(|(t, _)| *t).collect()
+}
+
+#[tokio::test]
+async fn parse_close_and_errors_answer_in_order_like_postgres() {
+    let proxy = TestProxy::start("pool_size = 1\nmax_pool_size = 1").await;
+    let mut c = Raw::login(proxy.addr).await;
+
+    // Parse + Bind + Execute + Sync on a fresh name.
+    let mut batch = parse("s1", "SELECT 1");
+    batch.extend(bind("s1"));
+    batch.extend(execute());
+    batch.extend(sync());
+    c.send(&batch).await;
+    assert_eq!(tags(&replies(&mut c).await), "12DCZ");
+
+    // The same name again: 42P05, and the rest up to Sync is skipped.
+    let mut batch = parse("s1", "SELECT 2");
+    batch.extend(bind("s1"));
+    batch.extend(execute());
+    batch.extend(sync());
+    c.send(&batch).await;
+    let r = replies(&mut c).await;
+    assert_eq!(tags(&r), "EZ");
+    assert_eq!(r[0].1.as_deref(), Some("42P05"));
+
+    // Close forgets the client's name; closing it twice is not an error.
+    let mut batch = close("s1");
+    batch.extend(close("s1"));
+    batch.extend(bind("s1"));
+    batch.extend(execute());
+    batch.extend(sync());
+    c.send(&batch).await;
+    let r = replies(&mut c).await;
+    assert_eq!(tags(&r), "33EZ", "{r:?}");
+    assert_eq!(r[2].1.as_deref(), Some("26000"));
+
+    // An error early in a pipeline: synthetic replies behind it vanish too,
+    // and the name parsed after the error does not exist afterwards.
+    let mut batch = parse("ok", "SELECT 1");
+    batch.extend(sync());
+    c.send(&batch).await;
+    assert_eq!(tags(&replies(&mut c).await), "1Z");
+    let mut batch = parse("bad", "SELEC nonsense");
+    batch.extend(parse("later", "SELECT 3"));
+    batch.extend(close("ok"));
+    batch.extend(sync());
+    c.send(&batch).await;
+    let r = replies(&mut c).await;
+    assert_eq!(tags(&r), "EZ", "{r:?}");
+    assert_eq!(r[0].1.as_deref(), Some("42601"));
+    let mut batch = bind("later");
+    batch.extend(execute());
+    batch.extend(sync());
+    c.send(&batch).await;
+    let r = replies(&mut c).await;
+    assert_eq!(r[0].1.as_deref(), Some("26000"), "{r:?}");
+    // ...and "ok" was not closed.
+    let mut batch = bind("ok");
+    batch.extend(execute());
+    batch.extend(sync());
+    c.send(&batch).await;
+    assert_eq!(tags(&replies(&mut c).await), "2DCZ");
+
+    // Re-parsing a name whose text the server already holds: synthetic ParseComplete.
+    let mut batch = parse("again", "SELECT 1");
+    batch.extend(bind("again"));
+    batch.extend(execute());
+    batch.extend(sync());
+    c.send(&batch).await;
+    assert_eq!(tags(&replies(&mut c).await), "12DCZ");
+}
+
+#[tokio::test]
+async fn eviction_keeps_statements_working() {
+    let proxy =
+        TestProxy::start("pool_size = 1\nmax_pool_size = 1\nmax_prepared_statements = 5").await;
+    let c = proxy.connect().await;
+    let mut stmts = Vec::new();
+    for i in 0..12 {
+        stmts.push(c.prepare(&format!("SELECT {i}::int4")).await.unwrap());
+    }
+    for round in 0..3 {
+        for (i, s) in stmts.iter().enumerate() {
+            let v: i32 = c.query_one(s, &[]).await.unwrap().get(0);
+            assert_eq!(v, i as i32, "round {round}");
+        }
+    }
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'PGSLUICE_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        (1..=6).contains(&n),
+        "the server holds {n} pgsluice statements; the cap is 5 (+1 in use)"
+    );
+}
+
+#[tokio::test]
+async fn discard_all_forgets_the_clients_statements() {
+    let proxy = TestProxy::start("pool_size = 1\nmax_pool_size = 1").await;
+    let mut c = Raw::login(proxy.addr).await;
+    let mut batch = parse("d1", "SELECT 1");
+    batch.extend(sync());
+    c.send(&batch).await;
+    assert_eq!(tags(&replies(&mut c).await), "1Z");
+    c.send(&support::raw::query("DISCARD ALL")).await;
+    assert_eq!(tags(&replies(&mut c).await), "CZ");
+    let mut batch = bind("d1");
+    batch.extend(execute());
+    batch.extend(sync());
+    c.send(&batch).await;
+    let r = replies(&mut c).await;
+    assert_eq!(r[0].1.as_deref(), Some("26000"), "{r:?}");
+    // And the name can be used again.
+    let mut batch = parse("d1", "SELECT 2");
+    batch.extend(bind("d1"));
+    batch.extend(execute());
+    batch.extend(sync());
+    c.send(&batch).await;
+    assert_eq!(tags(&replies(&mut c).await), "12DCZ");
+}
