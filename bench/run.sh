@@ -48,13 +48,14 @@ POOL_SIZE=20
 MAX_CLIENT_CONN=20000
 PG_MAX_CONNECTIONS=700
 TARGETS=(direct pgbouncer pgsluice)
-WORKLOAD_IDS=(select-simple select-extended tpcb select-500 select-connect)
+WORKLOAD_IDS=(select-simple select-extended tpcb select-500 select-connect select-prepared)
 declare -A WL_ARGS=(
   [select-simple]="-S -M simple -c 16"
   [select-extended]="-S -M extended -c 16"
   [tpcb]="-c 16"
   [select-500]="-S -c 500"
   [select-connect]="-S -C -c 32"
+  [select-prepared]="-S -M prepared -c 16"
 )
 export PGSLUICE_GENERAL__POOL_SIZE=$POOL_SIZE
 export PGSLUICE_GENERAL__MAX_POOL_SIZE=$POOL_SIZE
