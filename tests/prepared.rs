@@ -283,3 +283,45 @@ async fn discard_all_forgets_the_clients_statements() {
     c.send(&batch).await;
     assert_eq!(tags(&replies(&mut c).await), "12DCZ");
 }
+
+#[tokio::test]
+async fn unnamed_statement_bound_in_a_later_request_is_the_clients_own() {
+    // libpq's PQprepare(""), pgx's describe-then-execute: Parse of the unnamed
+    // statement in one request, Bind in the next, possibly on another server.
+    let proxy = TestProxy::start("pool_size = 1\nmax_pool_size = 1").await;
+    let mut a = Raw::login(proxy.addr).await;
+    let mut b = Raw::login(proxy.addr).await;
+    let mut batch = parse("", "SELECT 'mine'::text");
+    batch.extend(sync());
+    a.send(&batch).await;
+    assert_eq!(tags(&replies(&mut a).await), "1Z");
+    // Another client replaces the server's unnamed statement meanwhile.
+    let mut batch = parse("", "SELECT 'theirs'::text");
+    batch.extend(sync());
+    b.send(&batch).await;
+    assert_eq!(tags(&replies(&mut b).await), "1Z");
+    // A's Bind runs A's statement, not B's.
+    let mut batch = bind("");
+    batch.extend(execute());
+    batch.extend(sync());
+    a.send(&batch).await;
+    let mut rows = Vec::new();
+    while let Some(m) = a.recv(Duration::from_secs(5)).await {
+        if m.tag == b'D' {
+            rows.push(String::from_utf8_lossy(&m.body[6..]).into_owned());
+        }
+        if m.tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(rows, vec!["mine".to_owned()]);
+    // A simple query destroys the unnamed statement, as in PostgreSQL.
+    a.send(&support::raw::query("SELECT 1")).await;
+    replies(&mut a).await;
+    let mut batch = bind("");
+    batch.extend(execute());
+    batch.extend(sync());
+    a.send(&batch).await;
+    let r = replies(&mut a).await;
+    assert_eq!(r[0].1.as_deref(), Some("26000"), "{r:?}");
+}

@@ -60,6 +60,7 @@ async fn login(spec: &LoginSpec, id: u64) -> Result<ServerConn, BackendError> {
         retire_at: None,
         prepared: std::collections::HashMap::new(),
         prepared_tick: 0,
+        unnamed_owner: None,
     };
     let mut out = BytesMut::new();
     frontend::startup_message(

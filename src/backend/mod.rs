@@ -125,6 +125,9 @@ pub struct ServerConn {
     pub prepared: std::collections::HashMap<u64, (std::sync::Arc<crate::frontend::Statement>, u64)>,
     /// Use counter for `prepared`.
     pub prepared_tick: u64,
+    /// Whose unnamed statement this server holds: (client process id,
+    /// that client's parse generation). `None` when unknown or destroyed.
+    pub unnamed_owner: Option<(i32, u64)>,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -200,6 +203,8 @@ impl ServerConn {
     }
 
     async fn run_internal_inner(&mut self, sql: &str) -> Result<QueryOutcome, BackendError> {
+        // A simple Query destroys the unnamed prepared statement.
+        self.unnamed_owner = None;
         let mut out = BytesMut::with_capacity(sql.len() + 6);
         out.put_u8(b'Q');
         out.put_i32((sql.len() + 5) as i32);

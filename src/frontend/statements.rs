@@ -113,6 +113,14 @@ pub fn parse_target(msg: &[u8]) -> Option<(u8, &[u8])> {
     Some((kind, name))
 }
 
+/// A Parse of the unnamed statement with the given body tail.
+pub fn write_unnamed_parse(out: &mut BytesMut, tail: &[u8]) {
+    out.put_u8(b'P');
+    out.put_i32((4 + 1 + tail.len()) as i32);
+    out.put_u8(0);
+    out.put_slice(tail);
+}
+
 pub fn write_bind(out: &mut BytesMut, portal: &[u8], stmt: &str, rest: &[u8]) {
     let len = 4 + portal.len() + 1 + stmt.len() + 1 + rest.len();
     out.put_u8(b'B');
@@ -167,6 +175,9 @@ pub enum Undo {
     ClientRestore(Vec<u8>, Arc<Statement>),
     /// The server still holds this statement (an eviction was skipped).
     ServerRestore(Arc<Statement>),
+    /// A Parse of the unnamed statement (this client's generation) failed or
+    /// was skipped: neither the client nor the server has it.
+    UnnamedLost(u64),
 }
 
 #[derive(Debug)]

@@ -68,6 +68,11 @@ pub struct ClusterOptions {
     pub app_user: String,
     /// Password of `app_user`.
     pub app_password: String,
+    /// Also create roles that log in with other methods, for tests of
+    /// pgsluice's server login: `auth_md5` (md5, password `pw`),
+    /// `auth_password` (cleartext `password` method, password `pw`) and
+    /// `auth_trust` (trust). Off by default: the demo has no use for them.
+    pub test_auth_roles: bool,
     /// Extra postgresql.conf lines for every node, e.g. `log_statement = 'all'`.
     /// They come after this module's settings; do not set `port`.
     pub extra_conf: Vec<String>,
@@ -81,6 +86,7 @@ impl Default for ClusterOptions {
             database: "app".into(),
             app_user: "app".into(),
             app_password: "app".into(),
+            test_auth_roles: false,
             extra_conf: Vec::new(),
         }
     }
@@ -230,7 +236,12 @@ impl LocalCluster {
     fn start_primary(&mut self) -> Result<(), LocalPgError> {
         let files = self.files(0);
         self.initdb(&files.data_dir)?;
-        std::fs::write(files.data_dir.join("pg_hba.conf"), PG_HBA)
+        let hba = if self.options.test_auth_roles {
+            format!("{TEST_AUTH_HBA}{PG_HBA}")
+        } else {
+            PG_HBA.to_owned()
+        };
+        std::fs::write(files.data_dir.join("pg_hba.conf"), hba)
             .map_err(|e| LocalPgError::io("writing pg_hba.conf", e))?;
         append_file(&files.data_dir.join("postgresql.conf"), &self.shared_conf())?;
         let (postmaster, port) = node::launch(&self.ctx, &files, PortChoice::Pick)?;
@@ -252,16 +263,22 @@ impl LocalCluster {
             tools::quote_ident(&o.database)
         );
         let started = Instant::now();
-        let lsn = self.ctx.psql(
-            self.nodes[0].port,
-            "postgres",
-            &[
+        let mut sql = vec![
+            "SET password_encryption = 'scram-sha-256'",
+            &create_role,
+            &create_db,
+        ];
+        if self.options.test_auth_roles {
+            sql.extend([
+                "SET password_encryption = 'md5'",
+                "CREATE ROLE auth_md5 LOGIN PASSWORD 'pw'",
                 "SET password_encryption = 'scram-sha-256'",
-                &create_role,
-                &create_db,
-                "SELECT pg_current_wal_lsn()",
-            ],
-        )?;
+                "CREATE ROLE auth_password LOGIN PASSWORD 'pw'",
+                "CREATE ROLE auth_trust LOGIN",
+            ]);
+        }
+        sql.push("SELECT pg_current_wal_lsn()");
+        let lsn = self.ctx.psql(self.nodes[0].port, "postgres", &sql)?;
         tracing::debug!(elapsed = ?started.elapsed(), "created the application role and database");
         Ok(lsn)
     }
@@ -546,6 +563,13 @@ impl Drop for LocalCluster {
         }
     }
 }
+
+/// With `test_auth_roles`: one role per other login method, matched first.
+const TEST_AUTH_HBA: &str = "\
+host    all          auth_md5       127.0.0.1/32   md5
+host    all          auth_password  127.0.0.1/32   password
+host    all          auth_trust     127.0.0.1/32   trust
+";
 
 /// Host (TCP) access needs a SCRAM password; local lines are inert since
 /// Unix sockets are disabled.

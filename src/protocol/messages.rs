@@ -45,6 +45,7 @@ pub mod sqlstate {
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
     pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
+    pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
 }
 
 /// Severity of an ErrorResponse we generate.

@@ -30,6 +30,7 @@ pub fn cluster() -> &'static LocalCluster {
     CLUSTER.get_or_init(|| {
         LocalCluster::start(ClusterOptions {
             max_connections: 300,
+            test_auth_roles: true,
             ..ClusterOptions::default()
         })
         .unwrap_or_else(|e| panic!("cannot start the test PostgreSQL cluster: {e}"))

@@ -142,6 +142,9 @@ pub struct Session {
     replies: Replies,
     /// Rewritten client bytes on their way to the server (tracked mode).
     sout: BytesMut,
+    /// The client's unnamed statement, kept to prepare it again elsewhere.
+    unnamed: tracked::Unnamed,
+    unnamed_generation: u64,
     /// After pgsluice itself reported an error for a statement name, the
     /// client's messages up to its next Sync are dropped, as PostgreSQL
     /// skips them.
@@ -180,6 +183,8 @@ impl Session {
             replies: Replies::new(),
             sout: BytesMut::new(),
             client_skip: false,
+            unnamed: None,
+            unnamed_generation: 0,
         }
     }
 
@@ -597,7 +602,12 @@ impl Session {
                             server.prepared.clear();
                             self.statements.clear();
                         }
-                        tracked::apply_undo(server, &mut self.statements, &mut self.replies.undone);
+                        tracked::apply_undo(
+                            server,
+                            &mut self.statements,
+                            &mut self.unnamed,
+                            &mut self.replies.undone,
+                        );
                     }
                     if !relay::server_tag_inspected(header.tag) {
                         pos = end;

@@ -16,10 +16,15 @@ use crate::frontend::statements::{
 };
 use crate::protocol::{Segment, sqlstate};
 
+/// The client's unnamed statement: its parse generation and Parse body tail,
+/// kept so it can be prepared again on another server.
+pub(super) type Unnamed = Option<(u64, Bytes)>;
+
 /// Applies and clears the undo records of messages that never took effect.
 pub(super) fn apply_undo(
     server: &mut ServerConn,
     names: &mut ClientStatements,
+    unnamed: &mut Unnamed,
     undone: &mut Vec<Undo>,
 ) {
     for undo in undone.drain(..) {
@@ -38,6 +43,12 @@ pub(super) fn apply_undo(
                 server
                     .prepared
                     .insert(stmt.id, (stmt, server.prepared_tick));
+            }
+            Undo::UnnamedLost(generation) => {
+                if unnamed.as_ref().is_some_and(|(g, _)| *g == generation) {
+                    *unnamed = None;
+                }
+                server.unnamed_owner = None;
             }
         }
     }
@@ -97,7 +108,15 @@ impl Session {
                             self.client_skip = false;
                             self.replies.push_server(Kind::Sync, false, Vec::new());
                         }
-                        b'Q' | b'F' => self.replies.push_server(Kind::Simple, false, Vec::new()),
+                        b'Q' => {
+                            // A simple Query destroys the unnamed statement.
+                            self.unnamed = None;
+                            if let Some(server) = self.server.as_deref_mut() {
+                                server.unnamed_owner = None;
+                            }
+                            self.replies.push_server(Kind::Simple, false, Vec::new());
+                        }
+                        b'F' => self.replies.push_server(Kind::Simple, false, Vec::new()),
                         _ => {}
                     }
                     let n = self.cscan.pass_partial(header, cbuf.len() - pos);
@@ -135,7 +154,12 @@ impl Session {
     /// Writes the rewritten bytes to the server; false if it is gone.
     async fn flush_to_server(&mut self) -> bool {
         if let Some(server) = self.server.as_deref_mut() {
-            apply_undo(server, &mut self.statements, &mut self.replies.undone);
+            apply_undo(
+                server,
+                &mut self.statements,
+                &mut self.unnamed,
+                &mut self.replies.undone,
+            );
             if self.sout.is_empty() {
                 return true;
             }
@@ -151,7 +175,13 @@ impl Session {
             b'B' => {
                 let kind = Kind::Bind;
                 match statements::parse_bind(msg) {
-                    Some((portal, name, rest)) if !name.is_empty() => {
+                    Some((_, b"", _)) => {
+                        if !self.ensure_unnamed() {
+                            return;
+                        }
+                        self.sout.extend_from_slice(msg);
+                    }
+                    Some((portal, name, rest)) => {
                         match self.statements.get(name).cloned() {
                             Some(stmt) => {
                                 self.ensure_prepared(&stmt);
@@ -172,11 +202,13 @@ impl Session {
             }
             b'D' => {
                 match statements::parse_target(msg) {
-                    Some((b'S', name)) if !name.is_empty() => match self
-                        .statements
-                        .get(name)
-                        .cloned()
-                    {
+                    Some((b'S', b"")) => {
+                        if !self.ensure_unnamed() {
+                            return;
+                        }
+                        self.sout.extend_from_slice(msg);
+                    }
+                    Some((b'S', name)) => match self.statements.get(name).cloned() {
                         Some(stmt) => {
                             self.ensure_prepared(&stmt);
                             statements::write_target(&mut self.sout, b'D', b'S', &stmt.server_name);
@@ -216,8 +248,18 @@ impl Session {
             return;
         };
         if name.is_empty() {
+            // The unnamed statement lives on the server until the next
+            // unnamed Parse or simple Query; remember it in case a later
+            // request binds it on another server.
+            self.unnamed_generation += 1;
+            let generation = self.unnamed_generation;
+            self.unnamed = Some((generation, Bytes::copy_from_slice(tail)));
+            if let Some(server) = self.server.as_deref_mut() {
+                server.unnamed_owner = Some((self.pid, generation));
+            }
             self.sout.extend_from_slice(msg);
-            self.replies.push_server(Kind::Parse, false, Vec::new());
+            self.replies
+                .push_server(Kind::Parse, false, vec![Undo::UnnamedLost(generation)]);
             return;
         }
         if self.statements.get(name).is_some() {
@@ -258,6 +300,38 @@ impl Session {
                 false,
                 vec![Undo::ServerForget(stmt.id), forget_name],
             );
+        }
+    }
+
+    /// Makes sure the attached server's unnamed statement is this client's,
+    /// preparing it there (silently) if another client's or none is there.
+    /// False when the client has no unnamed statement: it then gets
+    /// PostgreSQL's 26000 instead of running whatever the server holds.
+    fn ensure_unnamed(&mut self) -> bool {
+        let pid = self.pid;
+        let Some(server) = self.server.as_deref_mut() else {
+            return false;
+        };
+        match &self.unnamed {
+            Some((generation, _)) if server.unnamed_owner == Some((pid, *generation)) => true,
+            Some((generation, tail)) => {
+                statements::write_unnamed_parse(&mut self.sout, tail);
+                server.unnamed_owner = Some((pid, *generation));
+                self.replies
+                    .push_server(Kind::Parse, true, vec![Undo::UnnamedLost(*generation)]);
+                true
+            }
+            None => {
+                self.replies.push_synthetic(
+                    statements::statement_error(
+                        sqlstate::INVALID_SQL_STATEMENT_NAME,
+                        "unnamed prepared statement does not exist",
+                    ),
+                    Vec::new(),
+                );
+                self.client_skip = true;
+                false
+            }
         }
     }
 
