@@ -10,7 +10,8 @@ use crate::config::{Database, User};
 
 #[derive(Default)]
 pub struct Pools {
-    map: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    /// database → user → pool (two levels so a lookup allocates nothing).
+    map: Mutex<HashMap<String, HashMap<String, Arc<Pool>>>>,
     conn_ids: Arc<AtomicU64>,
 }
 
@@ -22,7 +23,7 @@ impl Pools {
     /// The primary's pool for `db` and `user`, created on first use.
     pub fn primary(&self, db: &Database, user: &User) -> Arc<Pool> {
         let mut map = lock(&self.map);
-        if let Some(p) = map.get(&(db.name.clone(), user.name.clone())) {
+        if let Some(p) = map.get(&db.name).and_then(|users| users.get(&user.name)) {
             return p.clone();
         }
         let spec = LoginSpec {
@@ -34,12 +35,17 @@ impl Pools {
         };
         let label = format!("{}/{}@primary", db.name, user.name);
         let pool = Pool::new(label, spec, db.pool.clone(), self.conn_ids.clone());
-        map.insert((db.name.clone(), user.name.clone()), pool.clone());
+        map.entry(db.name.clone())
+            .or_default()
+            .insert(user.name.clone(), pool.clone());
         pool
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
-        lock(&self.map).values().cloned().collect()
+        lock(&self.map)
+            .values()
+            .flat_map(|users| users.values().cloned())
+            .collect()
     }
 
     pub fn close_all(&self) {

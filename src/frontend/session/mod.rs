@@ -199,7 +199,8 @@ impl Session {
         tracing::debug!(?exit, "client session ended");
         self.put_back_server().await;
         self.shared.cancels.unregister(self.pid);
-        let _ = client.shutdown().await;
+        // Dropping the socket closes it (FIN); no separate shutdown call.
+        drop(client);
     }
 
     async fn run_loop(&mut self, client: &mut TcpStream) -> std::io::Result<Exit> {
