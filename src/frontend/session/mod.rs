@@ -610,23 +610,13 @@ impl Session {
                             &mut self.replies.undone,
                         );
                     }
-                    if !relay::server_tag_inspected(header.tag) {
-                        pos = end;
-                        emit_synthetic(
-                            &mut self.replies,
-                            &mut self.out,
-                            client,
-                            &server.buf,
-                            &mut written,
-                            pos,
-                        )
-                        .await?;
-                        continue;
-                    }
-                    match self
-                        .relay
-                        .on_server_message(header.tag, &server.buf[pos..end], now)
-                    {
+                    let event = if relay::server_tag_inspected(header.tag) {
+                        self.relay
+                            .on_server_message(header.tag, &server.buf[pos..end], now)
+                    } else {
+                        ServerEvent::None
+                    };
+                    match event {
                         ServerEvent::Parameter { name, value } => {
                             server.params.set(&name, &value);
                             self.params.observe(&name, &value);
