@@ -180,6 +180,30 @@ pub enum Undo {
     UnnamedLost(u64),
 }
 
+/// At most two undo records (a message never needs more), kept inline so
+/// that tracking a message allocates nothing.
+#[derive(Debug, Default)]
+pub struct Undos(Option<Undo>, Option<Undo>);
+
+impl Undos {
+    pub fn one(u: Undo) -> Self {
+        Self(Some(u), None)
+    }
+
+    pub fn two(a: Undo, b: Undo) -> Self {
+        Self(Some(a), Some(b))
+    }
+}
+
+impl IntoIterator for Undos {
+    type Item = Undo;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<Undo>, std::option::IntoIter<Undo>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter().chain(self.1)
+    }
+}
+
 #[derive(Debug)]
 enum Reply {
     Server {
@@ -188,11 +212,11 @@ enum Reply {
         /// swallowed (an error still reaches the client: it explains the
         /// failure of the client's own message behind it).
         hidden: bool,
-        undo: Vec<Undo>,
+        undo: Undos,
     },
     Synthetic {
         msg: Bytes,
-        undo: Vec<Undo>,
+        undo: Undos,
     },
 }
 
@@ -234,7 +258,7 @@ impl Replies {
     }
 
     /// A message forwarded to the server.
-    pub fn push_server(&mut self, kind: Kind, hidden: bool, undo: Vec<Undo>) {
+    pub fn push_server(&mut self, kind: Kind, hidden: bool, undo: Undos) {
         if self.skipping {
             if kind == Kind::Sync {
                 self.skipping = false;
@@ -248,7 +272,7 @@ impl Replies {
     }
 
     /// A reply pgsluice gives itself, in order.
-    pub fn push_synthetic(&mut self, msg: Bytes, undo: Vec<Undo>) {
+    pub fn push_synthetic(&mut self, msg: Bytes, undo: Undos) {
         if self.skipping {
             self.undone.extend(undo);
             return;
@@ -401,9 +425,9 @@ mod tests {
     #[test]
     fn synthetic_reply_waits_for_earlier_server_replies() {
         let mut r = Replies::new();
-        r.push_server(Kind::Bind, false, vec![]);
-        r.push_synthetic(Bytes::from_static(PARSE_COMPLETE), vec![]);
-        r.push_server(Kind::Sync, false, vec![]);
+        r.push_server(Kind::Bind, false, Undos::default());
+        r.push_synthetic(Bytes::from_static(PARSE_COMPLETE), Undos::default());
+        r.push_server(Kind::Sync, false, Undos::default());
         assert!(
             synthetic_bytes(&mut r).is_empty(),
             "Bind's reply comes first"
@@ -417,8 +441,8 @@ mod tests {
     #[test]
     fn injected_parse_reply_is_swallowed() {
         let mut r = Replies::new();
-        r.push_server(Kind::Parse, true, vec![Undo::ServerForget(7)]);
-        r.push_server(Kind::Bind, false, vec![]);
+        r.push_server(Kind::Parse, true, Undos::one(Undo::ServerForget(7)));
+        r.push_server(Kind::Bind, false, Undos::default());
         assert_eq!(r.on_server(b'1'), Verdict::Swallow);
         assert_eq!(r.on_server(b'2'), Verdict::Forward);
         assert!(r.undone.is_empty());
@@ -427,31 +451,31 @@ mod tests {
     #[test]
     fn error_skips_to_sync_and_undoes() {
         let mut r = Replies::new();
-        r.push_server(Kind::Parse, true, vec![Undo::ServerForget(1)]);
-        r.push_server(Kind::Bind, false, vec![]);
+        r.push_server(Kind::Parse, true, Undos::one(Undo::ServerForget(1)));
+        r.push_server(Kind::Bind, false, Undos::default());
         r.push_synthetic(
             Bytes::from_static(CLOSE_COMPLETE),
-            vec![Undo::ClientForget(b"x".to_vec())],
+            Undos::one(Undo::ClientForget(b"x".to_vec())),
         );
-        r.push_server(Kind::Execute, false, vec![]);
+        r.push_server(Kind::Execute, false, Undos::default());
         // Nothing up to the Sync yet: later messages are skipped as they come.
         assert_eq!(r.on_server(b'E'), Verdict::Forward);
         assert_eq!(r.undone.len(), 2);
-        r.push_server(Kind::Parse, false, vec![Undo::ServerForget(2)]);
+        r.push_server(Kind::Parse, false, Undos::one(Undo::ServerForget(2)));
         assert_eq!(r.undone.len(), 3);
-        r.push_server(Kind::Sync, false, vec![]);
+        r.push_server(Kind::Sync, false, Undos::default());
         assert!(synthetic_bytes(&mut r).is_empty());
         assert_eq!(r.on_server(b'Z'), Verdict::Forward);
         assert!(r.is_empty());
         // After the Sync, business as usual.
-        r.push_synthetic(Bytes::from_static(PARSE_COMPLETE), vec![]);
+        r.push_synthetic(Bytes::from_static(PARSE_COMPLETE), Undos::default());
         assert_eq!(synthetic_bytes(&mut r), PARSE_COMPLETE);
     }
 
     #[test]
     fn simple_query_errors_do_not_skip() {
         let mut r = Replies::new();
-        r.push_server(Kind::Simple, false, vec![]);
+        r.push_server(Kind::Simple, false, Undos::default());
         for tag in [b'T', b'D', b'C', b'E', b'N'] {
             assert_eq!(r.on_server(tag), Verdict::Forward);
         }
@@ -462,12 +486,12 @@ mod tests {
     #[test]
     fn extended_copy_in_drops_the_early_sync() {
         let mut r = Replies::new();
-        r.push_server(Kind::Bind, false, vec![]);
-        r.push_server(Kind::Execute, false, vec![]);
-        r.push_server(Kind::Sync, false, vec![]);
+        r.push_server(Kind::Bind, false, Undos::default());
+        r.push_server(Kind::Execute, false, Undos::default());
+        r.push_server(Kind::Sync, false, Undos::default());
         assert_eq!(r.on_server(b'2'), Verdict::Forward);
         assert_eq!(r.on_server(b'G'), Verdict::Forward);
-        r.push_server(Kind::Sync, false, vec![]);
+        r.push_server(Kind::Sync, false, Undos::default());
         assert_eq!(r.on_server(b'C'), Verdict::Forward);
         assert_eq!(r.on_server(b'Z'), Verdict::Forward);
         assert!(r.is_empty());
@@ -476,7 +500,7 @@ mod tests {
     #[test]
     fn unexpected_reply_is_a_desync() {
         let mut r = Replies::new();
-        r.push_server(Kind::Bind, false, vec![]);
+        r.push_server(Kind::Bind, false, Undos::default());
         assert_eq!(r.on_server(b'1'), Verdict::Desync);
         let mut empty = Replies::new();
         assert_eq!(empty.on_server(b'Z'), Verdict::Desync);

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use super::{Exit, Session, Step};
 use crate::backend::ServerConn;
 use crate::frontend::statements::{
-    self, CLOSE_COMPLETE, ClientStatements, Kind, PARSE_COMPLETE, Statement, Undo,
+    self, CLOSE_COMPLETE, ClientStatements, Kind, PARSE_COMPLETE, Statement, Undo, Undos,
 };
 use crate::protocol::{Segment, sqlstate};
 
@@ -103,10 +103,13 @@ impl Session {
                     let copy_in = self.relay.copy_in();
                     self.relay.on_client_tag(tag, now);
                     match tag {
-                        b'E' => self.replies.push_server(Kind::Execute, false, Vec::new()),
+                        b'E' => self
+                            .replies
+                            .push_server(Kind::Execute, false, Undos::default()),
                         b'S' if !copy_in => {
                             self.client_skip = false;
-                            self.replies.push_server(Kind::Sync, false, Vec::new());
+                            self.replies
+                                .push_server(Kind::Sync, false, Undos::default());
                         }
                         b'Q' => {
                             // A simple Query destroys the unnamed statement.
@@ -114,9 +117,12 @@ impl Session {
                             if let Some(server) = self.server.as_deref_mut() {
                                 server.unnamed_owner = None;
                             }
-                            self.replies.push_server(Kind::Simple, false, Vec::new());
+                            self.replies
+                                .push_server(Kind::Simple, false, Undos::default());
                         }
-                        b'F' => self.replies.push_server(Kind::Simple, false, Vec::new()),
+                        b'F' => self
+                            .replies
+                            .push_server(Kind::Simple, false, Undos::default()),
                         _ => {}
                     }
                     let n = self.cscan.pass_partial(header, cbuf.len() - pos);
@@ -198,7 +204,7 @@ impl Session {
                     }
                     _ => self.sout.extend_from_slice(msg),
                 }
-                self.replies.push_server(kind, false, Vec::new());
+                self.replies.push_server(kind, false, Undos::default());
             }
             b'D' => {
                 match statements::parse_target(msg) {
@@ -217,7 +223,8 @@ impl Session {
                     },
                     _ => self.sout.extend_from_slice(msg),
                 }
-                self.replies.push_server(Kind::Describe, false, Vec::new());
+                self.replies
+                    .push_server(Kind::Describe, false, Undos::default());
             }
             b'C' => match statements::parse_target(msg) {
                 Some((b'S', name)) if !name.is_empty() => {
@@ -226,14 +233,15 @@ impl Session {
                     let undo = self
                         .statements
                         .remove(name)
-                        .map(|stmt| vec![Undo::ClientRestore(name.to_vec(), stmt)])
+                        .map(|stmt| Undos::one(Undo::ClientRestore(name.to_vec(), stmt)))
                         .unwrap_or_default();
                     self.replies
                         .push_synthetic(Bytes::from_static(CLOSE_COMPLETE), undo);
                 }
                 _ => {
                     self.sout.extend_from_slice(msg);
-                    self.replies.push_server(Kind::Close, false, Vec::new());
+                    self.replies
+                        .push_server(Kind::Close, false, Undos::default());
                 }
             },
             _ => self.sout.extend_from_slice(msg),
@@ -244,7 +252,8 @@ impl Session {
         let Some((name, tail)) = statements::parse_parse(msg) else {
             // Malformed: let the server say so.
             self.sout.extend_from_slice(msg);
-            self.replies.push_server(Kind::Parse, false, Vec::new());
+            self.replies
+                .push_server(Kind::Parse, false, Undos::default());
             return;
         };
         if name.is_empty() {
@@ -253,13 +262,21 @@ impl Session {
             // request binds it on another server.
             self.unnamed_generation += 1;
             let generation = self.unnamed_generation;
-            self.unnamed = Some((generation, Bytes::copy_from_slice(tail)));
+            // Drivers reparse the same text again and again: keep the copy.
+            let kept = match self.unnamed.take() {
+                Some((_, old)) if old[..] == *tail => old,
+                _ => Bytes::copy_from_slice(tail),
+            };
+            self.unnamed = Some((generation, kept));
             if let Some(server) = self.server.as_deref_mut() {
                 server.unnamed_owner = Some((self.pid, generation));
             }
             self.sout.extend_from_slice(msg);
-            self.replies
-                .push_server(Kind::Parse, false, vec![Undo::UnnamedLost(generation)]);
+            self.replies.push_server(
+                Kind::Parse,
+                false,
+                Undos::one(Undo::UnnamedLost(generation)),
+            );
             return;
         }
         if self.statements.get(name).is_some() {
@@ -269,7 +286,7 @@ impl Session {
             );
             self.replies.push_synthetic(
                 statements::statement_error(sqlstate::DUPLICATE_PREPARED_STATEMENT, &message),
-                Vec::new(),
+                Undos::default(),
             );
             self.client_skip = true;
             return;
@@ -284,7 +301,7 @@ impl Session {
             server.prepared_tick += 1;
             entry.1 = server.prepared_tick;
             self.replies
-                .push_synthetic(Bytes::from_static(PARSE_COMPLETE), vec![forget_name]);
+                .push_synthetic(Bytes::from_static(PARSE_COMPLETE), Undos::one(forget_name));
         } else {
             self.make_room();
             let Some(server) = self.server.as_deref_mut() else {
@@ -298,7 +315,7 @@ impl Session {
             self.replies.push_server(
                 Kind::Parse,
                 false,
-                vec![Undo::ServerForget(stmt.id), forget_name],
+                Undos::two(Undo::ServerForget(stmt.id), forget_name),
             );
         }
     }
@@ -317,8 +334,11 @@ impl Session {
             Some((generation, tail)) => {
                 statements::write_unnamed_parse(&mut self.sout, tail);
                 server.unnamed_owner = Some((pid, *generation));
-                self.replies
-                    .push_server(Kind::Parse, true, vec![Undo::UnnamedLost(*generation)]);
+                self.replies.push_server(
+                    Kind::Parse,
+                    true,
+                    Undos::one(Undo::UnnamedLost(*generation)),
+                );
                 true
             }
             None => {
@@ -327,7 +347,7 @@ impl Session {
                         sqlstate::INVALID_SQL_STATEMENT_NAME,
                         "unnamed prepared statement does not exist",
                     ),
-                    Vec::new(),
+                    Undos::default(),
                 );
                 self.client_skip = true;
                 false
@@ -355,7 +375,7 @@ impl Session {
             .prepared
             .insert(stmt.id, (stmt.clone(), server.prepared_tick));
         self.replies
-            .push_server(Kind::Parse, true, vec![Undo::ServerForget(stmt.id)]);
+            .push_server(Kind::Parse, true, Undos::one(Undo::ServerForget(stmt.id)));
     }
 
     /// Evicts the least recently used statement from the attached server
@@ -379,7 +399,7 @@ impl Session {
         if let Some((stmt, _)) = server.prepared.remove(&victim) {
             statements::write_target(&mut self.sout, b'C', b'S', &stmt.server_name);
             self.replies
-                .push_server(Kind::Close, true, vec![Undo::ServerRestore(stmt)]);
+                .push_server(Kind::Close, true, Undos::one(Undo::ServerRestore(stmt)));
         }
     }
 }
