@@ -15,7 +15,6 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::ServerAddr;
 use crate::protocol::{self, ErrorFields, TxStatus};
 
 pub use login::LoginSpec;
@@ -275,9 +274,4 @@ pub async fn send_cancel(key: CancelKey, timeout: Duration) -> io::Result<()> {
     })
     .await
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "cancel request timed out"))?
-}
-
-/// Human form of an address for errors and logs.
-pub fn addr_label(addr: &ServerAddr) -> String {
-    addr.to_string()
 }

@@ -119,10 +119,6 @@ impl Pool {
         &self.settings
     }
 
-    pub fn server_database(&self) -> &str {
-        &self.spec.database
-    }
-
     pub fn welcome_params(&self) -> Option<Arc<ServerParams>> {
         lock(&self.welcome).clone()
     }
