@@ -224,13 +224,7 @@ impl Session {
     async fn idle_step(&mut self, client: &mut TcpStream) -> std::io::Result<Step> {
         if self.cbuf.is_empty() {
             if *self.phase.borrow() != Phase::Running {
-                return self
-                    .close_with(
-                        client,
-                        sqlstate::ADMIN_SHUTDOWN,
-                        "pgsluice is shutting down",
-                    )
-                    .await;
+                return self.close_for_shutdown(client).await;
             }
             if self.cbuf.capacity() > IDLE_BUFFER_KEEP {
                 self.cbuf = BytesMut::new();
@@ -368,6 +362,16 @@ impl Session {
         }
     }
 
+    /// Tells the client pgsluice is shutting down (57P01) and ends the session.
+    async fn close_for_shutdown(&mut self, client: &mut TcpStream) -> std::io::Result<Step> {
+        self.close_with(
+            client,
+            sqlstate::ADMIN_SHUTDOWN,
+            "pgsluice is shutting down",
+        )
+        .await
+    }
+
     /// Sends a FATAL error and ends the session.
     async fn close_with(
         &mut self,
@@ -394,13 +398,7 @@ impl Session {
         loop {
             if self.at_release_point() {
                 if *self.phase.borrow() != Phase::Running {
-                    return self
-                        .close_with(
-                            client,
-                            sqlstate::ADMIN_SHUTDOWN,
-                            "pgsluice is shutting down",
-                        )
-                        .await;
+                    return self.close_for_shutdown(client).await;
                 }
                 if self.mode != PoolMode::Session {
                     self.release().await;
