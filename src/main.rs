@@ -171,21 +171,9 @@ fn demo(port: u16, max_connections: u32) -> Result<()> {
     })
     .context("cannot start the demo PostgreSQL cluster")?;
     let opts = cluster.options().clone();
-    let replicas: Vec<String> = cluster
-        .replicas()
-        .iter()
-        .map(|n| format!("\"{}\"", n.addr()))
-        .collect();
-    let toml = format!(
-        "[general]\nlisten_addr = \"127.0.0.1:{port}\"\npool_mode = \"transaction\"\nshutdown_timeout = \"5s\"\n\
-         [databases.{db}]\nprimary = \"{primary}\"\nreplicas = [{replicas}]\n\
-         [users.{user}]\npassword = \"{password}\"\n",
-        db = opts.database,
-        primary = cluster.primary().addr(),
-        replicas = replicas.join(", "),
-        user = opts.app_user,
-        password = opts.app_password,
-    );
+    let toml = cluster.pgsluice_config(&format!(
+        "listen_addr = \"127.0.0.1:{port}\"\npool_mode = \"transaction\"\nshutdown_timeout = \"5s\""
+    ));
     let result = (|| -> Result<()> {
         let config =
             Config::from_toml(&toml, "demo", std::env::vars()).context("demo configuration")?;

@@ -128,6 +128,10 @@ async fn pool_grows_to_max_pool_size_under_pressure() {
     }
 }
 
+/// What a client sees of the parameters pgsluice keeps per client.
+const SETTINGS_QUERY: &str = "SELECT current_setting('application_name'), current_setting('TimeZone'), \
+     current_setting('search_path'), current_setting('extra_float_digits'), pg_backend_pid()";
+
 #[tokio::test]
 async fn session_parameters_do_not_leak_between_clients() {
     let proxy = TestProxy::start("pool_size = 1\nmax_pool_size = 1").await;
@@ -146,28 +150,14 @@ async fn session_parameters_do_not_leak_between_clients() {
         .unwrap()
         .get(0);
     for _ in 0..3 {
-        let row = a
-            .query_one(
-                "SELECT current_setting('application_name'), current_setting('TimeZone'), \
-                 current_setting('search_path'), current_setting('extra_float_digits'), pg_backend_pid()",
-                &[],
-            )
-            .await
-            .unwrap();
+        let row = a.query_one(SETTINGS_QUERY, &[]).await.unwrap();
         assert_eq!(row.get::<_, &str>(0), "alpha");
         assert_eq!(row.get::<_, &str>(1), "Asia/Tokyo");
         // As PostgreSQL keeps a startup value: verbatim.
         assert_eq!(row.get::<_, &str>(2), "pg_catalog,public");
         assert_eq!(row.get::<_, &str>(3), "2");
         let a_pid: i32 = row.get(4);
-        let row = b
-            .query_one(
-                "SELECT current_setting('application_name'), current_setting('TimeZone'), \
-                 current_setting('search_path'), current_setting('extra_float_digits'), pg_backend_pid()",
-                &[],
-            )
-            .await
-            .unwrap();
+        let row = b.query_one(SETTINGS_QUERY, &[]).await.unwrap();
         assert_eq!(row.get::<_, i32>(4), a_pid, "same server for both clients");
         assert_eq!(row.get::<_, &str>(0), "");
         assert_eq!(row.get::<_, &str>(1), default_tz);

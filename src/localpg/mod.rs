@@ -422,6 +422,28 @@ impl LocalCluster {
         &self.ctx.superuser
     }
 
+    /// A pgsluice configuration (TOML) for this cluster: one database with
+    /// the primary and replicas, the application user with its password,
+    /// and `general` as the body of the `[general]` table.
+    pub fn pgsluice_config(&self, general: &str) -> String {
+        let o = &self.options;
+        let replicas: Vec<String> = self
+            .replicas()
+            .iter()
+            .map(|n| format!("\"{}\"", n.addr()))
+            .collect();
+        format!(
+            "[general]\n{general}\n\
+             [databases.{db}]\nprimary = \"{primary}\"\nreplicas = [{replicas}]\n\
+             [users.{user}]\npassword = \"{password}\"\n",
+            db = tools::quote_toml_key(&o.database),
+            primary = self.primary().addr(),
+            replicas = replicas.join(", "),
+            user = tools::quote_toml_key(&o.app_user),
+            password = o.app_password.replace('\\', "\\\\").replace('"', "\\\""),
+        )
+    }
+
     /// The superuser's password (random per cluster).
     pub fn superuser_password(&self) -> &str {
         &self.ctx.password

@@ -61,17 +61,9 @@ impl TestProxy {
         let cluster = tokio::task::spawn_blocking(cluster)
             .await
             .expect("cluster start");
-        let replicas: Vec<String> = cluster
-            .replicas()
-            .iter()
-            .map(|n| format!("\"{}\"", n.addr()))
-            .collect();
         let toml = format!(
-            "[general]\nlisten_addr = \"127.0.0.1:0\"\n{general}\n\
-             [databases.{APP_DB}]\nprimary = \"{}\"\nreplicas = [{}]\n\
-             [users.{APP_USER}]\npassword = \"{APP_PASSWORD}\"\n{extra}",
-            cluster.primary().addr(),
-            replicas.join(", "),
+            "{}{extra}",
+            cluster.pgsluice_config(&format!("listen_addr = \"127.0.0.1:0\"\n{general}"))
         );
         let config = Config::from_toml(&toml, "test", std::iter::empty())
             .unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
