@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod cluster;
 pub mod config;
 pub mod frontend;
 pub mod localpg;

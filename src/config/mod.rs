@@ -3,6 +3,7 @@
 //! interprets a bare number as time.
 
 mod raw;
+mod routing;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use raw::RawPool;
 pub use raw::{RawConfig, apply_env_overlay};
+pub use routing::{DefaultRoute, ReadBalance, Routing};
 
 use crate::protocol::PG_MAX_MESSAGE_LEN;
 
@@ -182,6 +184,9 @@ pub struct Database {
     pub replicas: Vec<ServerAddr>,
     pub pool_mode: PoolMode,
     pub pool: PoolSettings,
+    /// The `[users.NAME]` the replica monitor logs in as (only databases
+    /// with replicas have a monitor).
+    pub monitor_user: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -206,6 +211,7 @@ pub struct Config {
     pub general: General,
     pub databases: BTreeMap<String, Database>,
     pub users: BTreeMap<String, User>,
+    pub routing: Routing,
 }
 
 impl Config {
@@ -334,6 +340,16 @@ impl Config {
                     None => pool_mode,
                 },
                 pool: pool_settings(&format!("databases.{name}"), &db.pool().or(&default_pool))?,
+                monitor_user: db
+                    .monitor_user
+                    .clone()
+                    .or_else(|| raw.routing.monitor_user.clone())
+                    .or_else(|| {
+                        // With a single user there is nothing to choose.
+                        (raw.users.len() == 1)
+                            .then(|| raw.users.keys().next().cloned())
+                            .flatten()
+                    }),
             };
             databases.insert(name.clone(), database);
         }
@@ -360,10 +376,30 @@ impl Config {
                 },
             );
         }
+        for db in databases.values() {
+            if db.replicas.is_empty() {
+                continue;
+            }
+            let key = format!("databases.{}.monitor_user", db.name);
+            let Some(name) = &db.monitor_user else {
+                return Err(invalid(
+                    key,
+                    "missing: a database with replicas needs a user for the replica monitor \
+                     (set routing.monitor_user or databases.NAME.monitor_user)",
+                ));
+            };
+            if !users.contains_key(name) {
+                return Err(invalid(
+                    key,
+                    format!("`{name}` is not a configured [users.NAME] entry"),
+                ));
+            }
+        }
         Ok(Config {
             general,
             databases,
             users,
+            routing: Routing::validate(&raw.routing)?,
         })
     }
 
@@ -403,8 +439,12 @@ impl Config {
             let replicas: Vec<String> = db.replicas.iter().map(|r| format!("\"{r}\"")).collect();
             let _ = writeln!(out, "replicas = [{}]", replicas.join(", "));
             let _ = writeln!(out, "pool_mode = \"{}\"", db.pool_mode.as_str());
+            if let Some(u) = &db.monitor_user {
+                let _ = writeln!(out, "monitor_user = \"{u}\"");
+            }
             render_pool(&mut out, &db.pool);
         }
+        self.routing.render(&mut out);
         for u in self.users.values() {
             let _ = writeln!(out, "\n[users.{}]", toml_key(&u.name));
             if u.password.is_some() {

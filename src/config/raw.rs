@@ -16,6 +16,8 @@ pub struct RawConfig {
     pub databases: BTreeMap<String, RawDatabase>,
     #[serde(default)]
     pub users: BTreeMap<String, RawUser>,
+    #[serde(default)]
+    pub routing: super::routing::RawRouting,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -120,6 +122,8 @@ pub struct RawDatabase {
     pub replicas: Vec<String>,
     pub dbname: Option<String>,
     pub pool_mode: Option<String>,
+    /// Overrides `routing.monitor_user` for this database.
+    pub monitor_user: Option<String>,
     // Pool settings for every pool (see `RawPool`). Listed inline rather
     // than flattened: serde cannot deny unknown fields through `flatten`.
     pub pool_size: Option<u64>,

@@ -31,7 +31,7 @@ use crate::backend::{BackendError, LoginSpec, ServerConn, ServerParams};
 use crate::config::PoolSettings;
 use crate::protocol::sqlstate;
 
-pub use registry::Pools;
+pub use registry::{NodePools, Pools};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PoolError {
@@ -133,9 +133,26 @@ impl Pool {
         }
     }
 
+    /// Forgets the last login failure (the server is known to answer again).
+    pub fn forget_login_failure(&self) {
+        lock(&self.inner).login_failure = None;
+    }
+
     /// Takes a server connection, waiting up to `checkout_timeout`.
     pub async fn checkout(self: &Arc<Self>) -> Result<Pooled, PoolError> {
         let started = Instant::now();
+        self.checkout_by(started, started + self.settings.checkout_timeout)
+            .await
+    }
+
+    /// Takes a server connection for a client that started waiting at
+    /// `started`, giving up at `deadline` (one deadline across every pool a
+    /// client tries).
+    pub async fn checkout_by(
+        self: &Arc<Self>,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<Pooled, PoolError> {
         let (id, mut rx) = {
             let mut g = lock(&self.inner);
             if g.closed {
@@ -159,7 +176,6 @@ impl Pool {
             (id, rx)
         };
 
-        let deadline = started + self.settings.checkout_timeout;
         let reserve = self.settings.max_pool_size > self.settings.pool_size;
         if reserve {
             let reserve_at = (started + self.settings.reserve_pool_timeout).min(deadline);

@@ -1,4 +1,6 @@
-//! The set of pools, created on first use per (database, user).
+//! The set of pools: per database and user, one pool per node (index 0 is
+//! the primary, then the replicas in configuration order), created on first
+//! use.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -8,10 +10,13 @@ use super::{Pool, lock};
 use crate::backend::LoginSpec;
 use crate::config::{Database, User};
 
+/// One user's pools on every node of a database.
+pub type NodePools = Arc<[Arc<Pool>]>;
+
 #[derive(Default)]
 pub struct Pools {
-    /// database → user → pool (two levels so a lookup allocates nothing).
-    map: Mutex<HashMap<String, HashMap<String, Arc<Pool>>>>,
+    /// database → user → pools (two levels so a lookup allocates nothing).
+    map: Mutex<HashMap<String, HashMap<String, NodePools>>>,
     conn_ids: Arc<AtomicU64>,
 }
 
@@ -20,31 +25,58 @@ impl Pools {
         Self::default()
     }
 
-    /// The primary's pool for `db` and `user`, created on first use.
-    pub fn primary(&self, db: &Database, user: &User) -> Arc<Pool> {
+    /// The pools of `user` on every node of `db`, created on first use.
+    pub fn for_user(&self, db: &Database, user: &User) -> NodePools {
         let mut map = lock(&self.map);
         if let Some(p) = map.get(&db.name).and_then(|users| users.get(&user.name)) {
             return p.clone();
         }
-        let spec = LoginSpec {
-            addr: db.primary.clone(),
-            user: user.name.clone(),
-            password: user.password.clone(),
-            database: db.dbname.clone(),
-            connect_timeout: db.pool.server_connect_timeout,
-        };
-        let label = format!("{}/{}@primary", db.name, user.name);
-        let pool = Pool::new(label, spec, db.pool.clone(), self.conn_ids.clone());
+        let pools: NodePools = std::iter::once(&db.primary)
+            .chain(db.replicas.iter())
+            .enumerate()
+            .map(|(i, addr)| {
+                let spec = LoginSpec {
+                    addr: addr.clone(),
+                    user: user.name.clone(),
+                    password: user.password.clone(),
+                    database: db.dbname.clone(),
+                    connect_timeout: db.pool.server_connect_timeout,
+                };
+                let node = if i == 0 {
+                    "primary".to_owned()
+                } else {
+                    format!("replica{i}")
+                };
+                let label = format!("{}/{}@{node}", db.name, user.name);
+                Pool::new(label, spec, db.pool.clone(), self.conn_ids.clone())
+            })
+            .collect();
         map.entry(db.name.clone())
             .or_default()
-            .insert(user.name.clone(), pool.clone());
-        pool
+            .insert(user.name.clone(), pools.clone());
+        pools
+    }
+
+    /// The primary's pool for `db` and `user`.
+    pub fn primary(&self, db: &Database, user: &User) -> Arc<Pool> {
+        self.for_user(db, user)[0].clone()
+    }
+
+    /// Node `index` of `database` answers again: let its pools try logging
+    /// in at once instead of waiting out `server_login_retry`.
+    pub fn node_reachable(&self, database: &str, index: usize) {
+        let map = lock(&self.map);
+        for pools in map.get(database).into_iter().flat_map(|u| u.values()) {
+            if let Some(p) = pools.get(index) {
+                p.forget_login_failure();
+            }
+        }
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
         lock(&self.map)
             .values()
-            .flat_map(|users| users.values().cloned())
+            .flat_map(|users| users.values().flat_map(|p| p.iter().cloned()))
             .collect()
     }
 

@@ -1,0 +1,401 @@
+//! Topology: each database's primary and replicas, and what the monitor
+//! last measured about them.
+//!
+//! The monitor (`monitor.rs`) writes; sessions read. Everything a routing
+//! decision needs is an atomic load or a short lock, computed at decision
+//! time: a paused replica's lag grows in real time between probes, and a
+//! replica whose measurements stopped arriving is out (fail closed).
+
+pub mod history;
+mod monitor;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::{Database, ReadBalance, Routing, ServerAddr};
+use history::WalHistory;
+
+pub use monitor::{MonitorLogin, spawn_monitor};
+
+/// A node's part in its replication group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+/// Why a replica is not serving reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutReason {
+    /// The monitor never measured it.
+    Unknown,
+    /// No successful probe for longer than the staleness limit.
+    Unreachable,
+    /// It is not in recovery: not a replica any more.
+    NotInRecovery,
+    /// Further behind than `max_replica_lag`.
+    Lagging,
+    /// An operator banned it.
+    Banned,
+}
+
+impl OutReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "not yet measured",
+            Self::Unreachable => "unreachable",
+            Self::NotInRecovery => "not in recovery",
+            Self::Lagging => "lag above max_replica_lag",
+            Self::Banned => "banned",
+        }
+    }
+}
+
+/// A replica's state at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    InRotation { lag: Duration, replayed: u64 },
+    Out(OutReason),
+}
+
+pub struct Node {
+    /// 0 is the primary; replicas follow in configuration order.
+    pub index: usize,
+    pub role: Role,
+    pub addr: ServerAddr,
+    /// `primary` or `replicaN` (1-based), as in logs and errors.
+    pub name: String,
+    /// Clients attached to this node right now.
+    outstanding: AtomicUsize,
+    /// Offset from the cluster epoch of the last successful probe + 1 ns
+    /// (0 = never).
+    last_ok: AtomicU64,
+    replayed: AtomicU64,
+    /// Offset + 1 ns of the oldest primary sample not replayed (0 = none).
+    behind_since: AtomicU64,
+    in_recovery: AtomicBool,
+    banned: AtomicBool,
+}
+
+impl Node {
+    fn new(index: usize, addr: ServerAddr) -> Self {
+        Self {
+            index,
+            role: if index == 0 {
+                Role::Primary
+            } else {
+                Role::Replica
+            },
+            addr,
+            name: if index == 0 {
+                "primary".to_owned()
+            } else {
+                format!("replica{index}")
+            },
+            outstanding: AtomicUsize::new(0),
+            last_ok: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            behind_since: AtomicU64::new(0),
+            in_recovery: AtomicBool::new(false),
+            banned: AtomicBool::new(false),
+        }
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    pub fn replayed(&self) -> u64 {
+        self.replayed.load(Ordering::Acquire)
+    }
+
+    pub fn set_banned(&self, banned: bool) {
+        self.banned.store(banned, Ordering::Relaxed);
+    }
+}
+
+/// Counts one client attached to a node while alive.
+pub struct Attached(Arc<Cluster>, usize);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.0.nodes[self.1]
+            .outstanding
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Attached {
+    pub fn node(&self) -> &Node {
+        &self.0.nodes[self.1]
+    }
+}
+
+/// One database's replication group.
+pub struct Cluster {
+    pub database: String,
+    nodes: Vec<Node>,
+    epoch: Instant,
+    history: Mutex<WalHistory>,
+    settings: Routing,
+    /// A measurement older than this is stale.
+    stale_after: Duration,
+    round_robin: AtomicUsize,
+}
+
+fn encode(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX - 1) + 1
+}
+
+fn decode(v: u64) -> Option<Duration> {
+    (v != 0).then(|| Duration::from_nanos(v - 1))
+}
+
+impl Cluster {
+    pub fn new(db: &Database, settings: &Routing) -> Arc<Self> {
+        let nodes = std::iter::once(db.primary.clone())
+            .chain(db.replicas.iter().cloned())
+            .enumerate()
+            .map(|(i, addr)| Node::new(i, addr))
+            .collect();
+        // Keep a minute, or ten lag limits if that is longer: a replica
+        // further behind than the oldest sample is out either way.
+        let retention = Duration::from_secs(60).max(settings.max_replica_lag * 10);
+        Arc::new(Self {
+            database: db.name.clone(),
+            nodes,
+            epoch: Instant::now(),
+            history: Mutex::new(WalHistory::new(retention)),
+            settings: settings.clone(),
+            stale_after: (settings.monitor_interval * 4)
+                .max(Duration::from_millis(250))
+                .max(settings.monitor_timeout),
+            round_robin: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn settings(&self) -> &Routing {
+        &self.settings
+    }
+
+    fn since_epoch(&self, t: Instant) -> Duration {
+        t.saturating_duration_since(self.epoch)
+    }
+
+    fn history(&self) -> std::sync::MutexGuard<'_, WalHistory> {
+        self.history.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The monitor saw the primary at `lsn` with a query sent at `sent`.
+    fn record_primary(&self, sent: Instant, lsn: u64) {
+        self.history().record(self.since_epoch(sent), lsn);
+        self.nodes[0]
+            .last_ok
+            .store(encode(self.since_epoch(Instant::now())), Ordering::Release);
+        self.nodes[0].replayed.store(lsn, Ordering::Release);
+    }
+
+    /// The monitor measured replica `i`.
+    fn record_replica(&self, i: usize, in_recovery: bool, replayed: Option<u64>) {
+        let node = &self.nodes[i];
+        node.in_recovery.store(in_recovery, Ordering::Release);
+        let Some(replayed) = replayed else {
+            // In recovery but nothing replayed yet: unknown position.
+            node.behind_since
+                .store(encode(Duration::ZERO), Ordering::Release);
+            node.last_ok
+                .store(encode(self.since_epoch(Instant::now())), Ordering::Release);
+            return;
+        };
+        let behind = self.history().behind_since(replayed);
+        node.replayed.store(replayed, Ordering::Release);
+        node.behind_since
+            .store(behind.map_or(0, encode), Ordering::Release);
+        node.last_ok
+            .store(encode(self.since_epoch(Instant::now())), Ordering::Release);
+    }
+
+    /// Whether replica `i` may serve reads now, and why not.
+    pub fn availability(&self, i: usize, now: Instant) -> Availability {
+        let node = &self.nodes[i];
+        if node.banned.load(Ordering::Relaxed) {
+            return Availability::Out(OutReason::Banned);
+        }
+        let now = self.since_epoch(now);
+        let Some(last_ok) = decode(node.last_ok.load(Ordering::Acquire)) else {
+            return Availability::Out(OutReason::Unknown);
+        };
+        if now.saturating_sub(last_ok) > self.stale_after {
+            return Availability::Out(OutReason::Unreachable);
+        }
+        if node.role == Role::Replica && !node.in_recovery.load(Ordering::Acquire) {
+            return Availability::Out(OutReason::NotInRecovery);
+        }
+        let lag = decode(node.behind_since.load(Ordering::Acquire))
+            .map_or(Duration::ZERO, |since| now.saturating_sub(since));
+        if lag > self.settings.max_replica_lag {
+            return Availability::Out(OutReason::Lagging);
+        }
+        Availability::InRotation {
+            lag,
+            replayed: node.replayed(),
+        }
+    }
+
+    /// Whether the monitor reached the primary recently.
+    pub fn primary_reachable(&self, now: Instant) -> bool {
+        decode(self.nodes[0].last_ok.load(Ordering::Acquire))
+            .is_some_and(|t| self.since_epoch(now).saturating_sub(t) <= self.stale_after)
+    }
+
+    /// The WAL position a replica must have replayed to show a write
+    /// acknowledged at `write_at`: `None` until the monitor has sampled the
+    /// primary after that moment.
+    pub fn lsn_after(&self, write_at: Instant) -> Option<u64> {
+        self.history().lsn_after(self.since_epoch(write_at))
+    }
+
+    /// A replica for a read: in rotation, at or past `min_lsn`, chosen by
+    /// the configured balance. `None` sends the read to the primary.
+    pub fn pick_replica(&self, min_lsn: Option<u64>, exclude: Option<usize>) -> Option<usize> {
+        let now = Instant::now();
+        let n = self.nodes.len();
+        if n < 2 {
+            return None;
+        }
+        let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<(usize, usize)> = None;
+        for k in 0..n - 1 {
+            let i = 1 + (start + k) % (n - 1);
+            if Some(i) == exclude {
+                continue;
+            }
+            let Availability::InRotation { replayed, .. } = self.availability(i, now) else {
+                continue;
+            };
+            if min_lsn.is_some_and(|m| replayed < m) {
+                continue;
+            }
+            let load = self.nodes[i].outstanding();
+            match self.settings.read_balance {
+                ReadBalance::RoundRobin => return Some(i),
+                ReadBalance::LeastOutstanding => {
+                    if best.is_none_or(|(_, l)| load < l) {
+                        best = Some((i, load));
+                    }
+                }
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    /// Counts a client attached to node `i` until the guard drops.
+    pub fn attach(self: &Arc<Self>, i: usize) -> Attached {
+        self.nodes[i].outstanding.fetch_add(1, Ordering::Relaxed);
+        Attached(self.clone(), i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn cluster(replicas: usize) -> Arc<Cluster> {
+        let reps: Vec<String> = (0..replicas)
+            .map(|i| format!("\"127.0.0.1:{}\"", 6000 + i))
+            .collect();
+        let toml = format!(
+            "[databases.app]\nprimary = \"127.0.0.1:5999\"\nreplicas = [{}]\n\
+             [users.u]\npassword = \"p\"\n",
+            reps.join(",")
+        );
+        let config = Config::from_toml(&toml, "test", []).expect("config");
+        Cluster::new(&config.databases["app"], &config.routing)
+    }
+
+    #[test]
+    fn unmeasured_replicas_are_out() {
+        let c = cluster(2);
+        assert_eq!(
+            c.availability(1, Instant::now()),
+            Availability::Out(OutReason::Unknown)
+        );
+        assert_eq!(c.pick_replica(None, None), None);
+    }
+
+    #[test]
+    fn caught_up_replicas_rotate_and_lagging_ones_leave() {
+        let c = cluster(2);
+        let t0 = Instant::now();
+        c.record_primary(t0, 100);
+        c.record_replica(1, true, Some(100));
+        c.record_replica(2, true, Some(100));
+        assert!(c.pick_replica(None, None).is_some());
+        // The primary moves on; replica 2 stops replaying.
+        c.record_primary(t0, 200);
+        c.record_replica(1, true, Some(200));
+        c.record_replica(2, true, Some(100));
+        let later = Instant::now() + Duration::from_millis(150);
+        assert!(matches!(
+            c.availability(1, later),
+            Availability::InRotation { .. }
+        ));
+        assert_eq!(
+            c.availability(2, later),
+            Availability::Out(OutReason::Lagging)
+        );
+        // Read-your-writes: only replica 1 has replayed 200.
+        for _ in 0..10 {
+            assert_eq!(c.pick_replica(Some(200), None), Some(1));
+        }
+        assert_eq!(c.pick_replica(Some(201), None), None);
+    }
+
+    #[test]
+    fn least_outstanding_prefers_the_idle_replica() {
+        let c = cluster(2);
+        c.record_primary(Instant::now(), 100);
+        c.record_replica(1, true, Some(100));
+        c.record_replica(2, true, Some(100));
+        let _busy = c.attach(1);
+        for _ in 0..10 {
+            assert_eq!(c.pick_replica(None, None), Some(2));
+        }
+        assert_eq!(c.pick_replica(None, Some(2)), Some(1));
+    }
+
+    #[test]
+    fn promoted_or_banned_replicas_are_out() {
+        let c = cluster(1);
+        c.record_primary(Instant::now(), 100);
+        c.record_replica(1, false, Some(100));
+        assert_eq!(
+            c.availability(1, Instant::now()),
+            Availability::Out(OutReason::NotInRecovery)
+        );
+        c.record_replica(1, true, Some(100));
+        c.nodes()[1].set_banned(true);
+        assert_eq!(
+            c.availability(1, Instant::now()),
+            Availability::Out(OutReason::Banned)
+        );
+    }
+
+    #[test]
+    fn stale_measurements_fail_closed() {
+        let c = cluster(1);
+        c.record_primary(Instant::now(), 100);
+        c.record_replica(1, true, Some(100));
+        let much_later = Instant::now() + Duration::from_secs(5);
+        assert_eq!(
+            c.availability(1, much_later),
+            Availability::Out(OutReason::Unreachable)
+        );
+    }
+}
