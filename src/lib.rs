@@ -16,3 +16,4 @@ pub mod localpg;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
+pub mod router;
