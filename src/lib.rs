@@ -3,7 +3,8 @@
 //! The module list is the architecture (see docs/architecture.md):
 //! `protocol` (sans-IO wire codec) → `frontend` (one client session) → `pool`
 //! (server connections per node/database/user) → `backend` (one server
-//! connection). `config` turns TOML + environment into typed settings;
+//! connection). `router` classifies SQL as read or write (pure, no I/O).
+//! `config` turns TOML + environment into typed settings;
 //! `localpg` starts throwaway PostgreSQL clusters for the demo, tests and
 //! benchmarks.
 #![forbid(unsafe_code)]
@@ -17,3 +18,4 @@ pub mod localpg;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
+pub mod router;
