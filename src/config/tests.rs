@@ -47,7 +47,10 @@ fn env_overlay_overrides_and_types() {
     assert_eq!(c.general.pool.pool_size, 7);
     assert_eq!(c.general.pool.checkout_timeout, Duration::from_secs(2));
     assert_eq!(c.databases["app"].primary.host, "db.internal");
-    assert_eq!(c.users["bob"].password.as_deref(), Some("12345"));
+    assert_eq!(
+        c.users["bob"].password,
+        Some(crate::auth::Secret::Plain("12345".into()))
+    );
 }
 
 #[test]
