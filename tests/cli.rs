@@ -50,6 +50,7 @@ fn version_and_check_of_the_example_configs() {
             !text.contains("change-me") && !text.contains("secret"),
             "password printed"
         );
+        assert!(!text.contains("SCRAM-SHA-256$"), "SCRAM secret printed");
     }
 }
 
