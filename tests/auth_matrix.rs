@@ -293,3 +293,51 @@ async fn access_rules_from_a_file() {
         .expect_err("no rule");
     assert_eq!(sqlstate(&e).as_deref(), Some("28000"));
 }
+
+/// libpq (psql with PGPASSWORD) through every method, right and wrong
+/// password, and an unknown user.
+#[tokio::test]
+async fn psql_logs_in_with_each_method() {
+    fn psql(port: u16, user: &str, password: &str) -> (bool, String, String) {
+        let out = std::process::Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", user])
+            .args(["-d", APP_DB, "-XAtc", "SELECT current_user"])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .env_remove("PGSSLMODE")
+            .env_remove("PGSERVICE")
+            .output()
+            .expect("run psql");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+    for method in ["scram-sha-256", "md5", "password"] {
+        let proxy = proxy(method).await;
+        let port = proxy.addr.port();
+        let results = tokio::task::spawn_blocking(move || {
+            [
+                psql(port, "m_scram", PW),
+                psql(port, "auth_password", PW),
+                psql(port, "m_scram", "wrong"),
+                psql(port, "ghost_user", PW),
+            ]
+        })
+        .await
+        .unwrap();
+        let [scram, plain, wrong, ghost] = results;
+        assert!(scram.0 && scram.1 == "m_scram", "{method}: {scram:?}");
+        assert!(plain.0 && plain.1 == "auth_password", "{method}: {plain:?}");
+        for (r, user) in [(wrong, "m_scram"), (ghost, "ghost_user")] {
+            assert!(!r.0, "{method}: {r:?}");
+            assert!(
+                r.2.contains(&format!(
+                    "FATAL:  password authentication failed for user \"{user}\""
+                )),
+                "{method}: {r:?}"
+            );
+        }
+    }
+}
