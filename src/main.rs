@@ -1,7 +1,7 @@
 //! The `pgsluice` command: CLI, logging, signals and the runtime. No pooler
 //! logic lives here.
 
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -47,6 +47,9 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         max_connections: u32,
     },
+    /// Read a password from stdin and print its SCRAM-SHA-256 secret, for
+    /// `users.NAME.password` (or PostgreSQL's `ALTER ROLE … PASSWORD`).
+    HashPassword,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
             port,
             max_connections,
         } => demo(port, max_connections),
+        Command::HashPassword => hash_password(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -98,6 +102,28 @@ fn runtime(config: &Config) -> Result<tokio::runtime::Runtime> {
 fn check(path: &std::path::Path) -> Result<()> {
     let config = Config::load(path).context("invalid configuration")?;
     print!("{}", config.render());
+    Ok(())
+}
+
+/// The password is read from stdin, never from the command line (where
+/// `ps` and shell history would show it). One trailing newline is dropped.
+fn hash_password() -> Result<()> {
+    let mut input = Vec::new();
+    std::io::stdin()
+        .take(64 * 1024)
+        .read_to_end(&mut input)
+        .context("cannot read the password from stdin")?;
+    let password = input
+        .strip_suffix(b"\n")
+        .map(|p| p.strip_suffix(b"\r").unwrap_or(p))
+        .unwrap_or(&input);
+    if password.is_empty() {
+        anyhow::bail!("no password on stdin (e.g. `printf %s \"$PW\" | pgsluice hash-password`)");
+    }
+    if password.contains(&0) {
+        anyhow::bail!("the password contains a NUL byte, which PostgreSQL cannot use");
+    }
+    println!("{}", pgsluice::auth::hash_password(password));
     Ok(())
 }
 

@@ -32,6 +32,8 @@ pub struct Shared {
     /// Prepared statements deduplicated across clients and servers.
     pub statements: StatementRegistry,
     pub phase: watch::Receiver<Phase>,
+    /// Key of the fake SCRAM salts shown for unknown users (per process).
+    pub fake_salt_key: crate::auth::FakeSaltKey,
     clients: AtomicUsize,
     clients_gone: Notify,
 }
@@ -106,6 +108,7 @@ impl Proxy {
             cancels: CancelRegistry::new(),
             statements: StatementRegistry::new(),
             phase,
+            fake_salt_key: crate::auth::FakeSaltKey::random(),
             clients: AtomicUsize::new(0),
             clients_gone: Notify::new(),
         });

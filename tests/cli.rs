@@ -50,6 +50,7 @@ fn version_and_check_of_the_example_configs() {
             !text.contains("change-me") && !text.contains("secret"),
             "password printed"
         );
+        assert!(!text.contains("SCRAM-SHA-256$"), "SCRAM secret printed");
     }
 }
 
@@ -220,4 +221,81 @@ fn run_serves_and_exits_on_sigterm() {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert!(status.success(), "{status}");
+}
+
+/// `hash-password` prints a secret PostgreSQL accepts as a role's password
+/// and pgsluice accepts in its config; logging in through pgsluice with it
+/// also exercises SCRAM pass-through (PostgreSQL holds the same secret).
+#[test]
+fn hash_password_secret_works_in_postgres_and_pgsluice() {
+    use std::io::Write as _;
+    let password = "hash me, 'please' \u{e9}";
+    let mut child = Command::new(BIN)
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(secret.starts_with("SCRAM-SHA-256$4096:"), "{secret}");
+    assert!(!secret.contains(password));
+
+    let empty = Command::new(BIN)
+        .arg("hash-password")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!empty.status.success());
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let su = support::superuser(0).await;
+        su.batch_execute(&format!(
+            "DROP ROLE IF EXISTS hashed_user; CREATE ROLE hashed_user LOGIN PASSWORD '{secret}'"
+        ))
+        .await
+        .unwrap();
+        let primary = support::cluster().primary().addr();
+        let direct = format!(
+            "host=127.0.0.1 port={} user=hashed_user dbname=app password='{}'",
+            primary.port(),
+            password.replace('\'', "\\'")
+        );
+        let (c, conn) = tokio_postgres::connect(&direct, tokio_postgres::NoTls)
+            .await
+            .expect("PostgreSQL accepts the hashed password");
+        tokio::spawn(conn);
+        c.simple_query("SELECT 1").await.unwrap();
+
+        let proxy = support::TestProxy::start_with(
+            "",
+            &format!("[users.hashed_user]\npassword = \"{secret}\"\n"),
+        )
+        .await;
+        let via = format!(
+            "host=127.0.0.1 port={} user=hashed_user dbname=app password='{}'",
+            proxy.addr.port(),
+            password.replace('\'', "\\'")
+        );
+        let (c, conn) = tokio_postgres::connect(&via, tokio_postgres::NoTls)
+            .await
+            .expect("pgsluice accepts the hashed password");
+        tokio::spawn(conn);
+        let row = c
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .expect("pass-through login to PostgreSQL");
+        assert_eq!(row.get::<_, String>(0), "hashed_user");
+    });
 }

@@ -1,5 +1,6 @@
 //! Opening a server connection and logging in as the configured user.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -10,6 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{BackendError, CancelKey, SERVER_BUF, ServerConn, ServerParams};
+use crate::auth::ServerCredential;
+use crate::auth::scram::ScramClient;
 use crate::config::ServerAddr;
 use crate::protocol::ErrorFields;
 
@@ -18,9 +21,58 @@ use crate::protocol::ErrorFields;
 pub struct LoginSpec {
     pub addr: ServerAddr,
     pub user: String,
-    pub password: Option<String>,
+    pub credentials: Credentials,
     pub database: String,
     pub connect_timeout: Duration,
+}
+
+/// What pgsluice can log in to PostgreSQL with, as one user.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// From the config: `server_password`, a plaintext password or an md5
+    /// hash.
+    pub configured: Option<ServerCredential>,
+    /// Learned from the latest client that authenticated as this user (the
+    /// cleartext password, or SCRAM keys for pass-through); shared by every
+    /// clone of the spec.
+    pub learned: Arc<Mutex<Option<ServerCredential>>>,
+}
+
+impl Credentials {
+    pub fn configured(c: Option<ServerCredential>) -> Self {
+        Self {
+            configured: c,
+            learned: Arc::default(),
+        }
+    }
+
+    /// Remembers what a client's login taught us (never replaces a
+    /// configured password).
+    pub fn learn(&self, c: ServerCredential) {
+        if matches!(self.configured, Some(ServerCredential::Password(_))) {
+            return;
+        }
+        *self.learned.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+    }
+
+    /// The configured credential, then the learned one, whichever `usable`
+    /// accepts first.
+    fn pick(&self, usable: impl Fn(&ServerCredential) -> bool) -> Option<ServerCredential> {
+        if let Some(c) = self.configured.as_ref().filter(|c| usable(c)) {
+            return Some(c.clone());
+        }
+        self.learned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|c| usable(c))
+    }
+}
+
+/// A SCRAM exchange with the server, by password or by passed-through keys.
+enum Sasl {
+    Password(ScramSha256),
+    Keys(ScramClient),
 }
 
 pub(super) async fn connect(spec: &LoginSpec, id: u64) -> Result<ServerConn, BackendError> {
@@ -76,7 +128,7 @@ async fn login(spec: &LoginSpec, id: u64) -> Result<ServerConn, BackendError> {
         addr: label.clone(),
         reason: reason.to_owned(),
     };
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<Sasl> = None;
     loop {
         let msg = match Message::parse(&mut conn.buf).map_err(|e| protocol_err(&e.to_string()))? {
             Some(m) => m,
@@ -98,12 +150,21 @@ async fn login(spec: &LoginSpec, id: u64) -> Result<ServerConn, BackendError> {
                 frontend::password_message(pw.as_bytes(), &mut out)?;
             }
             Message::AuthenticationMd5Password(body) => {
-                let pw = password(spec, &label)?;
-                let hash = postgres_protocol::authentication::md5_hash(
-                    spec.user.as_bytes(),
-                    pw.as_bytes(),
-                    body.salt(),
-                );
+                let cred = spec
+                    .credentials
+                    .pick(|c| !matches!(c, ServerCredential::Scram(_)))
+                    .ok_or_else(|| no_password(spec, &label))?;
+                let hash = match cred {
+                    ServerCredential::Password(pw) => postgres_protocol::authentication::md5_hash(
+                        spec.user.as_bytes(),
+                        pw.as_bytes(),
+                        body.salt(),
+                    ),
+                    ServerCredential::Md5Hash(h) => {
+                        crate::auth::secret::md5_salted(&h, body.salt())
+                    }
+                    ServerCredential::Scram(_) => return Err(no_password(spec, &label)),
+                };
                 frontend::password_message(hash.as_bytes(), &mut out)?;
             }
             Message::AuthenticationSasl(body) => {
@@ -121,25 +182,65 @@ async fn login(spec: &LoginSpec, id: u64) -> Result<ServerConn, BackendError> {
                         method: "SASL without SCRAM-SHA-256".into(),
                     });
                 }
-                let pw = password(spec, &label)?;
-                let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out)?;
+                let cred = spec
+                    .credentials
+                    .pick(|c| !matches!(c, ServerCredential::Md5Hash(_)))
+                    .ok_or_else(|| no_password(spec, &label))?;
+                let s = match cred {
+                    ServerCredential::Password(pw) => {
+                        let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                        frontend::sasl_initial_response(
+                            sasl::SCRAM_SHA_256,
+                            s.message(),
+                            &mut out,
+                        )?;
+                        Sasl::Password(s)
+                    }
+                    ServerCredential::Scram(keys) => {
+                        let nonce = crate::auth::Nonces::random().scram_nonce;
+                        let c = ScramClient::new(keys, nonce);
+                        frontend::sasl_initial_response(
+                            sasl::SCRAM_SHA_256,
+                            &c.client_first(),
+                            &mut out,
+                        )?;
+                        Sasl::Keys(c)
+                    }
+                    ServerCredential::Md5Hash(_) => return Err(no_password(spec, &label)),
+                };
                 scram = Some(s);
             }
             Message::AuthenticationSaslContinue(body) => {
-                let s = scram
+                match scram
                     .as_mut()
-                    .ok_or_else(|| protocol_err("SASL continue without SASL start"))?;
-                s.update(body.data())
-                    .map_err(|e| protocol_err(&format!("SCRAM: {e}")))?;
-                frontend::sasl_response(s.message(), &mut out)?;
+                    .ok_or_else(|| protocol_err("SASL continue without SASL start"))?
+                {
+                    Sasl::Password(s) => {
+                        s.update(body.data())
+                            .map_err(|e| protocol_err(&format!("SCRAM: {e}")))?;
+                        frontend::sasl_response(s.message(), &mut out)?;
+                    }
+                    Sasl::Keys(c) => {
+                        let msg = c.on_server_first(body.data()).map_err(|e| {
+                            BackendError::PassThrough {
+                                addr: label.clone(),
+                                user: spec.user.clone(),
+                                reason: e.to_string(),
+                            }
+                        })?;
+                        frontend::sasl_response(&msg, &mut out)?;
+                    }
+                }
             }
             Message::AuthenticationSaslFinal(body) => {
-                let s = scram
+                let r = match scram
                     .as_mut()
-                    .ok_or_else(|| protocol_err("SASL final without SASL start"))?;
-                s.finish(body.data())
-                    .map_err(|e| protocol_err(&format!("SCRAM server signature: {e}")))?;
+                    .ok_or_else(|| protocol_err("SASL final without SASL start"))?
+                {
+                    Sasl::Password(s) => s.finish(body.data()).map_err(|e| e.to_string()),
+                    Sasl::Keys(c) => c.on_server_final(body.data()).map_err(|e| e.to_string()),
+                };
+                r.map_err(|e| protocol_err(&format!("SCRAM server signature: {e}")))?;
             }
             Message::AuthenticationGss
             | Message::AuthenticationKerberosV5
@@ -188,11 +289,19 @@ async fn login(spec: &LoginSpec, id: u64) -> Result<ServerConn, BackendError> {
     }
 }
 
-fn password<'a>(spec: &'a LoginSpec, label: &str) -> Result<&'a str, BackendError> {
-    spec.password
-        .as_deref()
-        .ok_or_else(|| BackendError::NoPassword {
-            addr: label.to_owned(),
-            user: spec.user.clone(),
-        })
+fn password(spec: &LoginSpec, label: &str) -> Result<String, BackendError> {
+    match spec
+        .credentials
+        .pick(|c| matches!(c, ServerCredential::Password(_)))
+    {
+        Some(ServerCredential::Password(pw)) => Ok(pw),
+        _ => Err(no_password(spec, label)),
+    }
+}
+
+fn no_password(spec: &LoginSpec, label: &str) -> BackendError {
+    BackendError::NoPassword {
+        addr: label.to_owned(),
+        user: spec.user.clone(),
+    }
 }

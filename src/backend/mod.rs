@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use crate::protocol::{self, ErrorFields, TxStatus};
 
-pub use login::LoginSpec;
+pub use login::{Credentials, LoginSpec};
 
 /// Initial capacity of a server connection's read buffer.
 const SERVER_BUF: usize = 16 * 1024;
@@ -32,8 +32,16 @@ pub enum BackendError {
     Rejected { addr: String, fields: ErrorFields },
     #[error("server {addr} asked for unsupported authentication: {method}")]
     UnsupportedAuth { addr: String, method: String },
-    #[error("server {addr} asked for a password but none is configured for user {user}")]
+    #[error(
+        "server {addr} asked for a password but none is configured for user {user} that answers its method (a SCRAM secret is passed through only once a client has logged in with it; or set users.{user}.server_password)"
+    )]
     NoPassword { addr: String, user: String },
+    #[error("server {addr}: SCRAM pass-through for user {user} failed: {reason}")]
+    PassThrough {
+        addr: String,
+        user: String,
+        reason: String,
+    },
     #[error("server {addr} broke the protocol: {reason}")]
     Protocol { addr: String, reason: String },
     #[error("server connection lost: {0}")]
@@ -45,7 +53,7 @@ impl BackendError {
     pub fn sqlstate(&self) -> &str {
         match self {
             Self::Rejected { fields, .. } if !fields.code.is_empty() => &fields.code,
-            Self::UnsupportedAuth { .. } | Self::NoPassword { .. } => {
+            Self::UnsupportedAuth { .. } | Self::NoPassword { .. } | Self::PassThrough { .. } => {
                 protocol::sqlstate::INVALID_AUTHORIZATION
             }
             Self::Protocol { .. } => protocol::sqlstate::PROTOCOL_VIOLATION,

@@ -7,13 +7,14 @@ mod routing;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use raw::RawPool;
 pub use raw::{RawConfig, apply_env_overlay};
 pub use routing::{DefaultRoute, ReadBalance, Routing};
 
+use crate::auth::{HbaRule, Method, Secret};
 use crate::protocol::PG_MAX_MESSAGE_LEN;
 
 #[derive(Debug, thiserror::Error)]
@@ -71,32 +72,27 @@ impl PoolMode {
     }
 }
 
-/// How clients prove who they are. SCRAM, md5 and certificates arrive with
-/// the security work; the step is a pluggable state machine (`auth/`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthType {
-    Trust,
-    /// Cleartext password checked against `users.NAME.password`.
-    Password,
-}
-
-impl AuthType {
-    fn parse(s: &str) -> Result<Self, ConfigError> {
-        match s {
-            "trust" => Ok(Self::Trust),
-            "password" | "plain" => Ok(Self::Password),
-            _ => Err(invalid(
-                "general.auth_type",
-                format!("`{s}` is not one of trust, password"),
-            )),
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Trust => "trust",
-            Self::Password => "password",
-        }
+/// `general.auth_type`: the method for every client when no access rules
+/// are configured. `cert` needs TLS and `reject` would refuse everyone, so
+/// neither is a valid default.
+fn parse_auth_type(s: &str) -> Result<Method, ConfigError> {
+    let key = "general.auth_type";
+    match s {
+        "plain" => Ok(Method::Password),
+        "cert" => Err(invalid(
+            key,
+            "`cert` needs TLS client certificates, which pgsluice does not support yet",
+        )),
+        "reject" => Err(invalid(
+            key,
+            "`reject` would refuse every client; use access rules ([[hba]]) to reject some",
+        )),
+        _ => Method::parse(s).ok_or_else(|| {
+            invalid(
+                key,
+                format!("`{s}` is not one of scram-sha-256, md5, password, trust"),
+            )
+        }),
     }
 }
 
@@ -157,7 +153,11 @@ pub struct PoolSettings {
 pub struct General {
     pub listen_addr: std::net::SocketAddr,
     pub pool_mode: PoolMode,
-    pub auth_type: AuthType,
+    /// The method for every client when no access rules are configured.
+    pub auth_type: Method,
+    /// Where the access rules were read from (`None`: `[[hba]]` tables or
+    /// no rules).
+    pub hba_file: Option<PathBuf>,
     pub max_client_conn: usize,
     pub max_packet_size: usize,
     pub client_login_timeout: Duration,
@@ -192,16 +192,23 @@ pub struct Database {
 #[derive(Clone, PartialEq, Eq)]
 pub struct User {
     pub name: String,
-    /// Used to check clients (auth_type = password) and to log in to
-    /// PostgreSQL (trust, cleartext, md5 or SCRAM, as the server asks).
-    pub password: Option<String>,
+    /// Checks clients: a plaintext password (serves every method, and logs
+    /// in to PostgreSQL too), a SCRAM secret or an md5 hash.
+    pub password: Option<Secret>,
+    /// Logs in to PostgreSQL when `password` is a secret and pass-through
+    /// is not possible.
+    pub server_password: Option<String>,
 }
 
 impl std::fmt::Debug for User {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("User")
             .field("name", &self.name)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password", &self.password.as_ref().map(Secret::kind))
+            .field(
+                "server_password",
+                &self.server_password.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -212,6 +219,9 @@ pub struct Config {
     pub databases: BTreeMap<String, Database>,
     pub users: BTreeMap<String, User>,
     pub routing: Routing,
+    /// Access rules, first match wins; empty: every client uses
+    /// `general.auth_type`.
+    pub hba: Vec<HbaRule>,
 }
 
 impl Config {
@@ -222,12 +232,30 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_toml(&text, &path.display().to_string(), std::env::vars())
+        Self::from_toml_at(
+            &text,
+            &path.display().to_string(),
+            path.parent(),
+            std::env::vars(),
+        )
     }
 
+    /// A config from TOML text; a relative `hba_file` is read from the
+    /// current directory.
     pub fn from_toml(
         text: &str,
         origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        Self::from_toml_at(text, origin, None, env)
+    }
+
+    /// As [`Config::from_toml`], with a relative `hba_file` read from `base`
+    /// (the config file's directory).
+    pub fn from_toml_at(
+        text: &str,
+        origin: &str,
+        base: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let parse_err = |message: String| ConfigError::Parse {
@@ -241,10 +269,14 @@ impl Config {
         let raw: RawConfig = table
             .try_into()
             .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
-        Self::validate(raw)
+        Self::validate_at(raw, base)
     }
 
     pub fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
+        Self::validate_at(raw, None)
+    }
+
+    fn validate_at(raw: RawConfig, base: Option<&Path>) -> Result<Self, ConfigError> {
         let g = &raw.general;
         let default_pool = g.pool();
         let pool_mode = PoolMode::parse(
@@ -262,7 +294,11 @@ impl Config {
                 })?
             },
             pool_mode,
-            auth_type: AuthType::parse(g.auth_type.as_deref().unwrap_or("password"))?,
+            auth_type: parse_auth_type(g.auth_type.as_deref().unwrap_or("scram-sha-256"))?,
+            hba_file: g.hba_file.as_ref().map(|f| match base {
+                Some(dir) if Path::new(f).is_relative() => dir.join(f),
+                _ => PathBuf::from(f),
+            }),
             max_client_conn: count("general.max_client_conn", g.max_client_conn, 10_000, 1)?,
             max_packet_size: {
                 let v = count(
@@ -361,18 +397,29 @@ impl Config {
             ));
         }
         let mut users = BTreeMap::new();
+        let hba = hba_rules(&general, &raw.hba)?;
         for (name, u) in &raw.users {
-            if general.auth_type == AuthType::Password && u.password.is_none() {
+            if hba.is_empty() && general.auth_type != Method::Trust && u.password.is_none() {
                 return Err(invalid(
                     format!("users.{name}.password"),
-                    "missing, and general.auth_type = \"password\" needs it",
+                    format!(
+                        "missing, and general.auth_type = \"{}\" needs it",
+                        general.auth_type.as_str()
+                    ),
                 ));
             }
+            let password = u
+                .password
+                .as_deref()
+                .map(Secret::parse)
+                .transpose()
+                .map_err(|e| invalid(format!("users.{name}.password"), e))?;
             users.insert(
                 name.clone(),
                 User {
                     name: name.clone(),
-                    password: u.password.clone(),
+                    password,
+                    server_password: u.server_password.clone(),
                 },
             );
         }
@@ -400,6 +447,7 @@ impl Config {
             databases,
             users,
             routing: Routing::validate(&raw.routing)?,
+            hba,
         })
     }
 
@@ -411,6 +459,13 @@ impl Config {
         let _ = writeln!(out, "listen_addr = \"{}\"", g.listen_addr);
         let _ = writeln!(out, "pool_mode = \"{}\"", g.pool_mode.as_str());
         let _ = writeln!(out, "auth_type = \"{}\"", g.auth_type.as_str());
+        if let Some(f) = &g.hba_file {
+            let _ = writeln!(
+                out,
+                "hba_file = \"{}\"",
+                toml_escape(&f.display().to_string())
+            );
+        }
         let _ = writeln!(out, "max_client_conn = {}", g.max_client_conn);
         let _ = writeln!(out, "max_packet_size = {}", g.max_packet_size);
         let _ = writeln!(
@@ -447,11 +502,96 @@ impl Config {
         self.routing.render(&mut out);
         for u in self.users.values() {
             let _ = writeln!(out, "\n[users.{}]", toml_key(&u.name));
-            if u.password.is_some() {
-                let _ = writeln!(out, "password = \"<redacted>\"");
+            if let Some(p) = &u.password {
+                let _ = writeln!(out, "password = \"<redacted>\"  # {}", p.kind());
+            }
+            if u.server_password.is_some() {
+                let _ = writeln!(out, "server_password = \"<redacted>\"");
+            }
+        }
+        if g.hba_file.is_none() {
+            for r in &self.hba {
+                let (conn, db, user, addr, method) = r.columns();
+                let _ = writeln!(out, "\n[[hba]]");
+                let _ = writeln!(out, "type = \"{}\"", toml_escape(&conn));
+                let _ = writeln!(out, "database = \"{}\"", toml_escape(&db));
+                let _ = writeln!(out, "user = \"{}\"", toml_escape(&user));
+                let _ = writeln!(out, "address = \"{}\"", toml_escape(&addr));
+                let _ = writeln!(out, "method = \"{}\"", toml_escape(&method));
+            }
+        } else {
+            for r in &self.hba {
+                let _ = writeln!(out, "# hba: {r}");
             }
         }
         out
+    }
+}
+
+fn toml_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// Access rules from `general.hba_file` or `[[hba]]` tables (not both).
+fn hba_rules(general: &General, raw: &[raw::RawHba]) -> Result<Vec<HbaRule>, ConfigError> {
+    if let Some(path) = &general.hba_file {
+        if !raw.is_empty() {
+            return Err(invalid(
+                "general.hba_file",
+                "set either general.hba_file or [[hba]] tables, not both",
+            ));
+        }
+        let key = "general.hba_file";
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+        let rules = crate::auth::hba::parse(&text)
+            .map_err(|e| invalid(key, format!("{}: {e}", path.display())))?;
+        if rules.is_empty() {
+            return Err(invalid(
+                key,
+                format!(
+                    "{} has no rules; every client would be refused",
+                    path.display()
+                ),
+            ));
+        }
+        return Ok(rules);
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let method = r.method.as_deref().ok_or_else(|| {
+                invalid(
+                    format!("hba[{i}].method"),
+                    "missing (scram-sha-256, md5, password, trust, cert or reject)",
+                )
+            })?;
+            HbaRule::from_columns(
+                r.conn_type.as_deref().unwrap_or("host"),
+                r.database.as_deref().unwrap_or("all"),
+                r.user.as_deref().unwrap_or("all"),
+                r.address.as_deref().unwrap_or("all"),
+                method,
+            )
+            .map_err(|e| invalid(format!("hba[{i}]"), e))
+        })
+        .collect()
+}
+
+impl Config {
+    /// The users' credential for logging in to PostgreSQL from config
+    /// alone: `server_password`, else a plaintext password, else an md5
+    /// hash (which answers md5 challenges).
+    pub fn server_credential(user: &User) -> Option<crate::auth::ServerCredential> {
+        use crate::auth::ServerCredential as C;
+        if let Some(p) = &user.server_password {
+            return Some(C::Password(p.clone()));
+        }
+        match &user.password {
+            Some(Secret::Plain(p)) => Some(C::Password(p.clone())),
+            Some(Secret::Md5(h)) => Some(C::Md5Hash(h.clone())),
+            Some(Secret::Scram(_)) | None => None,
+        }
     }
 }
 

@@ -18,6 +18,21 @@ pub struct RawConfig {
     pub users: BTreeMap<String, RawUser>,
     #[serde(default)]
     pub routing: super::routing::RawRouting,
+    /// Access rules, first match wins (alternative to `general.hba_file`).
+    #[serde(default)]
+    pub hba: Vec<RawHba>,
+}
+
+/// One `[[hba]]` table: the five columns of a rule line, in the same syntax.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHba {
+    #[serde(rename = "type")]
+    pub conn_type: Option<String>,
+    pub database: Option<String>,
+    pub user: Option<String>,
+    pub address: Option<String>,
+    pub method: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -26,6 +41,7 @@ pub struct RawGeneral {
     pub listen_addr: Option<String>,
     pub pool_mode: Option<String>,
     pub auth_type: Option<String>,
+    pub hba_file: Option<String>,
     pub max_client_conn: Option<u64>,
     pub max_packet_size: Option<u64>,
     pub client_login_timeout: Option<String>,
@@ -142,6 +158,8 @@ pub struct RawDatabase {
 pub struct RawUser {
     #[serde(default, deserialize_with = "string_or_number")]
     pub password: Option<String>,
+    #[serde(default, deserialize_with = "string_or_number")]
+    pub server_password: Option<String>,
 }
 
 /// Passwords set through the environment arrive untyped: `12345` is a

@@ -47,7 +47,10 @@ fn env_overlay_overrides_and_types() {
     assert_eq!(c.general.pool.pool_size, 7);
     assert_eq!(c.general.pool.checkout_timeout, Duration::from_secs(2));
     assert_eq!(c.databases["app"].primary.host, "db.internal");
-    assert_eq!(c.users["bob"].password.as_deref(), Some("12345"));
+    assert_eq!(
+        c.users["bob"].password,
+        Some(crate::auth::Secret::Plain("12345".into()))
+    );
 }
 
 #[test]
@@ -114,4 +117,101 @@ fn render_round_trips_and_redacts() {
     assert!(!text.contains("secret"));
     let again = load(&text.replace("<redacted>", "secret"), &[]).unwrap();
     assert_eq!(again, c);
+}
+
+#[test]
+fn auth_type_values_and_default() {
+    assert_eq!(
+        load(MINIMAL, &[]).unwrap().general.auth_type,
+        Method::ScramSha256
+    );
+    for (v, m) in [
+        ("md5", Method::Md5),
+        ("password", Method::Password),
+        ("plain", Method::Password),
+        ("trust", Method::Trust),
+    ] {
+        let c = load(&format!("[general]\nauth_type = \"{v}\"\n{MINIMAL}"), &[]).unwrap();
+        assert_eq!(c.general.auth_type, m);
+    }
+    for (v, needle) in [("cert", "TLS"), ("reject", "refuse"), ("ldap", "one of")] {
+        let e = load(&format!("[general]\nauth_type = \"{v}\"\n{MINIMAL}"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("general.auth_type") && e.contains(needle), "{e}");
+    }
+}
+
+#[test]
+fn secrets_are_parsed_and_never_echoed() {
+    let secret = crate::auth::hash_password(b"pw");
+    let c = load(
+        &format!(
+            "[databases.app]\nprimary = \"h:1\"\n[users.a]\npassword = \"{secret}\"\nserver_password = \"sp\"\n[users.b]\npassword = \"md5{}\"\n",
+            "0123456789abcdef0123456789abcdef"
+        ),
+        &[],
+    )
+    .unwrap();
+    assert!(matches!(c.users["a"].password, Some(Secret::Scram(_))));
+    assert!(matches!(c.users["b"].password, Some(Secret::Md5(_))));
+    let shown = format!("{c:?}{}", c.render());
+    assert!(
+        !shown.contains(&secret)
+            && !shown.contains("\"sp\"")
+            && !shown.contains("0123456789abcdef")
+    );
+    let broken = "SCRAM-SHA-256$4096:c2FsdA==$bm90LWEta2V5:bm90LWEta2V5";
+    let e = load(
+        &format!("[databases.app]\nprimary = \"h:1\"\n[users.a]\npassword = \"{broken}\"\n"),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("users.a.password") && !e.contains("bm90"), "{e}");
+}
+
+#[test]
+fn hba_tables_file_and_conflicts() {
+    let rules = "[[hba]]\nuser = \"a,b\"\naddress = \"10.0.0.0/8\"\nmethod = \"md5\"\n[[hba]]\nmethod = \"reject\"\n";
+    let c = load(&format!("{MINIMAL}{rules}"), &[]).unwrap();
+    assert_eq!(c.hba.len(), 2);
+    // render → load keeps the rules.
+    let again = load(&c.render().replace("<redacted>", "secret"), &[]).unwrap();
+    assert_eq!(again, c);
+    let e = load(&format!("{MINIMAL}[[hba]]\nmethod = \"ident\"\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("hba[0]") && e.contains("ident"), "{e}");
+    let e = load(&format!("{MINIMAL}[[hba]]\nuser = \"x\"\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("hba[0].method"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("hba.conf"),
+        "host all all all trust\nhost x\n",
+    )
+    .unwrap();
+    let text = format!("[general]\nhba_file = \"hba.conf\"\n{MINIMAL}");
+    let e = Config::from_toml_at(&text, "t", Some(dir.path()), std::iter::empty())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("general.hba_file") && e.contains("line 2"),
+        "{e}"
+    );
+    std::fs::write(dir.path().join("hba.conf"), "host all all all trust\n").unwrap();
+    let c = Config::from_toml_at(&text, "t", Some(dir.path()), std::iter::empty()).unwrap();
+    assert_eq!(c.hba.len(), 1);
+    let e = Config::from_toml_at(
+        &format!("{text}{rules}"),
+        "t",
+        Some(dir.path()),
+        std::iter::empty(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not both"), "{e}");
 }

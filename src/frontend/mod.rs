@@ -20,8 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::auth::{AuthStep, ClientAuth};
-use crate::config::AuthType;
+use crate::auth::hba::{self, Connection};
+use crate::auth::{AuthStep, ClientAuth, Method, Nonces, ServerCredential};
 use crate::protocol::{self, ProtocolError, Severity, StartupPacket, sqlstate};
 use crate::proxy::{ClientPermit, Shared};
 
@@ -60,7 +60,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, per
     async move {
         let mut stream = stream;
         let deadline = tokio::time::Instant::now() + shared.config.general.client_login_timeout;
-        let login = tokio::time::timeout_at(deadline, login(&mut stream, &shared, &permit)).await;
+        let login =
+            tokio::time::timeout_at(deadline, login(&mut stream, peer, &shared, &permit)).await;
         let session = match login {
             Ok(Ok(Some(session))) => session,
             Ok(Ok(None)) => return,
@@ -114,6 +115,7 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Log
 /// request (served and done).
 async fn login(
     stream: &mut TcpStream,
+    peer: SocketAddr,
     shared: &Arc<Shared>,
     permit: &ClientPermit,
 ) -> Result<Option<session::Session>, LoginError> {
@@ -176,9 +178,10 @@ async fn login(
         ));
     }
     let user_name = params.get("user").unwrap_or_default().to_owned();
-    authenticate(stream, &mut buf, shared, &user_name).await?;
-
     let db_name = params.get("database").unwrap_or(&user_name).to_owned();
+    let method = access_method(shared, peer, &db_name, &user_name)?;
+    let learned = authenticate(stream, &mut buf, shared, method, &user_name).await?;
+
     let config = &shared.config;
     let Some(db) = config.databases.get(&db_name) else {
         return Err(refused(
@@ -193,6 +196,9 @@ async fn login(
         )
     })?;
     let pool = shared.pools.primary(db, user);
+    if let Some(c) = learned {
+        pool.learn_credential(c);
+    }
     let defaults = match pool.welcome_params() {
         Some(p) => p,
         None => {
@@ -233,24 +239,60 @@ async fn login(
     )))
 }
 
+/// The method this connection must authenticate with: the first matching
+/// access rule, or `general.auth_type` when there are no rules.
+fn access_method(
+    shared: &Shared,
+    peer: SocketAddr,
+    database: &str,
+    user: &str,
+) -> Result<Method, LoginError> {
+    let config = &shared.config;
+    if config.hba.is_empty() {
+        return Ok(config.general.auth_type);
+    }
+    let host = peer.ip().to_canonical();
+    let conn = Connection {
+        tls: false,
+        database,
+        user,
+        addr: host,
+    };
+    match hba::first_match(&config.hba, &conn).map(|r| r.method) {
+        Some(Method::Reject) => Err(refused(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!(
+                "pgsluice access rule rejects connection for host \"{host}\", user \"{user}\", database \"{database}\""
+            ),
+        )),
+        Some(m) => Ok(m),
+        None => Err(refused(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!(
+                "no pgsluice access rule for host \"{host}\", user \"{user}\", database \"{database}\""
+            ),
+        )),
+    }
+}
+
+/// Runs the client's authentication exchange; returns what it taught us
+/// for logging in to PostgreSQL as this user.
 async fn authenticate(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     shared: &Shared,
+    method: Method,
     user_name: &str,
-) -> Result<(), LoginError> {
+) -> Result<Option<ServerCredential>, LoginError> {
     let user = shared.config.users.get(user_name);
-    let mut auth = match shared.config.general.auth_type {
-        AuthType::Trust => ClientAuth::Trust {
-            user: user_name.to_owned(),
-            known: user.is_some(),
-        },
-        AuthType::Password => ClientAuth::Cleartext {
-            user: user_name.to_owned(),
-            expected: user.and_then(|u| u.password.clone()),
-            asked: false,
-        },
-    };
+    let mut auth = ClientAuth::new(
+        method,
+        user_name,
+        user.is_some(),
+        user.and_then(|u| u.password.as_ref()),
+        &shared.fake_salt_key,
+        Nonces::random(),
+    );
     let mut out = BytesMut::new();
     let mut step = auth.start(&mut out);
     loop {
@@ -259,7 +301,10 @@ async fn authenticate(
             out.clear();
         }
         match step {
-            AuthStep::Done => return Ok(()),
+            AuthStep::Done => {
+                tracing::debug!(method = method.as_str(), "client authenticated");
+                return Ok(auth.learned().cloned());
+            }
             AuthStep::Failed(f) => return Err(refused(f.code, f.message)),
             AuthStep::Continue => {}
         }

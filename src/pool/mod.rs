@@ -115,6 +115,17 @@ impl Pool {
         &self.label
     }
 
+    /// Remembers a credential a client's login taught us (its cleartext
+    /// password or SCRAM keys for pass-through), and forgets a cached
+    /// login failure so the next checkout tries it.
+    pub fn learn_credential(&self, c: crate::auth::ServerCredential) {
+        self.spec.credentials.learn(c);
+        let mut g = lock(&self.inner);
+        if matches!(g.login_failure, Some((_, BackendError::NoPassword { .. }))) {
+            g.login_failure = None;
+        }
+    }
+
     pub fn settings(&self) -> &PoolSettings {
         &self.settings
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use super::{Pool, lock};
-use crate::backend::LoginSpec;
+use crate::backend::{Credentials, LoginSpec};
 use crate::config::{Database, User};
 
 /// One user's pools on every node of a database.
@@ -38,7 +38,9 @@ impl Pools {
                 let spec = LoginSpec {
                     addr: addr.clone(),
                     user: user.name.clone(),
-                    password: user.password.clone(),
+                    credentials: Credentials::configured(
+                        crate::config::Config::server_credential(user),
+                    ),
                     database: db.dbname.clone(),
                     connect_timeout: db.pool.server_connect_timeout,
                 };

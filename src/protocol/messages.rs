@@ -123,6 +123,54 @@ pub fn authentication_cleartext_password(buf: &mut BytesMut) {
     tagged(buf, b'R', |b| b.put_i32(3));
 }
 
+/// AuthenticationMD5Password with its 4-byte salt.
+pub fn authentication_md5_password(buf: &mut BytesMut, salt: [u8; 4]) {
+    tagged(buf, b'R', |b| {
+        b.put_i32(5);
+        b.put_slice(&salt);
+    });
+}
+
+/// AuthenticationSASL offering exactly these mechanisms.
+pub fn authentication_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
+    tagged(buf, b'R', |b| {
+        b.put_i32(10);
+        for m in mechanisms {
+            put_cstr(b, m);
+        }
+        b.put_u8(0);
+    });
+}
+
+/// AuthenticationSASLContinue carrying a server-first message.
+pub fn authentication_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
+    tagged(buf, b'R', |b| {
+        b.put_i32(11);
+        b.put_slice(data);
+    });
+}
+
+/// AuthenticationSASLFinal carrying a server-final message.
+pub fn authentication_sasl_final(buf: &mut BytesMut, data: &[u8]) {
+    tagged(buf, b'R', |b| {
+        b.put_i32(12);
+        b.put_slice(data);
+    });
+}
+
+/// SASLInitialResponse body ('p' during SASL): mechanism and initial data
+/// (`None` when the client sent length -1).
+pub fn parse_sasl_initial_response(msg: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    let (mechanism, rest) = split_cstr(body(msg))?;
+    let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+    let data = &rest[4..];
+    match len {
+        -1 if data.is_empty() => Some((mechanism, None)),
+        n if n >= 0 && n as usize == data.len() => Some((mechanism, Some(data))),
+        _ => None,
+    }
+}
+
 pub fn negotiate_protocol_version(buf: &mut BytesMut, newest_minor: i32, options: &[String]) {
     tagged(buf, b'v', |b| {
         b.put_i32(newest_minor);

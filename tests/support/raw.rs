@@ -123,22 +123,59 @@ impl Raw {
         }
     }
 
-    /// Full cleartext login as app/app; returns once ReadyForQuery arrives.
+    /// Full login as app/app (cleartext, md5 or SCRAM, whatever pgsluice
+    /// asks for); returns once ReadyForQuery arrives.
     pub async fn login(addr: SocketAddr) -> Raw {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        use postgres_protocol::message::frontend;
         let mut raw = Raw::connect(addr).await;
         raw.send(&startup_packet(
             0,
             &[("user", super::APP_USER), ("database", super::APP_DB)],
         ))
         .await;
-        let auth = raw
-            .recv(Duration::from_secs(10))
-            .await
-            .expect("auth request");
-        assert_eq!(auth.tag, b'R', "expected an authentication request");
-        let mut pw = super::APP_PASSWORD.as_bytes().to_vec();
-        pw.push(0);
-        raw.send(&message(b'p', &pw)).await;
+        let password = super::APP_PASSWORD.as_bytes();
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let m = raw
+                .recv(Duration::from_secs(10))
+                .await
+                .expect("authentication request");
+            assert_eq!(m.tag, b'R', "expected an authentication request: {m:?}");
+            let code = i32::from_be_bytes(m.body[..4].try_into().expect("auth code"));
+            let data = &m.body[4..];
+            let mut out = bytes::BytesMut::new();
+            match code {
+                0 => break,
+                3 => frontend::password_message(password, &mut out).unwrap(),
+                5 => {
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        super::APP_USER.as_bytes(),
+                        password,
+                        data.try_into().expect("md5 salt"),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut out).unwrap();
+                }
+                10 => {
+                    let s = ScramSha256::new(password, ChannelBinding::unsupported());
+                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                        .unwrap();
+                    scram = Some(s);
+                }
+                11 => {
+                    let s = scram.as_mut().expect("SASL started");
+                    s.update(data).expect("SCRAM server-first");
+                    frontend::sasl_response(s.message(), &mut out).unwrap();
+                }
+                12 => {
+                    let s = scram.as_mut().expect("SASL started");
+                    s.finish(data).expect("SCRAM server signature");
+                    continue;
+                }
+                other => panic!("unexpected authentication request {other}"),
+            }
+            raw.send(&out).await;
+        }
         raw.recv_until(b'Z', Duration::from_secs(10))
             .await
             .expect("ReadyForQuery after login");
