@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
+use crate::cluster::{Cluster, MonitorLogin, spawn_monitor};
 use crate::config::Config;
 use crate::frontend::{self, CancelRegistry, StatementRegistry};
 use crate::pool::Pools;
@@ -28,6 +29,8 @@ pub enum Phase {
 pub struct Shared {
     pub config: Arc<Config>,
     pub pools: Pools,
+    /// Databases with replicas, by name: topology and monitor state.
+    pub clusters: std::collections::BTreeMap<String, Arc<Cluster>>,
     pub cancels: CancelRegistry,
     /// Prepared statements deduplicated across clients and servers.
     pub statements: StatementRegistry,
@@ -102,9 +105,16 @@ impl Proxy {
     pub async fn bind(config: Config) -> std::io::Result<Self> {
         let listener = TcpListener::bind(config.general.listen_addr).await?;
         let (phase_tx, phase) = watch::channel(Phase::Running);
+        let clusters = config
+            .databases
+            .values()
+            .filter(|db| !db.replicas.is_empty())
+            .map(|db| (db.name.clone(), Cluster::new(db, &config.routing)))
+            .collect();
         let shared = Arc::new(Shared {
             config: Arc::new(config),
             pools: Pools::new(),
+            clusters,
             cancels: CancelRegistry::new(),
             statements: StatementRegistry::new(),
             phase,
@@ -112,6 +122,7 @@ impl Proxy {
             clients: AtomicUsize::new(0),
             clients_gone: Notify::new(),
         });
+        start_monitors(&shared);
         Ok(Self {
             listener,
             shared,
@@ -177,6 +188,41 @@ impl Proxy {
         }
         shared.pools.close_all();
         tracing::info!("shutdown complete");
+    }
+}
+
+/// One monitor per database with replicas. A node that answers again
+/// clears its pools' remembered login failure, so clients need not wait out
+/// `server_login_retry` (writes resume as soon as a primary is back).
+fn start_monitors(shared: &Arc<Shared>) {
+    for (name, cluster) in &shared.clusters {
+        let Some(db) = shared.config.databases.get(name) else {
+            continue;
+        };
+        let Some(user) = db
+            .monitor_user
+            .as_ref()
+            .and_then(|u| shared.config.users.get(u))
+        else {
+            continue;
+        };
+        let login = MonitorLogin {
+            user: user.name.clone(),
+            password: crate::config::Config::monitor_password(user),
+            dbname: db.dbname.clone(),
+            connect_timeout: shared.config.routing.monitor_timeout,
+        };
+        let weak = Arc::downgrade(shared);
+        let database = name.clone();
+        spawn_monitor(
+            cluster,
+            login,
+            Arc::new(move |node| {
+                if let Some(shared) = weak.upgrade() {
+                    shared.pools.node_reachable(&database, node);
+                }
+            }),
+        );
     }
 }
 

@@ -143,11 +143,30 @@ fn demo_prints_endpoints_serves_and_cleans_up() {
             .expect("connect via demo");
         tokio::spawn(conn);
         let row = c
-            .query_one("SELECT pg_is_in_recovery(), inet_server_port()", &[])
+            .query_one(
+                "/* pgsluice: primary */ SELECT pg_is_in_recovery(), inet_server_port()",
+                &[],
+            )
             .await
             .unwrap();
         assert!(!row.get::<_, bool>(0));
         assert_eq!(row.get::<_, i32>(1), i32::from(primary_port));
+        // The demo routes reads: once the monitor has measured the
+        // replicas, a plain read lands on one of them.
+        let replica_ports: Vec<i32> = replicas.iter().map(|p| p.parse().unwrap()).collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let row = c
+                .query_one("SELECT pg_is_in_recovery(), inet_server_port()", &[])
+                .await
+                .unwrap();
+            if row.get::<_, bool>(0) {
+                assert!(replica_ports.contains(&row.get::<_, i32>(1)));
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no read reached a replica");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         // Ready for pgbench -i: the app user can create tables.
         c.batch_execute("CREATE TABLE demo_probe (v int); DROP TABLE demo_probe")
             .await

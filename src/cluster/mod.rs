@@ -13,7 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+
 use crate::config::{Database, ReadBalance, Routing, ServerAddr};
+use crate::router::{Class, ClassCache, FunctionCatalog};
 use history::WalHistory;
 
 pub use monitor::{MonitorLogin, spawn_monitor};
@@ -75,6 +78,8 @@ pub struct Node {
     /// Offset + 1 ns of the oldest primary sample not replayed (0 = none).
     behind_since: AtomicU64,
     in_recovery: AtomicBool,
+    /// The last probe failed: out at once, without waiting for staleness.
+    failing: AtomicBool,
     banned: AtomicBool,
 }
 
@@ -98,6 +103,7 @@ impl Node {
             replayed: AtomicU64::new(0),
             behind_since: AtomicU64::new(0),
             in_recovery: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
             banned: AtomicBool::new(false),
         }
     }
@@ -142,7 +148,16 @@ pub struct Cluster {
     /// A measurement older than this is stale.
     stale_after: Duration,
     round_robin: AtomicUsize,
+    /// Functions that must run on the primary: built-in knowledge until the
+    /// monitor has read `pg_proc`.
+    functions: ArcSwap<FunctionCatalog>,
+    classes: ClassCache,
+    /// Reads sent again elsewhere after a replica failed them.
+    retries: AtomicU64,
 }
+
+/// Statement texts whose classification is remembered, per database.
+const CLASS_CACHE_CAPACITY: usize = 10_000;
 
 fn encode(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX - 1) + 1
@@ -172,7 +187,29 @@ impl Cluster {
                 .max(Duration::from_millis(250))
                 .max(settings.monitor_timeout),
             round_robin: AtomicUsize::new(0),
+            functions: ArcSwap::from_pointee(FunctionCatalog::builtin()),
+            classes: ClassCache::new(CLASS_CACHE_CAPACITY),
+            retries: AtomicU64::new(0),
         })
+    }
+
+    /// Classifies one statement string (cached by text).
+    pub fn classify(&self, sql: &[u8]) -> Class {
+        let sql = String::from_utf8_lossy(sql);
+        self.classes.classify(&sql, &self.functions.load())
+    }
+
+    /// Replaces the function catalog (read from `pg_proc`).
+    fn set_functions(&self, catalog: FunctionCatalog) {
+        self.functions.store(Arc::new(catalog));
+    }
+
+    pub fn count_retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 
     pub fn nodes(&self) -> &[Node] {
@@ -189,6 +226,11 @@ impl Cluster {
 
     fn history(&self) -> std::sync::MutexGuard<'_, WalHistory> {
         self.history.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The monitor's probe of node `i` failed (or succeeded again).
+    fn record_failing(&self, i: usize, failing: bool) {
+        self.nodes[i].failing.store(failing, Ordering::Release);
     }
 
     /// The monitor saw the primary at `lsn` with a query sent at `sent`.
@@ -230,7 +272,7 @@ impl Cluster {
         let Some(last_ok) = decode(node.last_ok.load(Ordering::Acquire)) else {
             return Availability::Out(OutReason::Unknown);
         };
-        if now.saturating_sub(last_ok) > self.stale_after {
+        if now.saturating_sub(last_ok) > self.stale_after || node.failing.load(Ordering::Acquire) {
             return Availability::Out(OutReason::Unreachable);
         }
         if node.role == Role::Replica && !node.in_recovery.load(Ordering::Acquire) {
@@ -249,8 +291,9 @@ impl Cluster {
 
     /// Whether the monitor reached the primary recently.
     pub fn primary_reachable(&self, now: Instant) -> bool {
-        decode(self.nodes[0].last_ok.load(Ordering::Acquire))
-            .is_some_and(|t| self.since_epoch(now).saturating_sub(t) <= self.stale_after)
+        !self.nodes[0].failing.load(Ordering::Acquire)
+            && decode(self.nodes[0].last_ok.load(Ordering::Acquire))
+                .is_some_and(|t| self.since_epoch(now).saturating_sub(t) <= self.stale_after)
     }
 
     /// The WAL position a replica must have replayed to show a write

@@ -15,6 +15,12 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use super::history::parse_lsn;
 use super::{Availability, Cluster, Role};
+use crate::router::FunctionCatalog;
+
+/// Function names whose every overload is immutable or stable: calls of
+/// anything else (volatile, or created later) go to the primary.
+const FUNCTIONS_SQL: &str = "SELECT lower(proname::text) FROM pg_catalog.pg_proc \
+     GROUP BY 1 HAVING bool_and(provolatile <> 'v')";
 
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
@@ -101,6 +107,21 @@ async fn probe(
     })
 }
 
+/// Reads the names of the read-only functions on the primary.
+async fn read_only_functions(client: &Client) -> Result<Vec<String>, String> {
+    let messages = client
+        .simple_query(FUNCTIONS_SQL)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Coarse state for transition logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Seen {
@@ -123,6 +144,7 @@ async fn watch_node(
     let mut failures: u32 = 0;
     let mut next_attempt = Instant::now();
     let mut last_error = String::new();
+    let mut functions_due = Instant::now();
     loop {
         let now = Instant::now();
         let wake = if next_attempt > now {
@@ -145,6 +167,7 @@ async fn watch_node(
             match result {
                 Ok(sample) => {
                     if failures > 0 {
+                        cluster.record_failing(index, false);
                         on_reachable(index);
                     }
                     failures = 0;
@@ -156,6 +179,11 @@ async fn watch_node(
                             if let Some(lsn) = sample.lsn {
                                 cluster.record_primary(sample.sent, lsn);
                             }
+                            if Instant::now() >= functions_due {
+                                refresh_functions(&cluster, client.as_ref(), timeout).await;
+                                functions_due =
+                                    Instant::now() + cluster.settings.function_refresh_interval;
+                            }
                         }
                         Role::Replica => {
                             cluster.record_replica(index, sample.in_recovery, sample.lsn)
@@ -163,6 +191,7 @@ async fn watch_node(
                     }
                 }
                 Err(e) => {
+                    cluster.record_failing(index, true);
                     client = None;
                     failures = failures.saturating_add(1);
                     let backoff = interval
@@ -186,6 +215,29 @@ async fn watch_node(
             }
         }
         tokio::time::sleep_until(wake.into()).await;
+    }
+}
+
+async fn refresh_functions(cluster: &Cluster, client: Option<&Client>, timeout: Duration) {
+    let Some(client) = client else {
+        return;
+    };
+    match tokio::time::timeout(timeout * 5, read_only_functions(client)).await {
+        Ok(Ok(names)) => {
+            let mut allow: Vec<String> = FunctionCatalog::DEFAULT_ALLOW
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect();
+            allow.extend(cluster.settings.read_only_functions.iter().cloned());
+            tracing::debug!(database = %cluster.database, read_only = names.len(), "function catalog loaded");
+            cluster.set_functions(FunctionCatalog::from_read_only(names, &allow));
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(database = %cluster.database, error = %e, "cannot read the function list from pg_proc; keeping the previous list")
+        }
+        Err(_) => {
+            tracing::warn!(database = %cluster.database, "reading the function list from pg_proc timed out; keeping the previous list")
+        }
     }
 }
 

@@ -435,10 +435,19 @@ impl Config {
                      (set routing.monitor_user or databases.NAME.monitor_user)",
                 ));
             };
-            if !users.contains_key(name) {
+            let Some(user) = users.get(name) else {
                 return Err(invalid(
                     key,
                     format!("`{name}` is not a configured [users.NAME] entry"),
+                ));
+            };
+            if user.password.is_some() && Self::monitor_password(user).is_none() {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "user `{name}` has only a password secret; the replica monitor logs in \
+                         by itself and needs users.{name}.server_password (or a plaintext password)"
+                    ),
                 ));
             }
         }
@@ -582,6 +591,15 @@ impl Config {
     /// The users' credential for logging in to PostgreSQL from config
     /// alone: `server_password`, else a plaintext password, else an md5
     /// hash (which answers md5 challenges).
+    /// The password the replica monitor logs in with: `server_password`,
+    /// or a plaintext `password` (a secret cannot log in by itself).
+    pub fn monitor_password(user: &User) -> Option<String> {
+        match (&user.server_password, &user.password) {
+            (Some(p), _) | (None, Some(Secret::Plain(p))) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
     pub fn server_credential(user: &User) -> Option<crate::auth::ServerCredential> {
         use crate::auth::ServerCredential as C;
         if let Some(p) = &user.server_password {

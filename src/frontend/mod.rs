@@ -22,6 +22,8 @@ use tracing::Instrument;
 
 use crate::auth::hba::{self, Connection};
 use crate::auth::{AuthStep, ClientAuth, Method, Nonces, ServerCredential};
+use crate::backend::ServerParams;
+use crate::pool::NodePools;
 use crate::protocol::{self, ProtocolError, Severity, StartupPacket, sqlstate};
 use crate::proxy::{ClientPermit, Shared};
 
@@ -195,25 +197,24 @@ async fn login(
             format!("role \"{user_name}\" does not exist"),
         )
     })?;
-    let pool = shared.pools.primary(db, user);
+    let pools = shared.pools.for_user(db, user);
     if let Some(c) = learned {
-        pool.learn_credential(c);
-    }
-    let defaults = match pool.welcome_params() {
-        Some(p) => p,
-        None => {
-            // First client of this pool: one server login fills the cache.
-            let server = pool
-                .checkout()
-                .await
-                .map_err(|e| refused(e.sqlstate(), e.to_string()))?;
-            server.release();
-            pool.welcome_params()
-                .ok_or_else(|| refused(sqlstate::CONNECTION_FAILURE, "server sent no parameters"))?
+        // Every node of the database logs this user in the same way.
+        for pool in pools.iter() {
+            pool.learn_credential(c.clone());
         }
-    };
+    }
+    let defaults = welcome_params(&pools).await?;
     let client_params = ClientParams::from_startup(&params, &defaults)
         .map_err(|e| refused(sqlstate::FEATURE_NOT_SUPPORTED, e.0))?;
+    if let Some(v) = client_params.own("pgsluice.route") {
+        if session::route::parse_route_mode(v).is_none() {
+            return Err(refused(
+                sqlstate::INVALID_PARAMETER_VALUE,
+                format!("invalid value for pgsluice.route: \"{v}\" (use primary, replica or auto)"),
+            ));
+        }
+    }
     let (pid, slot) = shared.cancels.register();
 
     let mut out = BytesMut::with_capacity(512);
@@ -227,11 +228,14 @@ async fn login(
         shared.cancels.unregister(pid);
         return Err(e.into());
     }
-    tracing::debug!(pool = pool.label(), pid, "client logged in");
+    tracing::debug!(pool = pools[0].label(), pid, "client logged in");
     Ok(Some(session::Session::new(
         buf,
         shared.clone(),
-        pool,
+        session::Upstream {
+            pools,
+            cluster: shared.clusters.get(&db.name).cloned(),
+        },
         db.pool_mode,
         client_params,
         pid,
@@ -273,6 +277,33 @@ fn access_method(
             ),
         )),
     }
+}
+
+/// The server parameters a new client is welcomed with: cached from the
+/// first login of any of the user's pools, or fetched with one login — on
+/// the primary, or on a replica while the primary is down (reads go on).
+async fn welcome_params(pools: &NodePools) -> Result<Arc<ServerParams>, LoginError> {
+    if let Some(p) = pools.iter().find_map(|p| p.welcome_params()) {
+        return Ok(p);
+    }
+    let mut first_error = None;
+    for pool in pools.iter() {
+        match pool.checkout().await {
+            Ok(server) => {
+                server.release();
+                if let Some(p) = pool.welcome_params() {
+                    return Ok(p);
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(match first_error {
+        Some(e) => refused(e.sqlstate(), e.to_string()),
+        None => refused(sqlstate::CONNECTION_FAILURE, "server sent no parameters"),
+    })
 }
 
 /// Runs the client's authentication exchange; returns what it taught us

@@ -28,6 +28,9 @@ const NOT_PARAMETERS: &[&str] = &["user", "database", "options", "replication"];
 pub struct ClientParams {
     /// (name, value) the client expects, names as the client spelled them.
     wanted: Vec<(String, String)>,
+    /// `pgsluice.*` settings from the startup packet: pgsluice's own, never
+    /// sent to a server.
+    own: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,12 +55,22 @@ impl ClientParams {
                     "replication connections are not supported through pgsluice".into(),
                 ));
             }
+            let mut put = |name: &str, value: &str| {
+                if name
+                    .get(..9)
+                    .is_some_and(|prefix| prefix.eq_ignore_ascii_case("pgsluice."))
+                {
+                    p.own.push((name.to_ascii_lowercase(), value.to_owned()));
+                } else {
+                    p.set(name, value);
+                }
+            };
             if k == "options" {
                 for (name, value) in parse_options(v)? {
-                    p.set(&name, &value);
+                    put(&name, &value);
                 }
             } else if !NOT_PARAMETERS.contains(&k) {
-                p.set(k, v);
+                put(k, v);
             }
         }
         Ok(p)
@@ -76,6 +89,15 @@ impl ClientParams {
             }
             None => self.wanted.push((name.to_owned(), value.to_owned())),
         }
+    }
+
+    /// A `pgsluice.*` startup setting (lower-case name), the last given.
+    pub fn own(&self, name: &str) -> Option<&str> {
+        self.own
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {

@@ -82,6 +82,11 @@ impl RelayState {
         self.copy_in
     }
 
+    /// Extended-protocol messages were sent since the last Sync.
+    pub fn batch_open(&self) -> bool {
+        self.batch_open
+    }
+
     pub fn pending(&self) -> usize {
         self.pending.len()
     }

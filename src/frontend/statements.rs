@@ -32,6 +32,16 @@ pub struct Statement {
 }
 
 impl Statement {
+    /// The query text.
+    pub fn text(&self) -> &[u8] {
+        let end = self
+            .tail
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.tail.len());
+        &self.tail[..end]
+    }
+
     /// A Parse of this statement under its server-side name.
     pub fn write_parse(&self, out: &mut BytesMut) {
         let len = 4 + self.server_name.len() + 1 + self.tail.len();

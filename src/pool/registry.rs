@@ -38,9 +38,9 @@ impl Pools {
                 let spec = LoginSpec {
                     addr: addr.clone(),
                     user: user.name.clone(),
-                    credentials: Credentials::configured(
-                        crate::config::Config::server_credential(user),
-                    ),
+                    credentials: Credentials::configured(crate::config::Config::server_credential(
+                        user,
+                    )),
                     database: db.dbname.clone(),
                     connect_timeout: db.pool.server_connect_timeout,
                 };

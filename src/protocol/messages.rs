@@ -46,6 +46,11 @@ pub mod sqlstate {
     pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
     pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
     pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
+    /// A write reached a hot standby (the read was retried elsewhere).
+    pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+    /// Canceled by a conflict with recovery on a standby.
+    pub const SERIALIZATION_FAILURE: &str = "40001";
+    pub const INVALID_PARAMETER_VALUE: &str = "22023";
 }
 
 /// Severity of an ErrorResponse we generate.
@@ -95,6 +100,37 @@ pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, messag
         put_cstr(b, message);
         b.put_u8(0);
     });
+}
+
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    tagged(buf, b'C', |b| put_cstr(b, tag));
+}
+
+/// A result of text columns: RowDescription, one DataRow per row, and
+/// CommandComplete with `tag` (the shape of a `SHOW` answer).
+pub fn text_result(buf: &mut BytesMut, columns: &[&str], rows: &[Vec<String>], tag: &str) {
+    tagged(buf, b'T', |b| {
+        b.put_i16(columns.len() as i16);
+        for c in columns {
+            put_cstr(b, c);
+            b.put_i32(0); // table OID
+            b.put_i16(0); // column number
+            b.put_i32(25); // type OID: text
+            b.put_i16(-1); // type size: variable
+            b.put_i32(-1); // type modifier
+            b.put_i16(0); // format: text
+        }
+    });
+    for row in rows {
+        tagged(buf, b'D', |b| {
+            b.put_i16(row.len() as i16);
+            for v in row {
+                b.put_i32(v.len() as i32);
+                b.put_slice(v.as_bytes());
+            }
+        });
+    }
+    command_complete(buf, tag);
 }
 
 pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {

@@ -20,11 +20,21 @@ use super::Reason;
 /// Functions that must run on the primary.
 #[derive(Debug, Clone)]
 pub struct FunctionCatalog {
-    /// Lower-cased volatile function names from `pg_proc`; `None` before it has been read.
-    volatile: Option<HashSet<String>>,
+    /// What `pg_proc` said; `None` before it has been read.
+    known: Option<Known>,
     /// Volatile functions that are nonetheless read-only.
     allow: HashSet<String>,
     generation: u64,
+}
+
+/// A function list read from `pg_proc` (lower-cased names).
+#[derive(Debug, Clone)]
+enum Known {
+    /// These are volatile; every other name is read-only.
+    Volatile(HashSet<String>),
+    /// Only these are read-only (every overload immutable or stable); any
+    /// other name — volatile, or created since the list was read — writes.
+    ReadOnly(HashSet<String>),
 }
 
 /// Source of [`FunctionCatalog::generation`]: every catalog instance gets a fresh number, so a
@@ -76,7 +86,7 @@ impl FunctionCatalog {
     /// well-known read-only functions counts as a write.
     pub fn builtin() -> Self {
         FunctionCatalog {
-            volatile: None,
+            known: None,
             allow: HashSet::new(),
             generation: next_generation(),
         }
@@ -87,7 +97,23 @@ impl FunctionCatalog {
     /// The built-in always-write functions (`nextval`, advisory locks, …) stay writes.
     pub fn from_catalog(volatile: impl IntoIterator<Item = String>, allow: &[String]) -> Self {
         FunctionCatalog {
-            volatile: Some(volatile.into_iter().map(|n| n.to_lowercase()).collect()),
+            known: Some(Known::Volatile(
+                volatile.into_iter().map(|n| n.to_lowercase()).collect(),
+            )),
+            allow: allow.iter().map(|n| n.to_lowercase()).collect(),
+            generation: next_generation(),
+        }
+    }
+
+    /// From `SELECT lower(proname) FROM pg_proc GROUP BY 1 HAVING
+    /// bool_and(provolatile <> 'v')`: only calls of these names (or of `allow`)
+    /// are read-only. Fails closed for functions created after the list was
+    /// read, which is what the pooler uses.
+    pub fn from_read_only(read_only: impl IntoIterator<Item = String>, allow: &[String]) -> Self {
+        FunctionCatalog {
+            known: Some(Known::ReadOnly(
+                read_only.into_iter().map(|n| n.to_lowercase()).collect(),
+            )),
             allow: allow.iter().map(|n| n.to_lowercase()).collect(),
             generation: next_generation(),
         }
@@ -106,9 +132,14 @@ impl FunctionCatalog {
         if ALWAYS_WRITE.binary_search(&lower).is_ok() {
             return Some(Reason::WritingFunction);
         }
-        let writes = match &self.volatile {
+        let writes = match &self.known {
             None => BUILTIN_READ_ONLY.binary_search(&name).is_err(),
-            Some(volatile) => volatile.contains(lower) && !self.allow.contains(name),
+            Some(Known::Volatile(volatile)) => {
+                volatile.contains(lower) && !self.allow.contains(name)
+            }
+            Some(Known::ReadOnly(read_only)) => {
+                !read_only.contains(lower) && !self.allow.contains(name)
+            }
         };
         writes.then_some(Reason::VolatileFunction)
     }

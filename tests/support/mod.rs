@@ -56,13 +56,23 @@ impl TestProxy {
     pub async fn start_with(general: &str, extra: &str) -> TestProxy {
         // RUST_LOG=debug cargo test ... shows pgsluice's own logs.
         if std::env::var_os("RUST_LOG").is_some() {
-            let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
         }
         let cluster = tokio::task::spawn_blocking(cluster)
             .await
             .expect("cluster start");
+        // Tests written for one node see one node: routing is opted into
+        // with a [routing] table in `extra`.
+        let routing = if extra.contains("[routing]") {
+            ""
+        } else {
+            "\n[routing]\ndefault_route = \"primary\"\nmonitor_user = \"app\"\n"
+        };
         let toml = format!(
-            "{}{extra}",
+            "{}{routing}{extra}",
             cluster.pgsluice_config(&format!("listen_addr = \"127.0.0.1:0\"\n{general}"))
         );
         let config = Config::from_toml(&toml, "test", std::iter::empty())

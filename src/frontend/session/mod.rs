@@ -16,6 +16,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub(crate) mod route;
 mod tracked;
 
 use super::cancel::CancelSlot;
@@ -23,10 +24,12 @@ use super::params::ClientParams;
 use super::relay::{self, RelayState, ServerEvent};
 use super::statements::{ClientStatements, Replies, Verdict};
 use crate::backend::{self, QueryOutcome};
+use crate::cluster::{Attached, Cluster};
 use crate::config::PoolMode;
-use crate::pool::{Pool, Pooled};
-use crate::protocol::{self, Scanner, Segment, Severity, TxStatus, sqlstate};
+use crate::pool::{NodePools, Pool, PoolError, Pooled};
+use crate::protocol::{self, ErrorFields, Scanner, Segment, Severity, TxStatus, sqlstate};
 use crate::proxy::{Phase, Shared};
+use route::{ClientRoute, Scan, Why};
 
 /// First read of a client's next request: most fit, and an allocation this
 /// small is served from the allocator's thread cache (the buffer is freed
@@ -65,23 +68,22 @@ enum ServerFlow {
     Lost,
 }
 
-/// Writes synthetic replies now due, after the server bytes up to `pos`.
-async fn emit_synthetic(
-    replies: &mut Replies,
-    out: &mut BytesMut,
+/// Sends server output on to the client, or into the retry window while
+/// one is open (and drops it once the window's read has failed).
+async fn send(
     client: &mut TcpStream,
-    buf: &[u8],
-    written: &mut usize,
-    pos: usize,
+    window: &mut Option<route::Window>,
+    bytes: &[u8],
 ) -> std::io::Result<()> {
-    out.clear();
-    replies.take_ready(out);
-    if !out.is_empty() {
-        client.write_all(&buf[*written..pos]).await?;
-        client.write_all(out).await?;
-        *written = pos;
+    match window {
+        _ if bytes.is_empty() => Ok(()),
+        Some(w) if w.failed.is_some() => Ok(()),
+        Some(w) => {
+            w.held.extend_from_slice(bytes);
+            Ok(())
+        }
+        None => client.write_all(bytes).await,
     }
-    Ok(())
 }
 
 /// CommandComplete of `DISCARD ALL` / `DEALLOCATE ALL`: the server dropped
@@ -115,11 +117,47 @@ fn read_draining(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usiz
     }
 }
 
+/// Client bytes kept back from the attached server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Until the server has answered everything sent so far (pgsluice
+    /// answers the next request itself, in order).
+    UntilQuiet,
+    /// The next request needs another node: once the server is quiet and
+    /// outside a transaction it is released and the request routed afresh;
+    /// inside a transaction the request stays with it.
+    Reroute,
+}
+
+/// Where a client's requests can go: its pools on every node of its
+/// database, and the database's replication group if it has replicas.
+pub(super) struct Upstream {
+    pub pools: NodePools,
+    pub cluster: Option<Arc<Cluster>>,
+}
+
+/// How an attempt to attach a server ended.
+enum Attach {
+    Attached,
+    Failed(PoolError),
+    Exit(Step),
+}
+
 pub struct Session {
     cbuf: BytesMut,
     out: BytesMut,
     shared: Arc<Shared>,
-    pool: Arc<Pool>,
+    /// This user's pools on every node; index 0 is the primary.
+    pools: NodePools,
+    /// Node of the attached (or last attached) server.
+    node: usize,
+    /// Read/write routing (transaction and statement mode with replicas).
+    route: Option<Box<ClientRoute>>,
+    /// Counts this client on its node while a server is attached.
+    on_node: Option<Attached>,
+    /// The attached primary ran something that may have written.
+    primary_wrote: bool,
+    held: Option<Held>,
     mode: PoolMode,
     params: ClientParams,
     pid: i32,
@@ -155,7 +193,7 @@ impl Session {
     pub(super) fn new(
         cbuf: BytesMut,
         shared: Arc<Shared>,
-        pool: Arc<Pool>,
+        upstream: Upstream,
         mode: PoolMode,
         params: ClientParams,
         pid: i32,
@@ -166,7 +204,20 @@ impl Session {
             cbuf,
             out: BytesMut::new(),
             shared,
-            pool,
+            pools: upstream.pools,
+            node: 0,
+            route: match upstream.cluster {
+                Some(c) if mode != PoolMode::Session && c.nodes().len() > 1 => {
+                    let startup = params
+                        .own("pgsluice.route")
+                        .and_then(route::parse_route_mode);
+                    Some(Box::new(ClientRoute::new(c, startup)))
+                }
+                _ => None,
+            },
+            on_node: None,
+            primary_wrote: false,
+            held: None,
             mode,
             params,
             pid,
@@ -186,6 +237,10 @@ impl Session {
             unnamed: None,
             unnamed_generation: 0,
         }
+    }
+
+    fn pool(&self) -> &Arc<Pool> {
+        &self.pools[self.node]
     }
 
     pub async fn run(mut self, mut client: TcpStream) {
@@ -274,8 +329,98 @@ impl Session {
                 self.cbuf.advance(header.total_len);
                 Ok(Step::Continue)
             }
-            _ => self.attach(client).await,
+            _ => self.route_and_attach(client).await,
         }
+    }
+
+    /// Picks the node for the buffered request (or answers it, if it is
+    /// pgsluice's own command) and attaches a server there.
+    async fn route_and_attach(&mut self, client: &mut TcpStream) -> std::io::Result<Step> {
+        let started = Instant::now();
+        let deadline = started + self.pools[0].settings().checkout_timeout;
+        let Some(route) = self.route.as_deref_mut() else {
+            return Ok(match self.attach(client, 0, started, deadline).await? {
+                Attach::Attached => Step::Continue,
+                Attach::Failed(e) => {
+                    self.refuse_checkout(client, e).await?;
+                    Step::Continue
+                }
+                Attach::Exit(step) => step,
+            });
+        };
+        let max = self.shared.config.general.max_packet_size;
+        let unnamed = self
+            .unnamed
+            .as_ref()
+            .map(|(_, tail)| tracked::text_of(tail));
+        let req =
+            match route::scan_request(&self.cbuf, max, &route.cluster, &self.statements, unnamed) {
+                Ok(Scan::Ready(req)) => req,
+                Ok(Scan::NeedMore) => return self.read_client(client).await,
+                Err(e) => {
+                    return self
+                        .close_with(client, sqlstate::PROTOCOL_VIOLATION, &e.to_string())
+                        .await;
+                }
+            };
+        if let Some(command) = &req.command {
+            self.out.clear();
+            route.answer(command, &mut self.out, TxStatus::Idle);
+            self.cbuf.advance(req.len);
+            client.write_all(&self.out).await?;
+            return Ok(Step::Continue);
+        }
+        loop {
+            let Some(route) = self.route.as_deref_mut() else {
+                return Ok(Step::Continue);
+            };
+            let (node, why) = route.decide(&req);
+            match self.attach(client, node, started, deadline).await? {
+                Attach::Attached => {
+                    tracing::trace!(node, ?why, "routed");
+                    self.primary_wrote = node == 0
+                        && !matches!(why, Why::NoReplica | Why::ReadYourWrites | Why::Read);
+                    if node != 0 && req.replayable {
+                        if let Some(route) = self.route.as_deref_mut() {
+                            route.open_window(&self.cbuf[..req.len], req.new_names.clone());
+                        }
+                    }
+                    return Ok(Step::Continue);
+                }
+                // A replica that cannot be reached: the primary serves
+                // the read, within the same deadline.
+                Attach::Failed(PoolError::Server(e)) if node != 0 => {
+                    tracing::info!(node, error = %e, "replica unavailable; read goes to the primary");
+                    if let Some(route) = self.route.as_deref_mut() {
+                        route.retry = Some((node, true));
+                    }
+                }
+                Attach::Failed(e) => {
+                    self.refuse_checkout(client, e).await?;
+                    return Ok(Step::Continue);
+                }
+                Attach::Exit(step) => return Ok(step),
+            }
+        }
+    }
+
+    /// Tells the client no server could be had for its request.
+    async fn refuse_checkout(
+        &mut self,
+        client: &mut TcpStream,
+        e: PoolError,
+    ) -> std::io::Result<()> {
+        tracing::info!(pool = self.pool().label(), error = %e, "checkout failed");
+        let message = match (&e, self.route.is_some() && self.node == 0) {
+            (PoolError::Server(_), true) => format!(
+                "the primary of database \"{}\" is unavailable: {e}",
+                self.route
+                    .as_ref()
+                    .map_or("", |r| r.cluster.database.as_str())
+            ),
+            _ => e.to_string(),
+        };
+        self.refuse_request(client, e.sqlstate(), &message).await
     }
 
     async fn read_client(&mut self, client: &mut TcpStream) -> std::io::Result<Step> {
@@ -286,16 +431,19 @@ impl Session {
         Ok(Step::Continue)
     }
 
-    /// Checks a server out and makes its session parameters the client's.
-    async fn attach(&mut self, client: &mut TcpStream) -> std::io::Result<Step> {
-        let mut server = match self.pool.checkout().await {
+    /// Checks a server out on `node` and makes its session parameters the
+    /// client's.
+    async fn attach(
+        &mut self,
+        client: &mut TcpStream,
+        node: usize,
+        started: Instant,
+        deadline: Instant,
+    ) -> std::io::Result<Attach> {
+        self.node = node;
+        let mut server = match self.pools[node].checkout_by(started, deadline).await {
             Ok(s) => s,
-            Err(e) => {
-                tracing::info!(pool = self.pool.label(), error = %e, "checkout failed");
-                self.refuse_request(client, e.sqlstate(), &e.to_string())
-                    .await?;
-                return Ok(Step::Continue);
-            }
+            Err(e) => return Ok(Attach::Failed(e)),
         };
         if let Some(sql) = self.params.sync_sql(&server.params, &server.set_by_pooler) {
             match server.run_internal(&sql, INTERNAL_QUERY_TIMEOUT).await {
@@ -305,17 +453,20 @@ impl Session {
                     status: TxStatus::Idle,
                 }) => {
                     server.release();
-                    return self.close_with(client, &error.code, &error.message).await;
+                    return Ok(Attach::Exit(
+                        self.close_with(client, &error.code, &error.message).await?,
+                    ));
                 }
                 Ok(_) | Err(_) => {
                     drop(server);
-                    return self
-                        .close_with(
+                    return Ok(Attach::Exit(
+                        self.close_with(
                             client,
                             sqlstate::CONNECTION_FAILURE,
                             "server connection failed while applying session parameters",
                         )
-                        .await;
+                        .await?,
+                    ));
                 }
             }
         }
@@ -325,7 +476,11 @@ impl Session {
         self.replies.reset();
         self.sscan = Scanner::new();
         self.query_cancelled = None;
-        Ok(Step::Continue)
+        self.held = None;
+        if let Some(route) = self.route.as_deref() {
+            self.on_node = Some(route.cluster.attach(node));
+        }
+        Ok(Attach::Attached)
     }
 
     /// Answers the client's pending request with an error (the connection
@@ -391,11 +546,31 @@ impl Session {
     /// the session ends.
     async fn relay_step(&mut self, client: &mut TcpStream) -> std::io::Result<Step> {
         if !self.cbuf.is_empty() {
-            if let Some(step) = self.forward_client(client).await? {
+            if let Some(step) = self.pump_client(client).await? {
                 return Ok(step);
             }
         }
         loop {
+            if let Some(step) = self.after_window(client).await? {
+                return Ok(step);
+            }
+            if let Some(held) = self.held {
+                if self.server_quiet() {
+                    self.held = None;
+                    if held == Held::Reroute
+                        && self.relay.at_boundary()
+                        && *self.phase.borrow() == Phase::Running
+                    {
+                        // The next request goes elsewhere: idle_step routes it.
+                        self.release().await;
+                        return Ok(Step::Continue);
+                    }
+                    if let Some(step) = self.pump_client(client).await? {
+                        return Ok(step);
+                    }
+                    continue;
+                }
+            }
             if self.at_release_point() {
                 if *self.phase.borrow() != Phase::Running {
                     return self.close_for_shutdown(client).await;
@@ -447,6 +622,13 @@ impl Session {
                     if let ServerFlow::Lost = self.forward_server(client).await? {
                         return self.server_lost(client).await;
                     }
+                    if !self.cbuf.is_empty() && self.route.is_some() {
+                        // Client bytes that waited for a retry window to
+                        // close may go now.
+                        if let Some(step) = self.pump_client(client).await? {
+                            return Ok(step);
+                        }
+                    }
                 }
                 Ev::Server(r) => {
                     if let Err(e) = r {
@@ -455,7 +637,7 @@ impl Session {
                     return self.server_lost(client).await;
                 }
                 Ev::Client(Ok(n)) if n > 0 => {
-                    if let Some(step) = self.forward_client(client).await? {
+                    if let Some(step) = self.pump_client(client).await? {
                         return Ok(step);
                     }
                 }
@@ -469,6 +651,15 @@ impl Session {
                 Ev::Phase(false) => return Ok(Step::Exit(Exit::Closed)),
             }
         }
+    }
+
+    /// The server has answered everything sent to it.
+    fn server_quiet(&self) -> bool {
+        self.relay.quiet()
+            && self.replies.is_empty()
+            && self.sscan.at_boundary()
+            && self.cscan.at_boundary()
+            && self.server.as_ref().is_some_and(|s| s.buf.is_empty())
     }
 
     fn at_release_point(&self) -> bool {
@@ -487,13 +678,129 @@ impl Session {
         if let Some(server) = self.server.take() {
             server.release();
         }
+        self.on_node = None;
+        if self.node == 0 && self.primary_wrote {
+            if let Some(route) = self.route.as_deref_mut() {
+                route.last_write = Some(Instant::now());
+            }
+        }
+        self.primary_wrote = false;
     }
 
-    /// Forwards every complete or streamable client message in `cbuf`.
-    /// Returns a step when the session must end.
-    async fn forward_client(&mut self, client: &mut TcpStream) -> std::io::Result<Option<Step>> {
+    /// Forwards buffered client bytes. With routing, one request at a time:
+    /// each is classified first, and one a replica must not run is held
+    /// back (see [`Held`]).
+    async fn pump_client(&mut self, client: &mut TcpStream) -> std::io::Result<Option<Step>> {
+        if self.route.is_none() {
+            return self.forward_client(client, usize::MAX).await;
+        }
+        loop {
+            let window_sent = self
+                .route
+                .as_ref()
+                .and_then(|r| r.window.as_ref())
+                .map(|w| w.sent);
+            if self.cbuf.is_empty() || self.held.is_some() || window_sent == Some(true) {
+                return Ok(None);
+            }
+            if window_sent == Some(false) {
+                // The windowed request itself, exactly as it was scanned.
+                let len = self
+                    .route
+                    .as_deref_mut()
+                    .and_then(|r| r.window.as_mut())
+                    .map_or(0, |w| {
+                        w.sent = true;
+                        w.request.len()
+                    });
+                if let Some(step) = self.forward_client(client, len).await? {
+                    return Ok(Some(step));
+                }
+                continue;
+            }
+            let at_request_start = self.cscan.at_boundary()
+                && !self.relay.batch_open()
+                && !self.relay.copy_in()
+                && !self.client_skip
+                && !matches!(self.cbuf.first(), Some(b'd' | b'c' | b'f'));
+            if !at_request_start {
+                return self.forward_client(client, usize::MAX).await;
+            }
+            let Some(route) = self.route.as_deref_mut() else {
+                return Ok(None);
+            };
+            let max = self.shared.config.general.max_packet_size;
+            let unnamed = self
+                .unnamed
+                .as_ref()
+                .map(|(_, tail)| tracked::text_of(tail));
+            let req = match route::scan_request(
+                &self.cbuf,
+                max,
+                &route.cluster,
+                &self.statements,
+                unnamed,
+            ) {
+                Ok(Scan::Ready(req)) => req,
+                Ok(Scan::NeedMore) => return Ok(None),
+                // The forwarding path reports it.
+                Err(_) => return self.forward_client(client, usize::MAX).await,
+            };
+            let quiet = self.relay.quiet() && self.replies.is_empty();
+            if let Some(command) = &req.command {
+                if !quiet {
+                    self.held = Some(Held::UntilQuiet);
+                    return Ok(None);
+                }
+                self.out.clear();
+                route.answer(command, &mut self.out, self.relay.tx_status());
+                self.cbuf.advance(req.len);
+                client.write_all(&self.out).await?;
+                continue;
+            }
+            // Inside a transaction on this replica, the request stays here.
+            if self.node != 0
+                && !route.replica_may_run(&req)
+                && (!quiet || self.relay.tx_status() == TxStatus::Idle)
+            {
+                self.held = Some(Held::Reroute);
+                return Ok(None);
+            }
+            if self.node == 0 && req.access == crate::router::Access::Write {
+                self.primary_wrote = true;
+            }
+            if self.node != 0 && req.replayable && self.relay.tx_status() == TxStatus::Idle {
+                // A read that can still be retried if this replica fails it:
+                // it goes out alone, once what came before is answered.
+                if !quiet {
+                    self.held = Some(Held::UntilQuiet);
+                    return Ok(None);
+                }
+                route.open_window(&self.cbuf[..req.len], req.new_names);
+                if let Some(w) = route.window.as_mut() {
+                    w.sent = true;
+                }
+            }
+            let before = self.cbuf.len();
+            if let Some(step) = self.forward_client(client, req.len).await? {
+                return Ok(Some(step));
+            }
+            if self.cbuf.len() == before {
+                // A message still arriving (past the decision limit).
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Forwards every complete or streamable client message in
+    /// `cbuf[..limit]`. Returns a step when the session must end.
+    async fn forward_client(
+        &mut self,
+        client: &mut TcpStream,
+        limit: usize,
+    ) -> std::io::Result<Option<Step>> {
         if self.tracked {
-            return self.forward_client_tracked(client).await;
+            return self.forward_client_tracked(client, limit).await;
         }
         let max = self.shared.config.general.max_packet_size;
         let now = Instant::now();
@@ -544,12 +851,14 @@ impl Session {
     }
 
     /// Relays the server's buffered output to the client, acting on the
-    /// messages that change state.
+    /// messages that change state. While a read may still be retried (see
+    /// `route.rs`), the output goes to the retry window instead.
     async fn forward_server(&mut self, client: &mut TcpStream) -> std::io::Result<ServerFlow> {
         let tracked = self.tracked;
         let Some(server) = self.server.as_deref_mut() else {
             return Ok(ServerFlow::Ok);
         };
+        let mut window = self.route.as_deref_mut().and_then(|r| r.window.take());
         let now = Instant::now();
         let mut pos = 0;
         let mut written = 0;
@@ -563,13 +872,36 @@ impl Session {
                     // Forward what came before, then treat the server as lost.
                     tracing::warn!(error = %e, "server sent a malformed message");
                     self.relay.server_unusable = true;
-                    if pos > written {
-                        client.write_all(&server.buf[written..pos]).await?;
-                    }
+                    send(client, &mut window, &server.buf[written..pos]).await?;
                     server.buf.clear();
+                    if let Some(route) = self.route.as_deref_mut() {
+                        route.window = window;
+                    }
                     return Ok(ServerFlow::Lost);
                 }
             };
+            if let (Segment::Start { header, whole }, Some(w)) = (&seg, window.as_mut()) {
+                let shows_rows = matches!(header.tag, b'D' | b'G' | b'H' | b'W' | b'd');
+                if w.failed.is_none()
+                    && (shows_rows || w.held.len() + (pos - written) > route::RETRY_HOLD_LIMIT)
+                {
+                    // The client is about to see results: no retry now.
+                    send(client, &mut window, &server.buf[written..pos]).await?;
+                    written = pos;
+                    if let Some(w) = window.take() {
+                        client.write_all(&w.held).await?;
+                    }
+                } else if header.tag == b'E' && *whole && w.failed.is_none() {
+                    let fields = ErrorFields::parse(&server.buf[pos..pos + header.total_len]);
+                    w.failed = match fields.code.as_str() {
+                        // The classifier (or a hint) sent a write here.
+                        sqlstate::READ_ONLY_SQL_TRANSACTION => Some(true),
+                        // Canceled by a conflict with recovery.
+                        sqlstate::SERIALIZATION_FAILURE if !fields.is_fatal() => Some(false),
+                        _ => None,
+                    };
+                }
+            }
             match seg {
                 Segment::Pass { len } => pos += len,
                 Segment::NeedMore => break,
@@ -586,7 +918,7 @@ impl Session {
                         match self.replies.on_server(header.tag) {
                             Verdict::Forward => {}
                             Verdict::Swallow => {
-                                client.write_all(&server.buf[written..pos]).await?;
+                                send(client, &mut window, &server.buf[written..pos]).await?;
                                 written = end;
                             }
                             Verdict::Desync => {
@@ -625,7 +957,7 @@ impl Session {
                             // Statement mode cannot hold a transaction open:
                             // answer with an error instead of this
                             // ReadyForQuery and roll the server back.
-                            client.write_all(&server.buf[written..pos]).await?;
+                            send(client, &mut window, &server.buf[written..pos]).await?;
                             self.out.clear();
                             protocol::error_response(
                                 &mut self.out,
@@ -635,7 +967,7 @@ impl Session {
                                  the transaction was rolled back",
                             );
                             protocol::ready_for_query(&mut self.out, TxStatus::Idle);
-                            client.write_all(&self.out).await?;
+                            send(client, &mut window, &self.out).await?;
                             written = end;
                             self.rollback_pending = true;
                         }
@@ -649,15 +981,21 @@ impl Session {
                     }
                     pos = end;
                     if tracked {
-                        emit_synthetic(
-                            &mut self.replies,
-                            &mut self.out,
-                            client,
-                            &server.buf,
-                            &mut written,
-                            pos,
-                        )
-                        .await?;
+                        self.out.clear();
+                        self.replies.take_ready(&mut self.out);
+                        if !self.out.is_empty() {
+                            send(client, &mut window, &server.buf[written..pos]).await?;
+                            send(client, &mut window, &self.out).await?;
+                            written = pos;
+                        }
+                    }
+                    if header.tag == b'Z' && window.as_ref().is_some_and(|w| w.failed.is_none()) {
+                        // The read finished without showing a row: done.
+                        send(client, &mut window, &server.buf[written..pos]).await?;
+                        written = pos;
+                        if let Some(w) = window.take() {
+                            client.write_all(&w.held).await?;
+                        }
                     }
                 }
                 Segment::Start { header, .. } => {
@@ -669,10 +1007,11 @@ impl Session {
                 }
             }
         }
-        if pos > written {
-            client.write_all(&server.buf[written..pos]).await?;
-        }
+        send(client, &mut window, &server.buf[written..pos]).await?;
         server.buf.advance(pos);
+        if let Some(route) = self.route.as_deref_mut() {
+            route.window = window;
+        }
         if self.rollback_pending && self.relay.quiet() {
             self.rollback_pending = false;
             match server
@@ -686,9 +1025,71 @@ impl Session {
         Ok(ServerFlow::Ok)
     }
 
+    /// A read on a replica failed before the client saw a row, and the
+    /// replica has answered in full: send the request again elsewhere.
+    async fn after_window(&mut self, _client: &mut TcpStream) -> std::io::Result<Option<Step>> {
+        let failed = self
+            .route
+            .as_deref()
+            .and_then(|r| r.window.as_ref())
+            .and_then(|w| w.failed);
+        let Some(primary_only) = failed else {
+            return Ok(None);
+        };
+        if !self.server_quiet() {
+            return Ok(None);
+        }
+        if self.relay.at_boundary() {
+            self.release().await;
+        } else {
+            self.drop_server().await;
+        }
+        self.retry_elsewhere(primary_only);
+        Ok(Some(Step::Continue))
+    }
+
+    /// Closes the attached server without returning it to its pool.
+    async fn drop_server(&mut self) {
+        self.cancel.detach().await;
+        self.server = None;
+        self.on_node = None;
+    }
+
+    /// Puts the windowed request back in front of the client's input, to be
+    /// routed again avoiding the node that failed it.
+    fn retry_elsewhere(&mut self, primary_only: bool) {
+        let node = self.node;
+        let Some(route) = self.route.as_deref_mut() else {
+            return;
+        };
+        let Some(window) = route.window.take() else {
+            return;
+        };
+        route.retry = Some((node, primary_only));
+        route.cluster.count_retry();
+        for name in &window.new_names {
+            self.statements.remove(name);
+        }
+        tracing::info!(
+            node = %route.cluster.nodes()[node].name,
+            to_primary = primary_only,
+            "read failed on a replica before any row was sent; retrying it"
+        );
+        let mut again = BytesMut::with_capacity(window.request.len() + self.cbuf.len());
+        again.extend_from_slice(&window.request);
+        again.extend_from_slice(&self.cbuf);
+        self.cbuf = again;
+    }
+
     /// The server connection broke: tell the client and end the session.
     async fn server_lost(&mut self, client: &mut TcpStream) -> std::io::Result<Step> {
-        let label = self.pool.label().to_owned();
+        if self.route.as_deref().is_some_and(|r| r.window.is_some()) {
+            // A replica went away before the client saw a row.
+            self.drop_server().await;
+            self.retry_elsewhere(false);
+            return Ok(Step::Continue);
+        }
+        let label = self.pool().label().to_owned();
         self.cancel.detach().await;
         self.server = None; // closed, never reused
         tracing::info!(pool = %label, "server connection lost while attached");
@@ -742,7 +1143,7 @@ impl Session {
                 _ if now >= since + qt => {
                     if let Some(server) = self.server.as_ref() {
                         tracing::info!(
-                            pool = self.pool.label(),
+                            pool = self.pool().label(),
                             "query_timeout reached: cancelling"
                         );
                         let key = server.cancel_key;
@@ -789,7 +1190,10 @@ impl Session {
                     let _ = backend::send_cancel(key, Duration::from_secs(5)).await;
                 });
             }
-            tracing::debug!(pool = self.pool.label(), "closing server left mid-request");
+            tracing::debug!(
+                pool = self.pool().label(),
+                "closing server left mid-request"
+            );
             return;
         }
         if self.relay.tx_status() != TxStatus::Idle {

@@ -54,25 +54,34 @@ pub(super) fn apply_undo(
     }
 }
 
+/// The query text of a Parse body tail (query, NUL, parameter types).
+pub(super) fn text_of(tail: &[u8]) -> &[u8] {
+    let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+    &tail[..end]
+}
+
 /// Client messages the tracked relay needs whole.
 fn needs_whole(tag: u8) -> bool {
     matches!(tag, b'X' | b'P' | b'B' | b'D' | b'C')
 }
 
 impl Session {
+    /// Forwards the client messages in `cbuf[..limit]`.
     pub(super) async fn forward_client_tracked(
         &mut self,
         client: &mut TcpStream,
+        limit: usize,
     ) -> std::io::Result<Option<Step>> {
         let max = self.shared.config.general.max_packet_size;
         let now = Instant::now();
         let cbuf = std::mem::take(&mut self.cbuf);
+        let stop = limit.min(cbuf.len());
         self.sout.clear();
         let mut pos = 0;
         let mut end = None;
         let mut protocol_error = None;
         loop {
-            match self.cscan.next(&cbuf[pos..], max) {
+            match self.cscan.next(&cbuf[pos..stop], max) {
                 Ok(Segment::Pass { len }) => {
                     if !self.client_skip {
                         self.sout.extend_from_slice(&cbuf[pos..pos + len]);
@@ -90,7 +99,7 @@ impl Session {
                     }
                     if self.client_skip && tag != b'S' {
                         // Dropped: PostgreSQL skips up to Sync after an error.
-                        pos += self.cscan.pass_partial(header, cbuf.len() - pos);
+                        pos += self.cscan.pass_partial(header, stop - pos);
                         continue;
                     }
                     if needs_whole(tag) {
@@ -125,7 +134,7 @@ impl Session {
                             .push_server(Kind::Simple, false, Undos::default()),
                         _ => {}
                     }
-                    let n = self.cscan.pass_partial(header, cbuf.len() - pos);
+                    let n = self.cscan.pass_partial(header, stop - pos);
                     self.sout.extend_from_slice(&cbuf[pos..pos + n]);
                     pos += n;
                 }
@@ -139,11 +148,16 @@ impl Session {
         self.cbuf = cbuf;
         self.cbuf.advance(pos);
         let server_ok = self.flush_to_server().await;
-        // Synthetic replies with nothing owed before them go out now.
+        // Synthetic replies with nothing owed before them go out now (into
+        // the retry window while one is open: a retried request repeats them).
         self.out.clear();
         self.replies.take_ready(&mut self.out);
         if !self.out.is_empty() {
-            client.write_all(&self.out).await?;
+            match self.route.as_deref_mut().and_then(|r| r.window.as_mut()) {
+                Some(w) if w.failed.is_some() => {}
+                Some(w) => w.held.extend_from_slice(&self.out),
+                None => client.write_all(&self.out).await?,
+            }
         }
         if let Some(e) = protocol_error {
             return self

@@ -1,0 +1,329 @@
+//! Read/write routing of one client's requests, in transaction and statement
+//! mode for a database with replicas.
+//!
+//! A request (a simple Query, or extended-protocol messages up to Sync or
+//! Flush) is classified before a server is chosen: every statement in it
+//! counts, so a pipeline that reads and then writes goes to the primary.
+//! A request whose end has not arrived yet is waited for; one that grows
+//! past `DECIDE_LIMIT` bytes without ending goes to the primary, which can
+//! run anything.
+//!
+//! Guarantees:
+//! - a write never reaches a replica on purpose; one that does anyway (a
+//!   hint, a misclassified function) fails there with 25006 and is retried
+//!   on the primary before the client saw anything;
+//! - a transaction never moves: routing happens only with no server
+//!   attached, or between requests on a replica with no transaction open;
+//! - read-your-writes: after a client used the primary, its reads go only to
+//!   replicas that have replayed a WAL position the monitor sampled after
+//!   that (or to the primary until one has).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::cluster::Cluster;
+use crate::frontend::statements::ClientStatements;
+use crate::protocol::{self, ProtocolError};
+use crate::router::{Access, Class, Command, Hint, RouteMode};
+
+/// A request not finished within this many bytes is decided as it stands
+/// (to the primary, since its rest is unknown).
+const DECIDE_LIMIT: usize = 64 * 1024;
+/// Server output held back while a read may still be retried.
+pub(super) const RETRY_HOLD_LIMIT: usize = 256 * 1024;
+
+/// What the buffered request needs.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Request {
+    pub access: Access,
+    pub hint: Option<Hint>,
+    /// pgsluice's own command, when the request is exactly one simple Query
+    /// holding it.
+    pub command: Option<Command>,
+    /// Bytes of the request in the buffer.
+    pub len: usize,
+    /// The whole request is buffered, ends with Query or Sync, and can be
+    /// sent again (what follows it waits until its outcome is known).
+    pub replayable: bool,
+    /// Client statement names this request creates: forgotten before it is
+    /// sent again, so the repeat creates them afresh.
+    pub new_names: Vec<Bytes>,
+}
+
+pub(super) enum Scan {
+    NeedMore,
+    Ready(Request),
+}
+
+/// Classifies the request at the start of `buf`.
+pub(super) fn scan_request(
+    buf: &[u8],
+    max: usize,
+    cluster: &Cluster,
+    statements: &ClientStatements,
+    unnamed: Option<&[u8]>,
+) -> Result<Scan, ProtocolError> {
+    let mut pos = 0;
+    let mut access = Access::Read;
+    let mut hint = None;
+    let mut command = None;
+    let mut replayable = true;
+    let mut new_names = Vec::new();
+    let mut first = true;
+    let mut note = |class: &Class, access: &mut Access| {
+        if class.access == Access::Write {
+            *access = Access::Write;
+        }
+        if first {
+            hint = class.hint;
+        }
+        first = false;
+    };
+    let mut last;
+    loop {
+        let header = match protocol::peek_header(&buf[pos..], max)? {
+            Some(h) if buf.len() - pos >= h.total_len => h,
+            _ => {
+                if buf.len() >= DECIDE_LIMIT {
+                    // Everything buffered and whatever follows it.
+                    return Ok(Scan::Ready(Request {
+                        access: Access::Write,
+                        hint: None,
+                        command: None,
+                        len: usize::MAX,
+                        replayable: false,
+                        new_names: Vec::new(),
+                    }));
+                }
+                return Ok(Scan::NeedMore);
+            }
+        };
+        let msg = &buf[pos..pos + header.total_len];
+        pos += header.total_len;
+        last = header.tag;
+        match header.tag {
+            b'Q' => {
+                let class = cluster.classify(protocol::query_text(msg));
+                if pos == header.total_len {
+                    command = class.command.clone();
+                }
+                note(&class, &mut access);
+                break;
+            }
+            b'P' => {
+                let (name, text) = match protocol::parse_statement_text(msg) {
+                    Some(text) => (statement_name(msg), text),
+                    None => (b"".as_slice(), b"".as_slice()),
+                };
+                if !name.is_empty() {
+                    if statements.get(name).is_some() || new_names.len() >= 8 {
+                        // A duplicate name fails (42P05): not worth a repeat.
+                        replayable = false;
+                    } else {
+                        new_names.push(Bytes::copy_from_slice(name));
+                    }
+                }
+                note(&cluster.classify(text), &mut access);
+            }
+            b'B' => {
+                let text = match crate::frontend::statements::parse_bind(msg) {
+                    Some((_, b"", _)) => unnamed,
+                    Some((_, name, _)) => statements.get(name).map(|s| s.text()),
+                    None => None,
+                };
+                match text {
+                    Some(text) => note(&cluster.classify(text), &mut access),
+                    // Unknown statement: the server reports it; the primary
+                    // is as good a place as any.
+                    None => access = Access::Write,
+                }
+            }
+            // Close is answered by pgsluice (named statements) or
+            // harmless to repeat (portals, the unnamed statement).
+            // A function call may do anything.
+            b'F' => {
+                access = Access::Write;
+                break;
+            }
+            b'S' | b'H' => break,
+            _ => {}
+        }
+    }
+    // `SET pgsluice.route` is answered only as a lone simple Query.
+    if buf.first() != Some(&b'Q') {
+        command = None;
+    }
+    Ok(Scan::Ready(Request {
+        access,
+        hint,
+        command,
+        len: pos,
+        // Only a request that ends with an answer the client waits for
+        // (ReadyForQuery) can be held back and sent again.
+        replayable: replayable && matches!(last, b'Q' | b'S'),
+        new_names,
+    }))
+}
+
+fn statement_name(msg: &[u8]) -> &[u8] {
+    let body = protocol::body(msg);
+    let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+    &body[..end]
+}
+
+/// Why a request went where it went (logs, and later metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Why {
+    Write,
+    Read,
+    Hint,
+    Setting,
+    NoReplica,
+    ReadYourWrites,
+    Retry,
+}
+
+/// One client's routing state.
+pub(super) struct ClientRoute {
+    pub cluster: Arc<Cluster>,
+    /// `SET pgsluice.route`.
+    pub mode: RouteMode,
+    /// When this client last released the primary.
+    pub last_write: Option<Instant>,
+    /// The next decision must avoid this node (a failed read's retry), and
+    /// use the primary if `primary_only`.
+    pub retry: Option<(usize, bool)>,
+    /// The request on its way to a replica, kept until the first row
+    /// reaches the client, to be sent elsewhere if the replica fails it.
+    pub window: Option<Window>,
+}
+
+pub(super) struct Window {
+    /// The request has been sent (later requests wait until it is done).
+    pub sent: bool,
+    pub request: Bytes,
+    pub new_names: Vec<Bytes>,
+    /// Server output not yet shown to the client.
+    pub held: BytesMut,
+    /// The replica failed the request with an error worth a retry
+    /// (`true` = go to the primary).
+    pub failed: Option<bool>,
+}
+
+/// A `pgsluice.route` value.
+pub(crate) fn parse_route_mode(value: &str) -> Option<RouteMode> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "primary" => Some(RouteMode::Primary),
+        "replica" => Some(RouteMode::Replica),
+        "auto" | "default" => Some(RouteMode::Auto),
+        _ => None,
+    }
+}
+
+impl ClientRoute {
+    /// `startup`: the client's `pgsluice.route` startup setting, if valid.
+    pub fn new(cluster: Arc<Cluster>, startup: Option<RouteMode>) -> Self {
+        let mode = startup.unwrap_or(match cluster.settings().default_route {
+            crate::config::DefaultRoute::Auto => RouteMode::Auto,
+            crate::config::DefaultRoute::Primary => RouteMode::Primary,
+        });
+        Self {
+            cluster,
+            mode,
+            last_write: None,
+            retry: None,
+            window: None,
+        }
+    }
+
+    /// The node for `req`: 0 is the primary.
+    pub fn decide(&mut self, req: &Request) -> (usize, Why) {
+        let mut exclude = None;
+        if let Some((node, primary_only)) = self.retry.take() {
+            if primary_only {
+                return (0, Why::Retry);
+            }
+            exclude = Some(node);
+        }
+        let want_replica = match (req.hint, self.mode) {
+            (Some(Hint::Primary), _) => return (0, Why::Hint),
+            (Some(Hint::Replica), _) => Some(Why::Hint),
+            (None, RouteMode::Primary) => return (0, Why::Setting),
+            (None, RouteMode::Replica) => Some(Why::Setting),
+            (None, RouteMode::Auto) => None,
+        };
+        if let Some(why) = want_replica {
+            // Asked for explicitly: any replica in rotation will do.
+            return match self.cluster.pick_replica(None, exclude) {
+                Some(i) => (i, why),
+                None => (0, Why::NoReplica),
+            };
+        }
+        if req.access == Access::Write {
+            return (0, Why::Write);
+        }
+        let min_lsn = match self.last_write {
+            Some(at) if self.cluster.settings().read_your_writes => {
+                match self.cluster.lsn_after(at) {
+                    Some(lsn) => Some(lsn),
+                    None => return (0, Why::ReadYourWrites),
+                }
+            }
+            _ => None,
+        };
+        match self.cluster.pick_replica(min_lsn, exclude) {
+            Some(i) => (i, Why::Read),
+            None if min_lsn.is_some() => (0, Why::ReadYourWrites),
+            None => (0, Why::NoReplica),
+        }
+    }
+
+    /// Whether the attached replica may run `req` (else it is routed anew).
+    pub fn replica_may_run(&self, req: &Request) -> bool {
+        match (req.hint, self.mode) {
+            (Some(Hint::Primary), _) | (None, RouteMode::Primary) => false,
+            (Some(Hint::Replica), _) | (None, RouteMode::Replica) => true,
+            (None, RouteMode::Auto) => req.access == Access::Read,
+        }
+    }
+
+    /// Keeps `request` (just sent to a replica) until the client sees a
+    /// row, so it can be sent elsewhere if the replica fails it.
+    pub fn open_window(&mut self, request: &[u8], new_names: Vec<Bytes>) {
+        self.window = Some(Window {
+            sent: false,
+            request: Bytes::copy_from_slice(request),
+            new_names,
+            held: BytesMut::new(),
+            failed: None,
+        });
+    }
+
+    /// Answers pgsluice's own command into `out` (ending with
+    /// ReadyForQuery in `status`).
+    pub fn answer(&mut self, command: &Command, out: &mut BytesMut, status: protocol::TxStatus) {
+        match command {
+            Command::SetRoute(mode) => {
+                self.mode = *mode;
+                protocol::command_complete(out, "SET");
+            }
+            Command::ShowRoute => {
+                let value = match self.mode {
+                    RouteMode::Auto => "auto",
+                    RouteMode::Primary => "primary",
+                    RouteMode::Replica => "replica",
+                };
+                protocol::text_result(out, &["pgsluice.route"], &[vec![value.to_owned()]], "SHOW");
+            }
+            Command::Invalid(message) => protocol::error_response(
+                out,
+                protocol::Severity::Error,
+                protocol::sqlstate::INVALID_PARAMETER_VALUE,
+                message,
+            ),
+        }
+        protocol::ready_for_query(out, status);
+    }
+}

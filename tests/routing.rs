@@ -1,0 +1,491 @@
+//! Read/write routing against a real primary with two streaming replicas:
+//! where reads and writes land, lag taken out of rotation, read-your-writes,
+//! a replica and the primary going away, and retries of failed reads.
+//!
+//! The tests share one cluster and pause, kill and restart its nodes, so they
+//! run one at a time (`SERIAL`).
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use pgsluice::cluster::Availability;
+use support::{TestProxy, cluster, eventually, superuser};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Routing on (the harness defaults to everything on the primary).
+const ROUTING: &str =
+    "\n[routing]\ndefault_route = \"auto\"\nmonitor_interval = \"25ms\"\nmonitor_user = \"app\"\n";
+
+fn port(i: usize) -> u16 {
+    cluster().nodes()[i].port
+}
+
+async fn server_port(c: &Client, sql: &str) -> Result<u16, tokio_postgres::Error> {
+    let rows = c.simple_query(sql).await?;
+    Ok(rows
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        })
+        .expect("a port"))
+}
+
+async fn start(extra_routing: &str) -> TestProxy {
+    let proxy = TestProxy::start_with("", &format!("{ROUTING}{extra_routing}")).await;
+    wait_in_rotation(&proxy, &[1, 2]).await;
+    let c = proxy.connect().await;
+    c.batch_execute(
+        "CREATE TABLE IF NOT EXISTS routing_t (id bigserial PRIMARY KEY, v bigint);
+         CREATE OR REPLACE FUNCTION routing_bump(x bigint) RETURNS bigint
+           LANGUAGE sql VOLATILE AS
+           'INSERT INTO routing_t (v) VALUES (x) RETURNING id';",
+    )
+    .await
+    .expect("schema");
+    proxy
+}
+
+async fn wait_in_rotation(proxy: &TestProxy, replicas: &[usize]) {
+    let cl = proxy.shared.clusters["app"].clone();
+    eventually("replicas in rotation", Duration::from_secs(20), || {
+        let cl = cl.clone();
+        async move {
+            replicas.iter().all(|&i| {
+                matches!(
+                    cl.availability(i, Instant::now()),
+                    Availability::InRotation { .. }
+                )
+            })
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reads_spread_over_replicas_and_writes_and_transactions_stay_on_the_primary() {
+    let _serial = SERIAL.lock().await;
+    let proxy = start("").await;
+    let c = proxy.connect().await;
+
+    let mut seen = BTreeSet::new();
+    for _ in 0..60 {
+        seen.insert(
+            server_port(&c, "SELECT inet_server_port()")
+                .await
+                .expect("read"),
+        );
+    }
+    assert_eq!(
+        seen,
+        BTreeSet::from([port(1), port(2)]),
+        "reads should reach both replicas and never the primary"
+    );
+
+    // Extended protocol: the same.
+    let row = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .expect("extended read");
+    assert_ne!(row.get::<_, i32>(0) as u16, port(0));
+
+    // Writes, and functions that write, run on the primary.
+    let p = server_port(
+        &c,
+        "INSERT INTO routing_t (v) VALUES (1) RETURNING inet_server_port()",
+    )
+    .await
+    .expect("insert");
+    assert_eq!(p, port(0));
+    for sql in [
+        "SELECT nextval('routing_t_id_seq'), inet_server_port()",
+        "SELECT routing_bump(7), inet_server_port()",
+        "WITH w AS (INSERT INTO routing_t (v) VALUES (2) RETURNING id) SELECT inet_server_port() FROM w",
+        "SELECT inet_server_port() FROM routing_t LIMIT 1 FOR UPDATE",
+    ] {
+        let rows = c
+            .simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let ports: Vec<u16> = rows
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(r.len() - 1).and_then(|v| v.parse().ok()),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            ports.iter().all(|&p| p == port(0)),
+            "{sql} ran on {ports:?}"
+        );
+    }
+
+    // A read-only transaction runs on one replica from start to end (a
+    // client that has not written: this one's reads now wait for
+    // replicas to replay its writes).
+    let c = proxy.connect().await;
+    c.batch_execute("BEGIN READ ONLY").await.expect("begin");
+    let first = server_port(&c, "SELECT inet_server_port()")
+        .await
+        .expect("read");
+    assert_ne!(first, port(0));
+    for _ in 0..5 {
+        assert_eq!(
+            server_port(&c, "SELECT inet_server_port()")
+                .await
+                .expect("read"),
+            first
+        );
+    }
+    c.batch_execute("COMMIT").await.expect("commit");
+
+    // A transaction that reads and then writes stays on the primary.
+    c.batch_execute("BEGIN").await.expect("begin");
+    assert_eq!(
+        server_port(&c, "SELECT inet_server_port()")
+            .await
+            .expect("read"),
+        port(0)
+    );
+    c.batch_execute("INSERT INTO routing_t (v) VALUES (3)")
+        .await
+        .expect("write in tx");
+    assert_eq!(
+        server_port(&c, "SELECT inet_server_port()")
+            .await
+            .expect("read"),
+        port(0)
+    );
+    c.batch_execute("COMMIT").await.expect("commit");
+
+    // pgsluice answers its own setting.
+    c.batch_execute("SET pgsluice.route = primary")
+        .await
+        .expect("set route");
+    let rows = c.simple_query("SHOW pgsluice.route").await.expect("show");
+    assert!(
+        rows.iter()
+            .any(|m| matches!(m, SimpleQueryMessage::Row(r) if r.get(0) == Some("primary"))),
+        "SHOW pgsluice.route"
+    );
+    assert_eq!(
+        server_port(&c, "SELECT inet_server_port()")
+            .await
+            .expect("read"),
+        port(0)
+    );
+    c.batch_execute("SET pgsluice.route = replica")
+        .await
+        .expect("set route");
+    assert_ne!(
+        server_port(&c, "SELECT inet_server_port()")
+            .await
+            .expect("read"),
+        port(0)
+    );
+    let err = c
+        .batch_execute("SET pgsluice.route = sideways")
+        .await
+        .expect_err("bad value");
+    assert_eq!(support::sqlstate(&err).as_deref(), Some("22023"));
+    c.batch_execute("RESET pgsluice.route")
+        .await
+        .expect("reset");
+    // Hints in a leading comment.
+    assert_eq!(
+        server_port(&c, "/* pgsluice: primary */ SELECT inet_server_port()")
+            .await
+            .expect("hint"),
+        port(0)
+    );
+}
+
+#[tokio::test]
+async fn a_paused_replica_leaves_rotation_and_returns_after_resume() {
+    let _serial = SERIAL.lock().await;
+    let proxy = start("").await;
+    let writer = proxy.connect().await;
+    let reader = proxy.connect().await;
+    let r1 = superuser(1).await;
+    r1.batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause");
+
+    // Writes continue; after max_replica_lag (100ms) + two monitor
+    // intervals no read may reach the paused replica.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                writer
+                    .batch_execute("INSERT INTO routing_t (v) VALUES (10)")
+                    .await
+                    .expect("write while paused");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100 + 2 * 25 + 20)).await;
+    let mut seen = BTreeSet::new();
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        seen.insert(
+            server_port(&reader, "SELECT inet_server_port()")
+                .await
+                .expect("read"),
+        );
+    }
+    assert!(
+        !seen.contains(&port(1)),
+        "a read reached the paused replica: {seen:?}"
+    );
+    assert!(
+        seen.contains(&port(2)),
+        "reads should use the other replica: {seen:?}"
+    );
+
+    r1.batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .expect("resume");
+    eventually(
+        "the resumed replica serves reads",
+        Duration::from_secs(10),
+        || {
+            let reader = &reader;
+            async move {
+                let mut hit = false;
+                for _ in 0..10 {
+                    hit |= server_port(reader, "SELECT inet_server_port()").await.ok()
+                        == Some(port(1));
+                }
+                hit
+            }
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    w.await.expect("writer");
+}
+
+#[tokio::test]
+async fn a_client_reads_its_own_writes_even_from_lagging_replicas() {
+    let _serial = SERIAL.lock().await;
+    // Lagging replicas stay in rotation: only read-your-writes protects.
+    let proxy = start("max_replica_lag = \"1h\"\n").await;
+    let r1 = superuser(1).await;
+    let r2 = superuser(2).await;
+    for r in [&r1, &r2] {
+        r.batch_execute("SELECT pg_wal_replay_pause()")
+            .await
+            .expect("pause");
+    }
+    let writer = proxy.connect().await;
+    let bystander = proxy.connect().await;
+    let insert = writer
+        .prepare("INSERT INTO routing_t (v) VALUES ($1) RETURNING id")
+        .await
+        .expect("prepare insert");
+    let select = writer
+        .prepare("SELECT v FROM routing_t WHERE id = $1")
+        .await
+        .expect("prepare select");
+    let mut stale = 0;
+    for i in 0..1000i64 {
+        let id: i64 = writer
+            .query_one(&insert, &[&i])
+            .await
+            .expect("insert")
+            .get(0);
+        let rows = writer.query(&select, &[&id]).await.expect("select");
+        if rows.len() != 1 || rows[0].get::<_, i64>(0) != i {
+            stale += 1;
+        }
+        // Simple protocol too, every tenth round.
+        if i % 10 == 0 {
+            let rows = writer
+                .simple_query(&format!("SELECT v FROM routing_t WHERE id = {id}"))
+                .await
+                .expect("simple select");
+            if !rows.iter().any(|m| matches!(m, SimpleQueryMessage::Row(_))) {
+                stale += 1;
+            }
+        }
+    }
+    // A client that never wrote still reads from the (paused) replicas.
+    let p = server_port(&bystander, "SELECT inet_server_port()")
+        .await
+        .expect("read");
+    for r in [&r1, &r2] {
+        r.batch_execute("SELECT pg_wal_replay_resume()")
+            .await
+            .expect("resume");
+    }
+    assert_eq!(stale, 0, "reads missed the client's own writes");
+    assert_ne!(
+        p,
+        port(0),
+        "a client that never wrote should read from a replica"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_replica_fails_no_read_and_returns_after_restart() {
+    let _serial = SERIAL.lock().await;
+    let proxy = start("").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let errors = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut readers = Vec::new();
+    for _ in 0..32 {
+        let c = proxy.connect().await;
+        let (stop, errors) = (stop.clone(), errors.clone());
+        readers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.query_one("SELECT count(*) FROM pg_class", &[]).await {
+                    Ok(_) => n += 1,
+                    Err(e) => {
+                        eprintln!("read failed: {e:?}");
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if c.is_closed() {
+                            break;
+                        }
+                    }
+                }
+            }
+            n
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed_at = Instant::now();
+    tokio::task::spawn_blocking(|| cluster().kill_node(2))
+        .await
+        .expect("join")
+        .expect("kill replica2");
+    let cl = proxy.shared.clusters["app"].clone();
+    while matches!(
+        cl.availability(2, Instant::now()),
+        Availability::InRotation { .. }
+    ) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let out_after = killed_at.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::spawn_blocking(|| cluster().start_node(2))
+        .await
+        .expect("join")
+        .expect("restart replica2");
+    wait_in_rotation(&proxy, &[2]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for r in readers {
+        total += r.await.expect("reader");
+    }
+    assert_eq!(
+        errors.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "reads failed"
+    );
+    assert!(total > 0);
+    assert!(
+        out_after < Duration::from_secs(1),
+        "replica2 left rotation only after {out_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_write_misrouted_to_a_replica_is_retried_on_the_primary() {
+    let _serial = SERIAL.lock().await;
+    let proxy = start("").await;
+    let c = proxy.connect().await;
+    let before = proxy.shared.clusters["app"].retries();
+    // Simple protocol.
+    let p = server_port(
+        &c,
+        "/* pgsluice: replica */ INSERT INTO routing_t (v) VALUES (42) RETURNING inet_server_port()",
+    )
+    .await
+    .expect("misrouted insert succeeds via retry");
+    assert_eq!(p, port(0));
+    // Extended protocol.
+    let row = c
+        .query_one(
+            "/* pgsluice: replica */ SELECT routing_bump(43), inet_server_port()",
+            &[],
+        )
+        .await
+        .expect("misrouted function call succeeds via retry");
+    assert_eq!(row.get::<_, i32>(1) as u16, port(0));
+    assert!(proxy.shared.clusters["app"].retries() >= before + 2);
+}
+
+#[tokio::test]
+async fn with_the_primary_down_writes_fail_fast_and_reads_go_on() {
+    let _serial = SERIAL.lock().await;
+    let proxy = start("").await;
+    let writer = proxy.connect().await;
+    let reader = proxy.connect().await;
+    writer
+        .batch_execute("INSERT INTO routing_t (v) VALUES (1)")
+        .await
+        .expect("write before");
+    tokio::task::spawn_blocking(|| cluster().stop_node(0))
+        .await
+        .expect("join")
+        .expect("stop primary");
+    let t = Instant::now();
+    let err = writer
+        .batch_execute("INSERT INTO routing_t (v) VALUES (2)")
+        .await
+        .expect_err("write with the primary down");
+    let failed_after = t.elapsed();
+    let code = support::sqlstate(&err).unwrap_or_default();
+    assert!(code.starts_with("08"), "SQLSTATE {code}: {err:?}");
+    assert!(
+        support::message(&err).contains("primary"),
+        "message should name the primary: {}",
+        support::message(&err)
+    );
+    // Reads keep working, from existing and new clients.
+    for _ in 0..20 {
+        let p = server_port(&reader, "SELECT inet_server_port()")
+            .await
+            .expect("read");
+        assert_ne!(p, port(0));
+    }
+    let newcomer = proxy.connect().await;
+    server_port(&newcomer, "SELECT inet_server_port()")
+        .await
+        .expect("a new client reads");
+
+    tokio::task::spawn_blocking(|| cluster().start_node(0))
+        .await
+        .expect("join")
+        .expect("restart primary");
+    let up = Instant::now();
+    loop {
+        match writer
+            .batch_execute("INSERT INTO routing_t (v) VALUES (3)")
+            .await
+        {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(
+                    up.elapsed() < Duration::from_secs(2),
+                    "writes still failing 2s after the primary came back: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    assert!(
+        failed_after < Duration::from_secs(2),
+        "write failed only after {failed_after:?}"
+    );
+    wait_in_rotation(&proxy, &[1, 2]).await;
+}
