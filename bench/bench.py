@@ -40,7 +40,7 @@ WORKLOADS = [
      "read-only point selects, named prepared statements, 16 clients "
      "(pgbouncer 1.18 cannot do this in transaction mode: its runs fail)"),
 ]
-TARGETS = ["direct", "pgbouncer", "pgsluice"]
+TARGETS = ["direct", "pgbouncer", "pgsluice", "pgsluice-primary"]
 
 
 # ---------------------------------------------------------------- small tools
@@ -343,6 +343,7 @@ def cmd_report(argv):
     L.append("|---|---|---:|---:|---:|---:|---:|---:|")
     lat_lines = []
     cpu_lines = []
+    route_lines = []
     for wl, args, _desc in WORKLOADS:
         if not any((wl, t) in by for t in TARGETS):
             continue
@@ -371,6 +372,11 @@ def cmd_report(argv):
             wl, args, tps_cell("direct"), tps_cell("pgbouncer"), tps_cell("pgsluice"),
             ratio("pgsluice", "pgbouncer"), ratio("pgsluice", "direct"), ratio("pgbouncer", "direct")))
 
+        if (wl, "pgsluice-primary") in by:
+            route_lines.append("| %s | `%s` | %s | %s | %s | %s |" % (
+                wl, args, tps_cell("pgsluice"), tps_cell("pgsluice-primary"),
+                ratio("pgsluice", "pgsluice-primary"), ratio("pgsluice-primary", "pgbouncer")))
+
         connect = "-C" in args.split()
         if connect:
             conn = {t: med([get(wl, t, rn, "conn_ms") for rn in rounds]) for t in TARGETS}
@@ -389,6 +395,19 @@ def cmd_report(argv):
             wl, f1(cpu["pgbouncer"], 1), f1(cpu["pgsluice"], 1), cr,
             f1(rss["pgbouncer"], 0), f1(rss["pgsluice"], 0)))
 
+    if route_lines:
+        L.append("")
+        L.append("### Read routing: 2 replicas vs primary only")
+        L.append("")
+        L.append("`pgsluice` routes reads to the two replicas (the shipped default); `pgsluice-primary` is the "
+                 "same process with every statement on the primary (startup option "
+                 "`-c pgsluice.route=primary`), like for like with pgbouncer. All three PostgreSQL nodes "
+                 "share the same %s cores, so spreading reads cannot add CPU here: the ratio shows the "
+                 "routing overhead and balance, not the capacity a real replica tier adds." % meta.get("nproc", "?"))
+        L.append("")
+        L.append("| workload | pgbench | pgsluice (routed) tps | pgsluice primary-only tps | routed / primary-only | primary-only / pgbouncer |")
+        L.append("|---|---|---:|---:|---:|---:|")
+        L.extend(route_lines)
     L.append("")
     L.append("### Latency")
     L.append("")

@@ -47,7 +47,10 @@ JOBS=2
 POOL_SIZE=20
 MAX_CLIENT_CONN=20000
 PG_MAX_CONNECTIONS=700
-TARGETS=(direct pgbouncer pgsluice)
+# pgsluice = the product as shipped (reads routed to the 2 replicas);
+# pgsluice-primary = the same process, every statement on the primary
+# (startup option pgsluice.route=primary): like for like with pgbouncer and direct.
+TARGETS=(direct pgbouncer pgsluice pgsluice-primary)
 WORKLOAD_IDS=(select-simple select-extended tpcb select-500 select-connect select-prepared)
 declare -A WL_ARGS=(
   [select-simple]="-S -M simple -c 16"
@@ -286,10 +289,13 @@ prepare() {
 }
 
 target_port() {
-  case $1 in direct) echo "$PRIMARY_PORT" ;; pgbouncer) echo "$BOUNCER_PORT" ;; pgsluice) echo "$SLUICE_PORT" ;; esac
+  case $1 in direct) echo "$PRIMARY_PORT" ;; pgbouncer) echo "$BOUNCER_PORT" ;; pgsluice|pgsluice-primary) echo "$SLUICE_PORT" ;; esac
+}
+target_options() { # libpq PGOPTIONS for a target
+  case $1 in pgsluice-primary) echo "-c pgsluice.route=primary" ;; *) echo "" ;; esac
 }
 target_pid() {
-  case $1 in direct) echo '' ;; pgbouncer) echo "$BOUNCER_PID" ;; pgsluice) echo "$SLUICE_PID" ;; esac
+  case $1 in direct) echo '' ;; pgbouncer) echo "$BOUNCER_PID" ;; pgsluice|pgsluice-primary) echo "$SLUICE_PID" ;; esac
 }
 
 CLK_TCK=$(getconf CLK_TCK)
@@ -312,7 +318,7 @@ run_one() { # ROUND WORKLOAD TARGET POSITION
     SAMPLER_PID=$!
   fi
   started=$(date -Is)
-  timeout -k 10 $((DURATION + 90)) \
+  PGOPTIONS=$(target_options "$tgt") timeout -k 10 $((DURATION + 90)) \
     pgbench -n -T "$DURATION" -j "$JOBS" -p "$port" -l --log-prefix="$prefix" "${args[@]}" >"$out" 2>&1 &
   PGBENCH_PID=$!
   wait "$PGBENCH_PID" || rc=$?
@@ -336,7 +342,7 @@ run_one() { # ROUND WORKLOAD TARGET POSITION
 WARMUP=$(( DURATION < 5 ? DURATION : 3 ))
 log "warm-up: ${WARMUP}s of -S -c 16 per target (not recorded)"
 for tgt in "${TARGETS[@]}"; do
-  if ! pgbench -n -S -c 16 -j "$JOBS" -T "$WARMUP" -p "$(target_port "$tgt")" >"$WORK/warmup-$tgt.txt" 2>&1; then
+  if ! PGOPTIONS=$(target_options "$tgt") pgbench -n -S -c 16 -j "$JOBS" -T "$WARMUP" -p "$(target_port "$tgt")" >"$WORK/warmup-$tgt.txt" 2>&1; then
     log "warning: warm-up through $tgt failed:"
     tail -n 5 "$WORK/warmup-$tgt.txt" >&2
     NOTES+=("The warm-up run through $tgt failed.")

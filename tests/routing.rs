@@ -101,6 +101,8 @@ async fn reads_spread_over_replicas_and_writes_and_transactions_stay_on_the_prim
     .await
     .expect("insert");
     assert_eq!(p, port(0));
+    // Classified as writes, not rescued by the 25006 retry.
+    let retries_before = proxy.shared.clusters["app"].retries();
     for sql in [
         "SELECT nextval('routing_t_id_seq'), inet_server_port()",
         "SELECT routing_bump(7), inet_server_port()",
@@ -123,6 +125,7 @@ async fn reads_spread_over_replicas_and_writes_and_transactions_stay_on_the_prim
             "{sql} ran on {ports:?}"
         );
     }
+    assert_eq!(proxy.shared.clusters["app"].retries(), retries_before);
 
     // A read-only transaction runs on one replica from start to end (a
     // client that has not written: this one's reads now wait for

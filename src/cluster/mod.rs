@@ -69,6 +69,8 @@ pub struct Node {
     pub addr: ServerAddr,
     /// `primary` or `replicaN` (1-based), as in logs and errors.
     pub name: String,
+    /// Relative share of reads (replicas).
+    pub weight: u32,
     /// Clients attached to this node right now.
     outstanding: AtomicUsize,
     /// Offset from the cluster epoch of the last successful probe + 1 ns
@@ -84,8 +86,9 @@ pub struct Node {
 }
 
 impl Node {
-    fn new(index: usize, addr: ServerAddr) -> Self {
+    fn new(index: usize, addr: ServerAddr, weight: u32) -> Self {
         Self {
+            weight: weight.max(1),
             index,
             role: if index == 0 {
                 Role::Primary
@@ -148,6 +151,8 @@ pub struct Cluster {
     /// A measurement older than this is stale.
     stale_after: Duration,
     round_robin: AtomicUsize,
+    /// Sum of the replicas' weights.
+    weight_total: usize,
     /// Functions that must run on the primary: built-in knowledge until the
     /// monitor has read `pg_proc`.
     functions: ArcSwap<FunctionCatalog>,
@@ -172,8 +177,16 @@ impl Cluster {
         let nodes = std::iter::once(db.primary.clone())
             .chain(db.replicas.iter().cloned())
             .enumerate()
-            .map(|(i, addr)| Node::new(i, addr))
+            .map(|(i, addr)| {
+                let weight = i
+                    .checked_sub(1)
+                    .and_then(|r| db.replica_weights.get(r))
+                    .copied()
+                    .unwrap_or(1);
+                Node::new(i, addr, weight)
+            })
             .collect();
+        let weight_total = db.replica_weights.iter().map(|&w| w.max(1) as usize).sum();
         // Keep a minute, or ten lag limits if that is longer: a replica
         // further behind than the oldest sample is out either way.
         let retention = Duration::from_secs(60).max(settings.max_replica_lag * 10);
@@ -187,6 +200,7 @@ impl Cluster {
                 .max(Duration::from_millis(250))
                 .max(settings.monitor_timeout),
             round_robin: AtomicUsize::new(0),
+            weight_total,
             functions: ArcSwap::from_pointee(FunctionCatalog::builtin()),
             classes: ClassCache::new(CLASS_CACHE_CAPACITY),
             retries: AtomicU64::new(0),
@@ -304,15 +318,28 @@ impl Cluster {
     }
 
     /// A replica for a read: in rotation, at or past `min_lsn`, chosen by
-    /// the configured balance. `None` sends the read to the primary.
+    /// the configured balance and the replicas' weights. `None` sends the
+    /// read to the primary.
     pub fn pick_replica(&self, min_lsn: Option<u64>, exclude: Option<usize>) -> Option<usize> {
         let now = Instant::now();
         let n = self.nodes.len();
         if n < 2 {
             return None;
         }
-        let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
-        let mut best: Option<(usize, usize)> = None;
+        let ticket = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        // Start the scan at a replica chosen in proportion to the weights,
+        // so ties (and round robin) share reads by weight.
+        let mut slot = ticket % self.weight_total.max(1);
+        let mut start = 0;
+        for (k, node) in self.nodes[1..].iter().enumerate() {
+            if slot < node.weight as usize {
+                start = k;
+                break;
+            }
+            slot -= node.weight as usize;
+        }
+        // (index, outstanding, weight) of the best so far.
+        let mut best: Option<(usize, usize, u32)> = None;
         for k in 0..n - 1 {
             let i = 1 + (start + k) % (n - 1);
             if Some(i) == exclude {
@@ -324,17 +351,22 @@ impl Cluster {
             if min_lsn.is_some_and(|m| replayed < m) {
                 continue;
             }
-            let load = self.nodes[i].outstanding();
+            let node = &self.nodes[i];
+            let load = node.outstanding();
             match self.settings.read_balance {
                 ReadBalance::RoundRobin => return Some(i),
                 ReadBalance::LeastOutstanding => {
-                    if best.is_none_or(|(_, l)| load < l) {
-                        best = Some((i, load));
+                    // Fewest clients per unit of weight.
+                    let better = best.is_none_or(|(_, l, w)| {
+                        (load as u64) * u64::from(w) < (l as u64) * u64::from(node.weight)
+                    });
+                    if better {
+                        best = Some((i, load, node.weight));
                     }
                 }
             }
         }
-        best.map(|(i, _)| i)
+        best.map(|(i, _, _)| i)
     }
 
     /// Counts a client attached to node `i` until the guard drops.
@@ -411,6 +443,29 @@ mod tests {
             assert_eq!(c.pick_replica(None, None), Some(2));
         }
         assert_eq!(c.pick_replica(None, Some(2)), Some(1));
+    }
+
+    #[test]
+    fn weights_share_reads() {
+        let reps: Vec<String> = (0..2)
+            .map(|i| format!("\"127.0.0.1:{}\"", 6000 + i))
+            .collect();
+        let toml = format!(
+            "[databases.app]\nprimary = \"127.0.0.1:5999\"\nreplicas = [{}]\n\
+             replica_weights = [1, 3]\n[users.u]\npassword = \"p\"\n\
+             [routing]\nread_balance = \"round_robin\"\n",
+            reps.join(",")
+        );
+        let config = Config::from_toml(&toml, "test", []).expect("config");
+        let c = Cluster::new(&config.databases["app"], &config.routing);
+        c.record_primary(Instant::now(), 100);
+        c.record_replica(1, true, Some(100));
+        c.record_replica(2, true, Some(100));
+        let mut hits = [0usize; 3];
+        for _ in 0..400 {
+            hits[c.pick_replica(None, None).expect("a replica")] += 1;
+        }
+        assert_eq!(hits, [0, 100, 300]);
     }
 
     #[test]

@@ -187,6 +187,8 @@ pub struct Database {
     /// The `[users.NAME]` the replica monitor logs in as (only databases
     /// with replicas have a monitor).
     pub monitor_user: Option<String>,
+    /// Relative share of reads per replica (same order as `replicas`).
+    pub replica_weights: Vec<u32>,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -376,6 +378,33 @@ impl Config {
                     None => pool_mode,
                 },
                 pool: pool_settings(&format!("databases.{name}"), &db.pool().or(&default_pool))?,
+                replica_weights: match db.replica_weights.len() {
+                    0 => vec![1; db.replicas.len()],
+                    n if n == db.replicas.len() => db
+                        .replica_weights
+                        .iter()
+                        .map(|&w| {
+                            u32::try_from(w)
+                                .ok()
+                                .filter(|w| (1..=1000).contains(w))
+                                .ok_or_else(|| {
+                                    invalid(
+                                        key("replica_weights"),
+                                        format!("{w} is not between 1 and 1000"),
+                                    )
+                                })
+                        })
+                        .collect::<Result<_, _>>()?,
+                    n => {
+                        return Err(invalid(
+                            key("replica_weights"),
+                            format!(
+                                "{n} weights for {} replicas: give one per replica",
+                                db.replicas.len()
+                            ),
+                        ));
+                    }
+                },
                 monitor_user: db
                     .monitor_user
                     .clone()
@@ -505,6 +534,10 @@ impl Config {
             let _ = writeln!(out, "pool_mode = \"{}\"", db.pool_mode.as_str());
             if let Some(u) = &db.monitor_user {
                 let _ = writeln!(out, "monitor_user = \"{u}\"");
+            }
+            if !db.replicas.is_empty() {
+                let w: Vec<String> = db.replica_weights.iter().map(u32::to_string).collect();
+                let _ = writeln!(out, "replica_weights = [{}]", w.join(", "));
             }
             render_pool(&mut out, &db.pool);
         }

@@ -140,6 +140,9 @@ pub struct RawDatabase {
     pub pool_mode: Option<String>,
     /// Overrides `routing.monitor_user` for this database.
     pub monitor_user: Option<String>,
+    /// Share of reads per replica, in `replicas` order (default all 1).
+    #[serde(default)]
+    pub replica_weights: Vec<u64>,
     // Pool settings for every pool (see `RawPool`). Listed inline rather
     // than flattened: serde cannot deny unknown fields through `flatten`.
     pub pool_size: Option<u64>,
