@@ -118,13 +118,19 @@ async fn every_corpus_write_reaches_only_the_primary() {
             }
         }
     }
+    eprintln!(
+        "{} corpus writes sent; {} in the primary's log, {} on a replica",
+        writes.len(),
+        writes.len() - missing.len(),
+        misrouted.len()
+    );
     assert!(
         misrouted.is_empty(),
         "writes reached a replica:\n{}",
         misrouted.join("\n")
     );
     assert!(
-        missing.len() <= writes.len() / 20,
+        missing.is_empty(),
         "{} writes never reached the primary's log:\n{}",
         missing.len(),
         missing.join("\n")
