@@ -9,6 +9,7 @@
 //! benchmarks.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cluster;

@@ -135,6 +135,9 @@ fn run(path: &std::path::Path) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {listen} (general.listen_addr)"))?;
         tracing::info!(addr = %proxy.local_addr()?, version = env!("CARGO_PKG_VERSION"), "pgsluice listening");
+        if let Some(http) = proxy.http_addr() {
+            tracing::info!(addr = %http, "HTTP endpoint: /health /ready /metrics");
+        }
         serve_until_signalled(proxy, false).await
     })
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
+use crate::admin::HttpEndpoint;
 use crate::cluster::{Cluster, MonitorLogin, spawn_monitor};
 use crate::config::Config;
 use crate::frontend::{self, CancelRegistry, StatementRegistry};
@@ -99,11 +100,16 @@ pub struct Proxy {
     listener: TcpListener,
     shared: Arc<Shared>,
     phase_tx: Arc<watch::Sender<Phase>>,
+    http: Option<HttpEndpoint>,
 }
 
 impl Proxy {
     pub async fn bind(config: Config) -> std::io::Result<Self> {
         let listener = TcpListener::bind(config.general.listen_addr).await?;
+        let http = match config.admin.http_listen_addr {
+            Some(addr) => Some(HttpEndpoint::bind(addr).await?),
+            None => None,
+        };
         let (phase_tx, phase) = watch::channel(Phase::Running);
         let clusters = config
             .databases
@@ -125,6 +131,7 @@ impl Proxy {
         start_monitors(&shared);
         Ok(Self {
             listener,
+            http,
             shared,
             phase_tx: Arc::new(phase_tx),
         })
@@ -132,6 +139,11 @@ impl Proxy {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Where `/health`, `/ready` and `/metrics` are served, if configured.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|h| h.local_addr().ok())
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -148,7 +160,11 @@ impl Proxy {
             listener,
             shared,
             phase_tx,
+            http,
         } = self;
+        if let Some(http) = http {
+            tokio::spawn(http.run(shared.clone()));
+        }
         let mut phase = shared.phase.clone();
         loop {
             tokio::select! {

@@ -303,6 +303,17 @@ impl Cluster {
         }
     }
 
+    /// Replica `i`'s lag now, if it has been measured.
+    pub fn lag(&self, i: usize, now: Instant) -> Option<Duration> {
+        let node = &self.nodes[i];
+        decode(node.last_ok.load(Ordering::Acquire))?;
+        let now = self.since_epoch(now);
+        Some(
+            decode(node.behind_since.load(Ordering::Acquire))
+                .map_or(Duration::ZERO, |since| now.saturating_sub(since)),
+        )
+    }
+
     /// Whether the monitor reached the primary recently.
     pub fn primary_reachable(&self, now: Instant) -> bool {
         !self.nodes[0].failing.load(Ordering::Acquire)

@@ -2,6 +2,7 @@
 //! validated once into typed settings. Nothing downstream parses a string or
 //! interprets a bare number as time.
 
+mod admin;
 mod raw;
 mod routing;
 
@@ -10,6 +11,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use admin::Admin;
 use raw::RawPool;
 pub use raw::{RawConfig, apply_env_overlay};
 pub use routing::{DefaultRoute, ReadBalance, Routing};
@@ -221,6 +223,7 @@ pub struct Config {
     pub databases: BTreeMap<String, Database>,
     pub users: BTreeMap<String, User>,
     pub routing: Routing,
+    pub admin: Admin,
     /// Access rules, first match wins; empty: every client uses
     /// `general.auth_type`.
     pub hba: Vec<HbaRule>,
@@ -485,6 +488,7 @@ impl Config {
             databases,
             users,
             routing: Routing::validate(&raw.routing)?,
+            admin: Admin::validate(&raw.admin)?,
             hba,
         })
     }
@@ -542,6 +546,7 @@ impl Config {
             render_pool(&mut out, &db.pool);
         }
         self.routing.render(&mut out);
+        self.admin.render(&mut out);
         for u in self.users.values() {
             let _ = writeln!(out, "\n[users.{}]", toml_key(&u.name));
             if let Some(p) = &u.password {

@@ -18,6 +18,8 @@ pub struct RawConfig {
     pub users: BTreeMap<String, RawUser>,
     #[serde(default)]
     pub routing: super::routing::RawRouting,
+    #[serde(default)]
+    pub admin: super::admin::RawAdmin,
     /// Access rules, first match wins (alternative to `general.hba_file`).
     #[serde(default)]
     pub hba: Vec<RawHba>,

@@ -40,6 +40,8 @@ pub fn cluster() -> &'static LocalCluster {
 /// A pgsluice running in this test's runtime.
 pub struct TestProxy {
     pub addr: SocketAddr,
+    /// The HTTP endpoint, when the config has `[admin] http_listen_addr`.
+    pub http_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     pub handle: ShutdownHandle,
     pub task: tokio::task::JoinHandle<()>,
@@ -79,11 +81,13 @@ impl TestProxy {
             .unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
         let proxy = Proxy::bind(config).await.expect("bind proxy");
         let addr = proxy.local_addr().expect("local addr");
+        let http_addr = proxy.http_addr();
         let shared = proxy.shared().clone();
         let handle = proxy.shutdown_handle();
         let task = tokio::spawn(proxy.run());
         TestProxy {
             addr,
+            http_addr,
             shared,
             handle,
             task,

@@ -1,0 +1,13 @@
+//! The operator's view of a running pgsluice: an HTTP endpoint with
+//! `/health` (the process answers), `/ready` (it should get traffic) and
+//! `/metrics` (Prometheus text format, built from live state at each
+//! scrape).
+//!
+//! Nothing here mutates pools or routing; it reads what the pools, the
+//! replica monitor and the session counters already keep.
+
+mod http;
+mod metrics;
+
+pub use http::{HttpEndpoint, readiness};
+pub use metrics::render_metrics;
