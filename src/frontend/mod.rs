@@ -94,7 +94,7 @@ async fn refuse_login(stream: &mut TcpStream, e: LoginError) {
             tracing::debug!(error = %err, "client I/O error during login");
             return;
         }
-        LoginError::Protocol(p) => (sqlstate::PROTOCOL_VIOLATION.to_owned(), p.to_string()),
+        LoginError::Protocol(p) => (p.sqlstate().to_owned(), p.to_string()),
         LoginError::Refused { code, message } => (code.clone(), message.clone()),
     };
     tracing::debug!(%code, %message, "login refused");

@@ -38,4 +38,28 @@ pub enum ProtocolError {
     Malformed(&'static str),
     #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0")]
     UnsupportedVersion { major: u16, minor: u16 },
+    #[error("no PostgreSQL user name specified in startup packet")]
+    MissingUser,
+    #[error("invalid frontend message type {0}")]
+    UnknownMessage(u8),
+}
+
+impl ProtocolError {
+    /// The SQLSTATE PostgreSQL itself reports for this mistake.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            Self::UnsupportedVersion { .. } => sqlstate::FEATURE_NOT_SUPPORTED,
+            Self::MissingUser => sqlstate::INVALID_AUTHORIZATION,
+            _ => sqlstate::PROTOCOL_VIOLATION,
+        }
+    }
+}
+
+/// Whether a client may send a message with this tag once logged in (the
+/// set PostgreSQL's own main loop accepts).
+pub fn is_frontend_message(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'S' | b'H' | b'F' | b'X' | b'd' | b'c' | b'f'
+    )
 }

@@ -137,8 +137,8 @@ fn parse_params(mut body: &[u8]) -> Result<(StartupParams, Vec<String>), Protoco
             "startup packet (bytes after terminator)",
         ));
     }
-    if !params.iter().any(|(k, _)| k == "user") {
-        return Err(ProtocolError::Malformed("startup packet (no user name)"));
+    if !params.iter().any(|(k, v)| k == "user" && !v.is_empty()) {
+        return Err(ProtocolError::MissingUser);
     }
     Ok((StartupParams(params), unsupported))
 }

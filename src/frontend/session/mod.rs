@@ -312,6 +312,10 @@ impl Session {
                     .await;
             }
         };
+        if !protocol::is_frontend_message(header.tag) {
+            let e = protocol::ProtocolError::UnknownMessage(header.tag);
+            return self.close_with(client, e.sqlstate(), &e.to_string()).await;
+        }
         let whole = self.cbuf.len() >= header.total_len;
         match header.tag {
             b'X' => Ok(Step::Exit(Exit::Terminated)),
@@ -357,11 +361,7 @@ impl Session {
             match route::scan_request(&self.cbuf, max, &route.cluster, &self.statements, unnamed) {
                 Ok(Scan::Ready(req)) => req,
                 Ok(Scan::NeedMore) => return self.read_client(client).await,
-                Err(e) => {
-                    return self
-                        .close_with(client, sqlstate::PROTOCOL_VIOLATION, &e.to_string())
-                        .await;
-                }
+                Err(e) => return self.close_with(client, e.sqlstate(), &e.to_string()).await,
             };
         if let Some(command) = &req.command {
             self.out.clear();
@@ -743,8 +743,12 @@ impl Session {
             ) {
                 Ok(Scan::Ready(req)) => req,
                 Ok(Scan::NeedMore) => return Ok(None),
-                // The forwarding path reports it.
-                Err(_) => return self.forward_client(client, usize::MAX).await,
+                Err(e) => {
+                    return self
+                        .close_with(client, e.sqlstate(), &e.to_string())
+                        .await
+                        .map(Some);
+                }
             };
             let quiet = self.relay.quiet() && self.replies.is_empty();
             if let Some(command) = &req.command {
@@ -809,6 +813,14 @@ impl Session {
         loop {
             match self.cscan.next(&self.cbuf[pos..], max) {
                 Ok(Segment::Pass { len }) => pos += len,
+                Ok(Segment::Start { header, .. }) if !protocol::is_frontend_message(header.tag) => {
+                    self.write_server_prefix(pos).await;
+                    let e = protocol::ProtocolError::UnknownMessage(header.tag);
+                    return self
+                        .close_with(client, e.sqlstate(), &e.to_string())
+                        .await
+                        .map(Some);
+                }
                 Ok(Segment::Start { header, whole }) => {
                     if relay::client_tag_inspected(header.tag) {
                         if !whole {

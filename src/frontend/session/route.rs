@@ -100,6 +100,9 @@ pub(super) fn scan_request(
                 return Ok(Scan::NeedMore);
             }
         };
+        if !protocol::is_frontend_message(header.tag) {
+            return Err(ProtocolError::UnknownMessage(header.tag));
+        }
         let msg = &buf[pos..pos + header.total_len];
         pos += header.total_len;
         last = header.tag;

@@ -14,7 +14,7 @@ use crate::backend::ServerConn;
 use crate::frontend::statements::{
     self, CLOSE_COMPLETE, ClientStatements, Kind, PARSE_COMPLETE, Statement, Undo, Undos,
 };
-use crate::protocol::{Segment, sqlstate};
+use crate::protocol::{self, Segment, sqlstate};
 
 /// The client's unnamed statement: its parse generation and Parse body tail,
 /// kept so it can be prepared again on another server.
@@ -87,6 +87,10 @@ impl Session {
                         self.sout.extend_from_slice(&cbuf[pos..pos + len]);
                     }
                     pos += len;
+                }
+                Ok(Segment::Start { header, .. }) if !protocol::is_frontend_message(header.tag) => {
+                    protocol_error = Some(protocol::ProtocolError::UnknownMessage(header.tag));
+                    break;
                 }
                 Ok(Segment::Start { header, whole }) => {
                     let tag = header.tag;
@@ -161,7 +165,7 @@ impl Session {
         }
         if let Some(e) = protocol_error {
             return self
-                .close_with(client, sqlstate::PROTOCOL_VIOLATION, &e.to_string())
+                .close_with(client, e.sqlstate(), &e.to_string())
                 .await
                 .map(Some);
         }
