@@ -3,9 +3,10 @@
 //! State is built once here and shared as an `Arc`; there are no globals, so
 //! any number of proxies can run in one process (the tests do).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -13,7 +14,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::admin::HttpEndpoint;
 use crate::cluster::{Cluster, MonitorLogin, spawn_monitor};
-use crate::config::Config;
+use crate::config::{Config, Database, User};
 use crate::frontend::{self, CancelRegistry, StatementRegistry};
 use crate::pool::Pools;
 
@@ -40,11 +41,70 @@ pub struct Shared {
     pub fake_salt_key: crate::auth::FakeSaltKey,
     clients: AtomicUsize,
     clients_gone: Notify,
+    /// Logged-in clients per user and per database (their limits).
+    per_user: Mutex<HashMap<String, usize>>,
+    per_database: Mutex<HashMap<String, usize>>,
 }
 
 impl Shared {
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Counts a logged-in client against its user's and database's
+    /// `max_client_conn`; the error names the limit.
+    pub fn admit(self: &Arc<Self>, user: &User, db: &Database) -> Result<Admitted, String> {
+        let mut users = lock(&self.per_user);
+        let mut dbs = lock(&self.per_database);
+        let u = users.get(&user.name).copied().unwrap_or(0);
+        let d = dbs.get(&db.name).copied().unwrap_or(0);
+        if let Some(max) = user.max_client_conn.filter(|&m| u >= m) {
+            return Err(format!(
+                "too many connections for role \"{}\" (users.{}.max_client_conn = {max})",
+                user.name, user.name
+            ));
+        }
+        if let Some(max) = db.max_client_conn.filter(|&m| d >= m) {
+            return Err(format!(
+                "too many connections for database \"{}\" (databases.{}.max_client_conn = {max})",
+                db.name, db.name
+            ));
+        }
+        *users.entry(user.name.clone()).or_default() += 1;
+        *dbs.entry(db.name.clone()).or_default() += 1;
+        Ok(Admitted {
+            shared: self.clone(),
+            user: user.name.clone(),
+            database: db.name.clone(),
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A client counted against its user's and database's limits while alive.
+pub struct Admitted {
+    shared: Arc<Shared>,
+    user: String,
+    database: String,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        for (map, key) in [
+            (&self.shared.per_user, &self.user),
+            (&self.shared.per_database, &self.database),
+        ] {
+            let mut m = lock(map);
+            if let Some(n) = m.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(key);
+                }
+            }
+        }
     }
 }
 
@@ -127,6 +187,8 @@ impl Proxy {
             fake_salt_key: crate::auth::FakeSaltKey::random(),
             clients: AtomicUsize::new(0),
             clients_gone: Notify::new(),
+            per_user: Mutex::default(),
+            per_database: Mutex::default(),
         });
         start_monitors(&shared);
         Ok(Self {

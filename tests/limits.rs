@@ -269,3 +269,81 @@ async fn sync_without_a_server_is_answered_locally() {
     c.send(&raw::message(b'X', &[])).await;
     assert!(c.closed_within(5 * SECOND).await);
 }
+
+#[tokio::test]
+async fn per_user_and_per_database_client_limits_name_the_setting() {
+    let primary = tokio::task::spawn_blocking(cluster)
+        .await
+        .expect("cluster")
+        .primary()
+        .addr();
+    let proxy = TestProxy::start_with(
+        "",
+        &format!(
+            "\n[databases.capped]\nprimary = \"{primary}\"\ndbname = \"app\"\nmax_client_conn = 2\n\
+             [users.auth_trust]\npassword = \"tpw\"\nmax_client_conn = 2\n"
+        ),
+    )
+    .await;
+    let base = format!(
+        "host=127.0.0.1 port={} connect_timeout=10",
+        proxy.addr.port()
+    );
+    let connect = |extra: String| {
+        let conninfo = format!("{base} {extra}");
+        async move {
+            let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            Ok::<_, tokio_postgres::Error>(c)
+        }
+    };
+    // Database limit: two clients, the third refused naming the setting.
+    let db = || {
+        connect(format!(
+            "user={APP_USER} password={APP_PASSWORD} dbname=capped"
+        ))
+    };
+    let a = db().await.expect("first");
+    let b = db().await.expect("second");
+    let err = db()
+        .await
+        .expect_err("third over databases.capped.max_client_conn");
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"));
+    assert!(
+        message(&err).contains("databases.capped.max_client_conn = 2"),
+        "{}",
+        message(&err)
+    );
+    // Other databases are not affected.
+    proxy
+        .connect()
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .expect("app db");
+    drop(a);
+    eventually(
+        "a slot frees when a client leaves",
+        Duration::from_secs(5),
+        || async { db().await.is_ok() },
+    )
+    .await;
+    drop(b);
+
+    // User limit.
+    let user = || connect("user=auth_trust password=tpw dbname=app".into());
+    let u1 = user().await.expect("first");
+    let _u2 = user().await.expect("second");
+    let err = user()
+        .await
+        .expect_err("third over users.auth_trust.max_client_conn");
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"));
+    assert!(
+        message(&err).contains("users.auth_trust.max_client_conn = 2"),
+        "{}",
+        message(&err)
+    );
+    u1.simple_query("SELECT 1")
+        .await
+        .expect("the admitted clients keep working");
+}

@@ -191,6 +191,8 @@ pub struct Database {
     pub monitor_user: Option<String>,
     /// Relative share of reads per replica (same order as `replicas`).
     pub replica_weights: Vec<u32>,
+    /// Client connections to this database at once.
+    pub max_client_conn: Option<usize>,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -202,6 +204,8 @@ pub struct User {
     /// Logs in to PostgreSQL when `password` is a secret and pass-through
     /// is not possible.
     pub server_password: Option<String>,
+    /// Client connections this user may hold at once.
+    pub max_client_conn: Option<usize>,
 }
 
 impl std::fmt::Debug for User {
@@ -381,6 +385,10 @@ impl Config {
                     None => pool_mode,
                 },
                 pool: pool_settings(&format!("databases.{name}"), &db.pool().or(&default_pool))?,
+                max_client_conn: match db.max_client_conn {
+                    None | Some(0) => None,
+                    Some(n) => Some(count(&key("max_client_conn"), Some(n), 0, 1)?),
+                },
                 replica_weights: match db.replica_weights.len() {
                     0 => vec![1; db.replicas.len()],
                     n if n == db.replicas.len() => db
@@ -452,6 +460,15 @@ impl Config {
                     name: name.clone(),
                     password,
                     server_password: u.server_password.clone(),
+                    max_client_conn: match u.max_client_conn {
+                        None | Some(0) => None,
+                        Some(n) => Some(count(
+                            &format!("users.{name}.max_client_conn"),
+                            Some(n),
+                            0,
+                            1,
+                        )?),
+                    },
                 },
             );
         }

@@ -142,6 +142,8 @@ pub struct RawDatabase {
     pub pool_mode: Option<String>,
     /// Overrides `routing.monitor_user` for this database.
     pub monitor_user: Option<String>,
+    /// Client connections to this database at once (0 = no limit).
+    pub max_client_conn: Option<u64>,
     /// Share of reads per replica, in `replicas` order (default all 1).
     #[serde(default)]
     pub replica_weights: Vec<u64>,
@@ -165,6 +167,8 @@ pub struct RawUser {
     pub password: Option<String>,
     #[serde(default, deserialize_with = "string_or_number")]
     pub server_password: Option<String>,
+    /// Client connections this user may hold at once (0 = no limit).
+    pub max_client_conn: Option<u64>,
 }
 
 /// Passwords set through the environment arrive untyped: `12345` is a

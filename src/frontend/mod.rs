@@ -197,6 +197,9 @@ async fn login(
             format!("role \"{user_name}\" does not exist"),
         )
     })?;
+    let admitted = shared
+        .admit(user, db)
+        .map_err(|m| refused(sqlstate::TOO_MANY_CONNECTIONS, m))?;
     let pools = shared.pools.for_user(db, user);
     if let Some(c) = learned {
         // Every node of the database logs this user in the same way.
@@ -233,6 +236,7 @@ async fn login(
         buf,
         shared.clone(),
         session::Upstream {
+            admitted,
             pools,
             cluster: shared.clusters.get(&db.name).cloned(),
         },

@@ -134,6 +134,8 @@ enum Held {
 pub(super) struct Upstream {
     pub pools: NodePools,
     pub cluster: Option<Arc<Cluster>>,
+    /// This client counted against its user's and database's limits.
+    pub admitted: crate::proxy::Admitted,
 }
 
 /// How an attempt to attach a server ended.
@@ -153,6 +155,7 @@ pub struct Session {
     node: usize,
     /// Read/write routing (transaction and statement mode with replicas).
     route: Option<Box<ClientRoute>>,
+    _admitted: crate::proxy::Admitted,
     /// Counts this client on its node while a server is attached.
     on_node: Option<Attached>,
     /// The attached primary ran something that may have written.
@@ -205,6 +208,7 @@ impl Session {
             out: BytesMut::new(),
             shared,
             pools: upstream.pools,
+            _admitted: upstream.admitted,
             node: 0,
             route: match upstream.cluster {
                 Some(c) if mode != PoolMode::Session && c.nodes().len() > 1 => {
