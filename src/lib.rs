@@ -19,3 +19,4 @@ pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod router;
+pub mod tls;

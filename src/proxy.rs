@@ -15,6 +15,7 @@ use crate::cluster::{Cluster, MonitorLogin, spawn_monitor};
 use crate::config::Config;
 use crate::frontend::{self, CancelRegistry, StatementRegistry};
 use crate::pool::Pools;
+use crate::tls::{TlsContext, TlsFileError, TlsHandle};
 
 /// Where the process is in its life; sessions watch it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -37,6 +38,9 @@ pub struct Shared {
     pub phase: watch::Receiver<Phase>,
     /// Key of the fake SCRAM salts shown for unknown users (per process).
     pub fake_salt_key: crate::auth::FakeSaltKey,
+    /// Certificates and keys for new connections, both ways; replaced by
+    /// [`Shared::reload_tls`].
+    pub tls: TlsHandle,
     clients: AtomicUsize,
     clients_gone: Notify,
 }
@@ -44,6 +48,16 @@ pub struct Shared {
 impl Shared {
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads the TLS certificate, key and CA files named in the
+    /// configuration. New connections use them; established ones keep
+    /// theirs. On error nothing changes and the error names the setting,
+    /// the file and what is wrong with it.
+    pub fn reload_tls(&self) -> Result<(), TlsFileError> {
+        let context = TlsContext::load(&self.config.tls)?;
+        self.tls.store(Arc::new(context));
+        Ok(())
     }
 }
 
@@ -103,6 +117,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn bind(config: Config) -> std::io::Result<Self> {
+        // Validation read the files already; read again for the configs
+        // (a file changed in between is reported like any startup error).
+        let tls = TlsContext::load(&config.tls)
+            .map_err(std::io::Error::other)?
+            .handle();
         let listener = TcpListener::bind(config.general.listen_addr).await?;
         let (phase_tx, phase) = watch::channel(Phase::Running);
         let clusters = config
@@ -113,12 +132,13 @@ impl Proxy {
             .collect();
         let shared = Arc::new(Shared {
             config: Arc::new(config),
-            pools: Pools::new(),
+            pools: Pools::new(tls.clone()),
             clusters,
             cancels: CancelRegistry::new(),
             statements: StatementRegistry::new(),
             phase,
             fake_salt_key: crate::auth::FakeSaltKey::random(),
+            tls,
             clients: AtomicUsize::new(0),
             clients_gone: Notify::new(),
         });
@@ -211,6 +231,7 @@ fn start_monitors(shared: &Arc<Shared>) {
             password: crate::config::Config::monitor_password(user),
             dbname: db.dbname.clone(),
             connect_timeout: shared.config.routing.monitor_timeout,
+            tls: shared.tls.clone(),
         };
         let weak = Arc::downgrade(shared);
         let database = name.clone();
