@@ -88,13 +88,13 @@ fn pki() -> &'static Pki {
     })
 }
 
-/// A primary (no replicas) with `ssl = on` and the PKI's server certificate.
+/// A primary and one replica with `ssl = on` and the PKI's server certificate.
 fn cluster() -> &'static LocalCluster {
     static CLUSTER: OnceLock<LocalCluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
         let p = pki();
         LocalCluster::start(ClusterOptions {
-            replicas: 0,
+            replicas: 1,
             extra_conf: vec![
                 "ssl = on".into(),
                 format!("ssl_cert_file = '{}'", p.file("pg.crt")),
@@ -120,15 +120,21 @@ impl Drop for TestProxy {
 }
 
 /// pgsluice with `tls` as the body of its `[tls]` table, `extra` TOML after
-/// it, and the primary addressed by `host` (the PostgreSQL certificate is
-/// valid for `localhost` only).
+/// it, and the servers addressed by `host` (the PostgreSQL certificate is
+/// valid for `localhost` only). Without a `[routing]` table in `extra`,
+/// everything goes to the primary.
 async fn start(tls: &str, extra: &str, host: &str) -> Result<TestProxy, String> {
     let cluster = tokio::task::spawn_blocking(cluster).await.expect("cluster");
-    let port = cluster.primary().port;
     let toml = cluster
-        .pgsluice_config("listen_addr = \"127.0.0.1:0\"\n")
-        .replace(&format!("127.0.0.1:{port}"), &format!("{host}:{port}"));
-    let toml = format!("{toml}\n[tls]\n{tls}\n{extra}");
+        .pgsluice_config("")
+        .replace("\"127.0.0.1:", &format!("\"{host}:"))
+        .replace("[general]\n", "[general]\nlisten_addr = \"127.0.0.1:0\"\n");
+    let routing = if extra.contains("[routing]") {
+        ""
+    } else {
+        "\n[routing]\ndefault_route = \"primary\"\nmonitor_user = \"app\"\n"
+    };
+    let toml = format!("{toml}\n[tls]\n{tls}\n{routing}{extra}");
     let config = Config::from_toml(&toml, "test", std::iter::empty()).map_err(|e| e.to_string())?;
     let proxy = Proxy::bind(config).await.map_err(|e| e.to_string())?;
     let port = proxy.local_addr().expect("addr").port();
@@ -460,4 +466,48 @@ async fn reload_keeps_old_files_when_new_ones_are_broken() {
             .unwrap(),
         "1"
     );
+}
+
+/// The replica monitor's tokio-postgres connections use the same TLS
+/// settings: with verify-full they are TLS, and the replica serves reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_connects_with_tls() {
+    let p = pki();
+    let server = format!(
+        "server_mode = \"verify-full\"\nserver_ca_file = \"{}\"\n",
+        p.file("ca.pem")
+    );
+    let routing = "[routing]\nmonitor_user = \"app\"\nmonitor_interval = \"100ms\"\n";
+    let proxy = start(
+        &format!("{}{server}", client_side("allow")),
+        routing,
+        "localhost",
+    )
+    .await
+    .unwrap();
+    let cluster = cluster();
+    let replica_port = cluster.replicas()[0].port;
+    let sql =
+        "SELECT inet_server_port() || ' ' || ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        // A read reaches the replica only once the monitor has seen it.
+        let out = psql(conninfo(proxy.port, "localhost", "sslmode=disable"), sql)
+            .await
+            .unwrap();
+        if out == format!("{replica_port} true") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no TLS read on the replica: {out}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Other tests' proxies may have monitors here too: at least one is TLS.
+    let check = "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+         WHERE application_name = 'pgsluice monitor' AND ssl";
+    let out = cluster.psql(1, "app", &[check]).expect("superuser psql");
+    let n: u32 = out.trim().parse().unwrap_or(0);
+    assert!(n >= 1, "no monitor connection over TLS: {out}");
 }
