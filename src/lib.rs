@@ -20,3 +20,4 @@ pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod router;
+pub mod tls;

@@ -144,9 +144,11 @@ fn run(path: &std::path::Path) -> Result<()> {
 
 /// Runs the proxy. SIGTERM drains (a second SIGTERM exits at once), SIGINT
 /// exits at once (`demo`: closes clients and returns so the cluster is
-/// cleaned up), SIGHUP is reserved for reload.
+/// cleaned up), SIGHUP re-reads the TLS certificate, key and CA files (a
+/// broken file keeps the old ones; the error says which and why).
 async fn serve_until_signalled(proxy: Proxy, demo: bool) -> Result<()> {
     let handle = proxy.shutdown_handle();
+    let shared = proxy.shared().clone();
     let mut task = tokio::spawn(proxy.run());
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
@@ -180,7 +182,10 @@ async fn serve_until_signalled(proxy: Proxy, demo: bool) -> Result<()> {
                 std::process::exit(0);
             }
             _ = hup.recv() => {
-                tracing::warn!("SIGHUP: configuration reload is not implemented yet; nothing changed");
+                match shared.reload_tls() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificates and keys re-read; new connections use them (other settings need a restart)"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the previous certificates and keys"),
+                }
             }
         }
     }

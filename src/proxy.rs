@@ -17,6 +17,7 @@ use crate::cluster::{Cluster, MonitorLogin, spawn_monitor};
 use crate::config::{Config, Database, User};
 use crate::frontend::{self, CancelRegistry, StatementRegistry};
 use crate::pool::Pools;
+use crate::tls::{TlsContext, TlsFileError, TlsHandle};
 
 /// Where the process is in its life; sessions watch it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -39,6 +40,9 @@ pub struct Shared {
     pub phase: watch::Receiver<Phase>,
     /// Key of the fake SCRAM salts shown for unknown users (per process).
     pub fake_salt_key: crate::auth::FakeSaltKey,
+    /// Certificates and keys for new connections, both ways; replaced by
+    /// [`Shared::reload_tls`].
+    pub tls: TlsHandle,
     clients: AtomicUsize,
     clients_gone: Notify,
     /// Logged-in clients per user and per database (their limits).
@@ -77,6 +81,16 @@ impl Shared {
             user: user.name.clone(),
             database: db.name.clone(),
         })
+    }
+
+    /// Re-reads the TLS certificate, key and CA files named in the
+    /// configuration. New connections use them; established ones keep
+    /// theirs. On error nothing changes and the error names the setting,
+    /// the file and what is wrong with it.
+    pub fn reload_tls(&self) -> Result<(), TlsFileError> {
+        let context = TlsContext::load(&self.config.tls)?;
+        self.tls.store(Arc::new(context));
+        Ok(())
     }
 }
 
@@ -165,6 +179,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn bind(config: Config) -> std::io::Result<Self> {
+        // Validation read the files already; read again for the configs
+        // (a file changed in between is reported like any startup error).
+        let tls = TlsContext::load(&config.tls)
+            .map_err(std::io::Error::other)?
+            .handle();
         let listener = TcpListener::bind(config.general.listen_addr).await?;
         let http = match config.admin.http_listen_addr {
             Some(addr) => Some(HttpEndpoint::bind(addr).await?),
@@ -179,12 +198,13 @@ impl Proxy {
             .collect();
         let shared = Arc::new(Shared {
             config: Arc::new(config),
-            pools: Pools::new(),
+            pools: Pools::new(tls.clone()),
             clusters,
             cancels: CancelRegistry::new(),
             statements: StatementRegistry::new(),
             phase,
             fake_salt_key: crate::auth::FakeSaltKey::random(),
+            tls,
             clients: AtomicUsize::new(0),
             clients_gone: Notify::new(),
             per_user: Mutex::default(),
@@ -289,6 +309,7 @@ fn start_monitors(shared: &Arc<Shared>) {
             password: crate::config::Config::monitor_password(user),
             dbname: db.dbname.clone(),
             connect_timeout: shared.config.routing.monitor_timeout,
+            tls: shared.tls.clone(),
         };
         let weak = Arc::downgrade(shared);
         let database = name.clone();

@@ -232,7 +232,7 @@ fn run_serves_and_exits_on_sigterm() {
             c.query_one("SELECT 5", &[]).await.unwrap().get::<_, i32>(0),
             5
         );
-        // SIGHUP is reserved for reload: it must not kill the process.
+        // SIGHUP re-reads the TLS files (none here): it must not kill the process.
         kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(

@@ -202,7 +202,7 @@ impl ClientAuth {
             }),
             Method::Cert => Exchange::Refuse(AuthFailure {
                 code: sqlstate::INVALID_AUTHORIZATION,
-                message: "cert authentication needs TLS, which pgsluice does not support yet"
+                message: "cert authentication is checked against the TLS client certificate, before this exchange"
                     .to_owned(),
             }),
             Method::Password => Exchange::Cleartext {

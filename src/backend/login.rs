@@ -15,6 +15,10 @@ use crate::auth::ServerCredential;
 use crate::auth::scram::ScramClient;
 use crate::config::ServerAddr;
 use crate::protocol::ErrorFields;
+use crate::tls::{ServerStream, ServerTlsMode, TlsHandle};
+
+/// Code of an SSLRequest.
+const SSL_REQUEST_CODE: i32 = crate::protocol::SSL_REQUEST_CODE;
 
 /// Everything needed to open one server connection.
 #[derive(Debug, Clone)]
@@ -24,6 +28,8 @@ pub struct LoginSpec {
     pub credentials: Credentials,
     pub database: String,
     pub connect_timeout: Duration,
+    /// `tls.server_mode` and the connector, as of the latest reload.
+    pub tls: TlsHandle,
 }
 
 /// What pgsluice can log in to PostgreSQL with, as one user.
@@ -96,6 +102,7 @@ async fn login(spec: &LoginSpec, id: u64) -> Result<ServerConn, BackendError> {
         })?;
     stream.set_nodelay(true)?;
     let peer = stream.peer_addr()?;
+    let stream = negotiate_tls(stream, spec, &label).await?;
     let mut conn = ServerConn {
         stream,
         buf: BytesMut::with_capacity(SERVER_BUF),
@@ -304,4 +311,65 @@ fn no_password(spec: &LoginSpec, label: &str) -> BackendError {
         addr: label.to_owned(),
         user: spec.user.clone(),
     }
+}
+
+/// Asks the server for TLS (SSLRequest) as `tls.server_mode` says and runs
+/// the handshake; `prefer` falls back to plaintext when the server says no.
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    spec: &LoginSpec,
+    label: &str,
+) -> Result<ServerStream, BackendError> {
+    let tls = spec.tls.load();
+    let mode = tls.settings.server_mode;
+    let Some(connector) = tls
+        .connector
+        .clone()
+        .filter(|_| mode != ServerTlsMode::Disable)
+    else {
+        return Ok(ServerStream::Plain(tcp));
+    };
+    let tls_err = |reason: String| BackendError::Tls {
+        addr: label.to_owned(),
+        reason,
+    };
+    let mut req = [0u8; 8];
+    req[..4].copy_from_slice(&8i32.to_be_bytes());
+    req[4..].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+    tcp.write_all(&req).await?;
+    // Exactly one byte: anything after it would come from before the
+    // handshake and could be injected.
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if mode == ServerTlsMode::Prefer => return Ok(ServerStream::Plain(tcp)),
+        b'N' => {
+            return Err(tls_err(format!(
+                "the server does not accept TLS connections, and tls.server_mode = \"{}\"",
+                mode.as_str()
+            )));
+        }
+        b'E' => {
+            return Err(tls_err(
+                "the server answered the TLS request with an error".into(),
+            ));
+        }
+        other => {
+            return Err(tls_err(format!(
+                "unexpected answer {other:#04x} to the TLS request"
+            )));
+        }
+    }
+    let name = rustls::pki_types::ServerName::try_from(spec.addr.host.clone()).map_err(|e| {
+        tls_err(format!(
+            "host `{}` is not a valid TLS server name: {e}",
+            spec.addr.host
+        ))
+    })?;
+    let stream = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| tls_err(format!("handshake failed: {e}")))?;
+    Ok(ServerStream::Tls(Box::new(stream)))
 }

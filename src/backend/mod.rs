@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::protocol::{self, ErrorFields, TxStatus};
+use crate::tls::ServerStream;
 
 pub use login::{Credentials, LoginSpec};
 
@@ -44,6 +45,8 @@ pub enum BackendError {
     },
     #[error("server {addr} broke the protocol: {reason}")]
     Protocol { addr: String, reason: String },
+    #[error("server {addr}: TLS: {reason}")]
+    Tls { addr: String, reason: String },
     #[error("server connection lost: {0}")]
     Io(String),
 }
@@ -114,7 +117,9 @@ impl ServerParams {
 }
 
 pub struct ServerConn {
-    pub stream: TcpStream,
+    /// Plain TCP or TLS (`tls.server_mode`); the relay reads it with
+    /// `read_buf` either way.
+    pub stream: ServerStream,
     /// Bytes read from the server and not yet relayed.
     pub buf: BytesMut,
     pub params: ServerParams,
@@ -163,8 +168,8 @@ impl ServerConn {
     }
 
     /// Says goodbye (Terminate) without waiting, then closes.
-    pub fn terminate(self) {
-        let _ = self.stream.try_write(&[b'X', 0, 0, 0, 4]);
+    pub fn terminate(mut self) {
+        self.stream.try_send_and_close(&[b'X', 0, 0, 0, 4]);
     }
 
     pub fn process_id(&self) -> i32 {
@@ -179,9 +184,12 @@ impl ServerConn {
     /// merely found broken on its next use, as if it had died a moment after
     /// checkout.
     pub fn forget_read_readiness(&self) {
-        let _ = self.stream.try_io(tokio::io::Interest::READABLE, || {
-            Err::<(), _>(io::ErrorKind::WouldBlock.into())
-        });
+        // TLS: the idle check polls the stream itself; nothing cached here.
+        if let ServerStream::Plain(s) = &self.stream {
+            let _ = s.try_io(tokio::io::Interest::READABLE, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
+        }
     }
 
     /// True when the idle connection is still usable: nothing arrived
@@ -191,9 +199,7 @@ impl ServerConn {
         if !self.buf.is_empty() {
             return false;
         }
-        // No syscall unless the reactor saw the socket become readable.
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        self.stream.is_quiet()
     }
 
     /// Sends a simple query of the pooler's own and consumes the whole answer

@@ -11,11 +11,13 @@
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use super::history::parse_lsn;
 use super::{Availability, Cluster, Role};
 use crate::router::FunctionCatalog;
+use crate::tls::{MakeRustlsConnect, ServerTlsMode, TlsHandle};
 
 /// Function names whose every overload is immutable or stable: calls of
 /// anything else (volatile, or created later) go to the primary.
@@ -36,6 +38,8 @@ pub struct MonitorLogin {
     pub password: Option<String>,
     pub dbname: String,
     pub connect_timeout: Duration,
+    /// `tls.server_mode` and its connector, read at each (re)connect.
+    pub tls: TlsHandle,
 }
 
 /// Called with a node index when that node answers again after failing.
@@ -60,7 +64,10 @@ pub fn spawn_monitor(cluster: &Arc<Cluster>, login: MonitorLogin, on_reachable: 
         tokio::spawn(watch_node(
             Arc::downgrade(cluster),
             node.index,
-            config,
+            Probe {
+                config,
+                tls: login.tls.clone(),
+            },
             on_reachable.clone(),
         ));
     }
@@ -72,16 +79,51 @@ struct Sample {
     lsn: Option<u64>,
 }
 
-async fn probe(
-    client: &mut Option<Client>,
-    config: &tokio_postgres::Config,
-) -> Result<Sample, String> {
-    if client.is_none() {
-        let (c, connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+/// How a node's monitor task connects.
+struct Probe {
+    config: tokio_postgres::Config,
+    tls: TlsHandle,
+}
+
+impl Probe {
+    /// A new connection, with TLS as `tls.server_mode` says (the same
+    /// certificate checks as pooled connections).
+    async fn connect(&self) -> Result<Client, String> {
+        let tls = self.tls.load();
+        let connector = tls
+            .connector
+            .clone()
+            .filter(|_| tls.settings.server_mode != ServerTlsMode::Disable);
+        let Some(connector) = connector else {
+            let (c, connection) = self
+                .config
+                .connect(NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            return Ok(c);
+        };
+        let mut config = self.config.clone();
+        config.ssl_mode(match tls.settings.server_mode {
+            ServerTlsMode::Prefer => SslMode::Prefer,
+            _ => SslMode::Require,
+        });
+        let (c, connection) = config
+            .connect(MakeRustlsConnect(connector))
+            .await
+            .map_err(|e| e.to_string())?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        *client = Some(c);
+        Ok(c)
+    }
+}
+
+async fn probe(client: &mut Option<Client>, probe: &Probe) -> Result<Sample, String> {
+    if client.is_none() {
+        *client = Some(probe.connect().await?);
     }
     let Some(c) = client.as_ref() else {
         return Err("no connection".into());
@@ -132,7 +174,7 @@ enum Seen {
 async fn watch_node(
     cluster: Weak<Cluster>,
     index: usize,
-    config: tokio_postgres::Config,
+    config: Probe,
     on_reachable: OnReachable,
 ) {
     let (interval, timeout) = match cluster.upgrade() {

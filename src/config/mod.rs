@@ -18,6 +18,7 @@ pub use routing::{DefaultRoute, ReadBalance, Routing};
 
 use crate::auth::{HbaRule, Method, Secret};
 use crate::protocol::PG_MAX_MESSAGE_LEN;
+use crate::tls::{ClientTlsMode, ServerTlsMode, TlsContext, TlsSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -75,16 +76,19 @@ impl PoolMode {
 }
 
 /// `general.auth_type`: the method for every client when no access rules
-/// are configured. `cert` needs TLS and `reject` would refuse everyone, so
-/// neither is a valid default.
-fn parse_auth_type(s: &str) -> Result<Method, ConfigError> {
+/// are configured. `cert` needs a CA for client certificates; `reject`
+/// would refuse everyone, so it is not a valid default.
+fn parse_auth_type(s: &str, tls: &TlsSettings) -> Result<Method, ConfigError> {
     let key = "general.auth_type";
     match s {
         "plain" => Ok(Method::Password),
-        "cert" => Err(invalid(
-            key,
-            "`cert` needs TLS client certificates, which pgsluice does not support yet",
-        )),
+        "cert" if tls.client_ca_file.is_none() || tls.client_mode == ClientTlsMode::Disable => {
+            Err(invalid(
+                key,
+                "`cert` needs TLS client certificates: set tls.client_mode (not disable) and tls.client_ca_file",
+            ))
+        }
+        "cert" => Ok(Method::Cert),
         "reject" => Err(invalid(
             key,
             "`reject` would refuse every client; use access rules ([[hba]]) to reject some",
@@ -231,6 +235,7 @@ pub struct Config {
     /// Access rules, first match wins; empty: every client uses
     /// `general.auth_type`.
     pub hba: Vec<HbaRule>,
+    pub tls: TlsSettings,
 }
 
 impl Config {
@@ -287,6 +292,7 @@ impl Config {
 
     fn validate_at(raw: RawConfig, base: Option<&Path>) -> Result<Self, ConfigError> {
         let g = &raw.general;
+        let tls = tls_settings(&raw.tls, base)?;
         let default_pool = g.pool();
         let pool_mode = PoolMode::parse(
             "general.pool_mode",
@@ -303,7 +309,7 @@ impl Config {
                 })?
             },
             pool_mode,
-            auth_type: parse_auth_type(g.auth_type.as_deref().unwrap_or("scram-sha-256"))?,
+            auth_type: parse_auth_type(g.auth_type.as_deref().unwrap_or("scram-sha-256"), &tls)?,
             hba_file: g.hba_file.as_ref().map(|f| match base {
                 Some(dir) if Path::new(f).is_relative() => dir.join(f),
                 _ => PathBuf::from(f),
@@ -438,8 +444,19 @@ impl Config {
         }
         let mut users = BTreeMap::new();
         let hba = hba_rules(&general, &raw.hba)?;
+        if hba.iter().any(|r| r.method == Method::Cert)
+            && (tls.client_ca_file.is_none() || tls.client_mode == ClientTlsMode::Disable)
+        {
+            return Err(invalid(
+                "tls.client_ca_file",
+                "an access rule uses `cert`, which needs tls.client_mode (not disable) and tls.client_ca_file",
+            ));
+        }
         for (name, u) in &raw.users {
-            if hba.is_empty() && general.auth_type != Method::Trust && u.password.is_none() {
+            if hba.is_empty()
+                && !matches!(general.auth_type, Method::Trust | Method::Cert)
+                && u.password.is_none()
+            {
                 return Err(invalid(
                     format!("users.{name}.password"),
                     format!(
@@ -507,6 +524,7 @@ impl Config {
             routing: Routing::validate(&raw.routing)?,
             admin: Admin::validate(&raw.admin)?,
             hba,
+            tls,
         })
     }
 
@@ -573,6 +591,7 @@ impl Config {
                 let _ = writeln!(out, "server_password = \"<redacted>\"");
             }
         }
+        render_tls(&mut out, &self.tls);
         if g.hba_file.is_none() {
             for r in &self.hba {
                 let (conn, db, user, addr, method) = r.columns();
@@ -590,6 +609,89 @@ impl Config {
         }
         out
     }
+}
+
+fn render_tls(out: &mut String, t: &TlsSettings) {
+    let _ = writeln!(out, "\n[tls]");
+    let _ = writeln!(out, "client_mode = \"{}\"", t.client_mode.as_str());
+    let files = [
+        ("client_cert_file", &t.client_cert_file),
+        ("client_key_file", &t.client_key_file),
+        ("client_ca_file", &t.client_ca_file),
+        ("server_ca_file", &t.server_ca_file),
+        ("server_cert_file", &t.server_cert_file),
+        ("server_key_file", &t.server_key_file),
+    ];
+    let _ = writeln!(out, "server_mode = \"{}\"", t.server_mode.as_str());
+    for (k, v) in files {
+        if let Some(p) = v {
+            let _ = writeln!(out, "{k} = \"{}\"", toml_escape(&p.display().to_string()));
+        }
+    }
+    if !t.cert_map.is_empty() {
+        let _ = writeln!(out, "\n[tls.cert_map]");
+        for (cn, user) in &t.cert_map {
+            let _ = writeln!(out, "{} = \"{}\"", toml_key(cn), toml_escape(user));
+        }
+    }
+}
+
+/// `[tls]`: modes and paths (relative ones from `base`). The files are read
+/// here too, so a missing or malformed one stops startup naming its key.
+fn tls_settings(raw: &raw::RawTls, base: Option<&Path>) -> Result<TlsSettings, ConfigError> {
+    let path = |f: &Option<String>| {
+        f.as_ref().map(|f| match base {
+            Some(dir) if Path::new(f).is_relative() => dir.join(f),
+            _ => PathBuf::from(f),
+        })
+    };
+    let client_mode = match raw.client_mode.as_deref() {
+        None => ClientTlsMode::Disable,
+        Some(s) => ClientTlsMode::parse(s).ok_or_else(|| {
+            invalid(
+                "tls.client_mode",
+                format!("`{s}` is not one of {}", crate::tls::CLIENT_MODES),
+            )
+        })?,
+    };
+    let server_mode = match raw.server_mode.as_deref() {
+        // Opportunistic by default, as libpq; without any [tls] table the
+        // server is asked for TLS and plaintext is used if it has none.
+        None => ServerTlsMode::Prefer,
+        Some(s) => ServerTlsMode::parse(s).ok_or_else(|| {
+            invalid(
+                "tls.server_mode",
+                format!("`{s}` is not one of {}", crate::tls::SERVER_MODES),
+            )
+        })?,
+    };
+    if raw.server_cert_file.is_some() != raw.server_key_file.is_some() {
+        return Err(invalid(
+            "tls.server_key_file",
+            "set tls.server_cert_file and tls.server_key_file together",
+        ));
+    }
+    for (cn, user) in &raw.cert_map {
+        if cn.is_empty() || user.is_empty() {
+            return Err(invalid(
+                "tls.cert_map",
+                "empty certificate name or user name",
+            ));
+        }
+    }
+    let settings = TlsSettings {
+        client_mode,
+        client_cert_file: path(&raw.client_cert_file),
+        client_key_file: path(&raw.client_key_file),
+        client_ca_file: path(&raw.client_ca_file),
+        server_mode,
+        server_ca_file: path(&raw.server_ca_file),
+        server_cert_file: path(&raw.server_cert_file),
+        server_key_file: path(&raw.server_key_file),
+        cert_map: raw.cert_map.clone(),
+    };
+    TlsContext::load(&settings).map_err(|e| invalid(e.key, format!("{}: {}", e.file, e.reason)))?;
+    Ok(settings)
 }
 
 fn toml_escape(s: &str) -> String {

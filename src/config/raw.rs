@@ -23,6 +23,25 @@ pub struct RawConfig {
     /// Access rules, first match wins (alternative to `general.hba_file`).
     #[serde(default)]
     pub hba: Vec<RawHba>,
+    #[serde(default)]
+    pub tls: RawTls,
+}
+
+/// `[tls]`: modes and PEM files for both sides, and the certificate map.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub client_mode: Option<String>,
+    pub client_cert_file: Option<String>,
+    pub client_key_file: Option<String>,
+    pub client_ca_file: Option<String>,
+    pub server_mode: Option<String>,
+    pub server_ca_file: Option<String>,
+    pub server_cert_file: Option<String>,
+    pub server_key_file: Option<String>,
+    /// Certificate CN → user name.
+    #[serde(default)]
+    pub cert_map: BTreeMap<String, String>,
 }
 
 /// One `[[hba]]` table: the five columns of a rule line, in the same syntax.

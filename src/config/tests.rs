@@ -215,3 +215,53 @@ fn hba_tables_file_and_conflicts() {
     .to_string();
     assert!(e.contains("not both"), "{e}");
 }
+
+#[test]
+fn tls_settings_are_validated_with_their_key() {
+    let c = load(MINIMAL, &[]).unwrap();
+    assert_eq!(c.tls.client_mode, ClientTlsMode::Disable);
+    assert_eq!(c.tls.server_mode, ServerTlsMode::Prefer);
+    let cases = [
+        ("[tls]\nclient_mode = \"on\"", "tls.client_mode", "one of"),
+        (
+            "[tls]\nserver_mode = \"allow\"",
+            "tls.server_mode",
+            "one of",
+        ),
+        (
+            "[tls]\nclient_mode = \"require\"",
+            "tls.client_cert_file",
+            "not set",
+        ),
+        (
+            "[tls]\nclient_mode = \"require\"\nclient_cert_file = \"/nonexistent/c.pem\"\nclient_key_file = \"/nonexistent/k.pem\"",
+            "tls.client_cert_file",
+            "/nonexistent/c.pem",
+        ),
+        (
+            "[tls]\nserver_mode = \"verify-full\"",
+            "tls.server_ca_file",
+            "not set",
+        ),
+        (
+            "[tls]\nserver_cert_file = \"x.pem\"",
+            "tls.server_key_file",
+            "together",
+        ),
+        (
+            "[general]\nauth_type = \"cert\"",
+            "general.auth_type",
+            "client_ca_file",
+        ),
+        (
+            "[[hba]]\ntype = \"hostssl\"\nmethod = \"cert\"",
+            "tls.client_ca_file",
+            "cert",
+        ),
+    ];
+    for (extra, key, needle) in cases {
+        let text = format!("{MINIMAL}\n{extra}");
+        let e = load(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains(needle), "{extra}: {e}");
+    }
+}

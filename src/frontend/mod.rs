@@ -1,4 +1,5 @@
-//! One client connection: startup (SSL/GSSENC refusal, protocol
+//! One client connection: encryption negotiation (TLS after an SSLRequest
+//! or PostgreSQL 17's direct TLS, GSSENC refused), startup (protocol
 //! negotiation, cancel requests), authentication, the welcome answered from
 //! the pool's cached parameters, then the session loop.
 //!
@@ -6,6 +7,7 @@
 //! does reaches another client or leaves a pooled server dirty.
 
 mod cancel;
+mod negotiate;
 mod params;
 mod relay;
 mod session;
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
@@ -26,6 +28,7 @@ use crate::backend::ServerParams;
 use crate::pool::NodePools;
 use crate::protocol::{self, ProtocolError, Severity, StartupPacket, sqlstate};
 use crate::proxy::{ClientPermit, Shared};
+use crate::tls::{ClientStream, common_name};
 
 pub use cancel::{CancelRegistry, CancelSlot};
 pub use params::{ClientParams, parse_options};
@@ -57,13 +60,30 @@ fn refused(code: &str, message: impl Into<String>) -> LoginError {
 }
 
 /// Serves one accepted client connection to the end.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: ClientPermit) {
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: ClientPermit) {
     let span = tracing::debug_span!("client", %peer);
     async move {
-        let mut stream = stream;
         let deadline = tokio::time::Instant::now() + shared.config.general.client_login_timeout;
+        let mut buf = BytesMut::with_capacity(256);
+        let opened = tokio::time::timeout_at(deadline, negotiate::open(tcp, &mut buf, &shared));
+        let mut stream = match opened.await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(negotiate::OpenError { stream, error })) => {
+                if let Some(mut stream) = stream {
+                    refuse_login(&mut stream, error).await;
+                } else {
+                    tracing::debug!(%error, "client connection closed during encryption negotiation");
+                }
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("client did not finish encryption negotiation within client_login_timeout");
+                return;
+            }
+        };
         let login =
-            tokio::time::timeout_at(deadline, login(&mut stream, peer, &shared, &permit)).await;
+            tokio::time::timeout_at(deadline, login(&mut stream, buf, peer, &shared, &permit))
+                .await;
         let session = match login {
             Ok(Ok(Some(session))) => session,
             Ok(Ok(None)) => return,
@@ -87,7 +107,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, per
     .await
 }
 
-async fn refuse_login(stream: &mut TcpStream, e: LoginError) {
+async fn refuse_login(stream: &mut ClientStream, e: LoginError) {
     let (code, message) = match &e {
         LoginError::Gone => return,
         LoginError::Io(err) => {
@@ -105,7 +125,10 @@ async fn refuse_login(stream: &mut TcpStream, e: LoginError) {
 }
 
 /// Reads more client bytes into `buf`; EOF is [`LoginError::Gone`].
-async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), LoginError> {
+async fn read_more<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<(), LoginError> {
     buf.reserve(1024);
     if stream.read_buf(buf).await? == 0 {
         return Err(LoginError::Gone);
@@ -116,18 +139,24 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Log
 /// Startup and authentication. `Ok(None)` when the connection was a cancel
 /// request (served and done).
 async fn login(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
+    mut buf: BytesMut,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     permit: &ClientPermit,
 ) -> Result<Option<session::Session>, LoginError> {
-    let mut buf = BytesMut::with_capacity(256);
     let params = loop {
         let Some(packet) = protocol::read_startup(&mut buf)? else {
             read_more(stream, &mut buf).await?;
             continue;
         };
         match packet {
+            StartupPacket::Ssl | StartupPacket::GssEnc if stream.is_tls() => {
+                return Err(ProtocolError::Malformed(
+                    "encryption request on an encrypted connection",
+                )
+                .into());
+            }
             StartupPacket::Ssl | StartupPacket::GssEnc => {
                 if !buf.is_empty() {
                     // Bytes sent before our answer could be injected by a
@@ -151,6 +180,16 @@ async fn login(
                 params,
                 unsupported_options,
             } => {
+                let mode = shared.config.tls.client_mode;
+                if mode.requires_tls() && !stream.is_tls() {
+                    return Err(refused(
+                        sqlstate::INVALID_AUTHORIZATION,
+                        format!(
+                            "pgsluice accepts only TLS connections (tls.client_mode = \"{}\"); connect with sslmode=require or stronger",
+                            mode.as_str()
+                        ),
+                    ));
+                }
                 if minor > 0 || !unsupported_options.is_empty() {
                     let mut out = BytesMut::new();
                     protocol::negotiate_protocol_version(
@@ -181,8 +220,18 @@ async fn login(
     }
     let user_name = params.get("user").unwrap_or_default().to_owned();
     let db_name = params.get("database").unwrap_or(&user_name).to_owned();
-    let method = access_method(shared, peer, &db_name, &user_name)?;
-    let learned = authenticate(stream, &mut buf, shared, method, &user_name).await?;
+    let method = access_method(shared, peer, stream.is_tls(), &db_name, &user_name)?;
+    if method == Method::Cert
+        || shared.config.tls.client_mode == crate::tls::ClientTlsMode::VerifyFull
+    {
+        check_certificate_user(stream, shared, &user_name)?;
+    }
+    let learned = if method == Method::Cert {
+        tracing::debug!(method = method.as_str(), "client authenticated");
+        None
+    } else {
+        authenticate(stream, &mut buf, shared, method, &user_name).await?
+    };
 
     let config = &shared.config;
     let Some(db) = config.databases.get(&db_name) else {
@@ -252,6 +301,7 @@ async fn login(
 fn access_method(
     shared: &Shared,
     peer: SocketAddr,
+    tls: bool,
     database: &str,
     user: &str,
 ) -> Result<Method, LoginError> {
@@ -261,7 +311,7 @@ fn access_method(
     }
     let host = peer.ip().to_canonical();
     let conn = Connection {
-        tls: false,
+        tls,
         database,
         user,
         addr: host,
@@ -281,6 +331,35 @@ fn access_method(
             ),
         )),
     }
+}
+
+/// `cert` authentication and `verify-full`: the client's verified
+/// certificate must name `user` (its CN, through `tls.cert_map`).
+fn check_certificate_user(
+    stream: &ClientStream,
+    shared: &Shared,
+    user: &str,
+) -> Result<(), LoginError> {
+    let failed = |why: &str| {
+        tracing::debug!(user, reason = why, "certificate authentication failed");
+        refused(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!("certificate authentication failed for user \"{user}\""),
+        )
+    };
+    if !stream.is_tls() {
+        return Err(failed("not a TLS connection"));
+    }
+    let cert = stream
+        .peer_certificate()
+        .ok_or_else(|| failed("no client certificate"))?;
+    let cn = common_name(cert).ok_or_else(|| failed("certificate has no common name"))?;
+    let mapped = shared.config.tls.user_for_cn(&cn);
+    if mapped != user {
+        tracing::debug!(cn, mapped, user, "certificate names another user");
+        return Err(failed("certificate names another user"));
+    }
+    Ok(())
 }
 
 /// The server parameters a new client is welcomed with: cached from the
@@ -313,7 +392,7 @@ async fn welcome_params(pools: &NodePools) -> Result<Arc<ServerParams>, LoginErr
 /// Runs the client's authentication exchange; returns what it taught us
 /// for logging in to PostgreSQL as this user.
 async fn authenticate(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     buf: &mut BytesMut,
     shared: &Shared,
     method: Method,

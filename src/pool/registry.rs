@@ -9,20 +9,32 @@ use std::sync::{Arc, Mutex};
 use super::{Pool, lock};
 use crate::backend::{Credentials, LoginSpec};
 use crate::config::{Database, User};
+use crate::tls::{TlsContext, TlsHandle};
 
 /// One user's pools on every node of a database.
 pub type NodePools = Arc<[Arc<Pool>]>;
 
-#[derive(Default)]
 pub struct Pools {
     /// database → user → pools (two levels so a lookup allocates nothing).
     map: Mutex<HashMap<String, HashMap<String, NodePools>>>,
     conn_ids: Arc<AtomicU64>,
+    /// TLS towards the servers, shared with every login spec.
+    tls: TlsHandle,
+}
+
+impl Default for Pools {
+    fn default() -> Self {
+        Self::new(TlsContext::disabled().handle())
+    }
 }
 
 impl Pools {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(tls: TlsHandle) -> Self {
+        Self {
+            map: Mutex::default(),
+            conn_ids: Arc::default(),
+            tls,
+        }
     }
 
     /// The pools of `user` on every node of `db`, created on first use.
@@ -43,6 +55,7 @@ impl Pools {
                     )),
                     database: db.dbname.clone(),
                     connect_timeout: db.pool.server_connect_timeout,
+                    tls: self.tls.clone(),
                 };
                 let node = if i == 0 {
                     "primary".to_owned()

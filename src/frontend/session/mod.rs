@@ -13,8 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+
+use crate::tls::ClientStream;
 
 pub(crate) mod route;
 mod tracked;
@@ -71,7 +73,7 @@ enum ServerFlow {
 /// Sends server output on to the client, or into the retry window while
 /// one is open (and drops it once the window's read has failed).
 async fn send(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     window: &mut Option<route::Window>,
     bytes: &[u8],
 ) -> std::io::Result<()> {
@@ -114,6 +116,15 @@ fn read_draining(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usiz
     match result {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && got > 0 => Ok(got),
         other => other,
+    }
+}
+
+/// The idle wait was interrupted by a phase change: look again, or stop
+/// when the proxy is gone (nothing will serve this client).
+fn phase_step(changed: Result<(), tokio::sync::watch::error::RecvError>) -> Step {
+    match changed {
+        Ok(()) => Step::Continue,
+        Err(_) => Step::Exit(Exit::Closed),
     }
 }
 
@@ -247,7 +258,7 @@ impl Session {
         &self.pools[self.node]
     }
 
-    pub async fn run(mut self, mut client: TcpStream) {
+    pub async fn run(mut self, mut client: ClientStream) {
         let exit = match self.run_loop(&mut client).await {
             Ok(exit) => exit,
             Err(e) => {
@@ -262,7 +273,7 @@ impl Session {
         drop(client);
     }
 
-    async fn run_loop(&mut self, client: &mut TcpStream) -> std::io::Result<Exit> {
+    async fn run_loop(&mut self, client: &mut ClientStream) -> std::io::Result<Exit> {
         loop {
             if self.server.is_none() {
                 match self.idle_step(client).await? {
@@ -280,7 +291,7 @@ impl Session {
 
     /// Waits for the client's next message with no server attached; checks
     /// a server out when one is needed.
-    async fn idle_step(&mut self, client: &mut TcpStream) -> std::io::Result<Step> {
+    async fn idle_step(&mut self, client: &mut ClientStream) -> std::io::Result<Step> {
         if self.cbuf.is_empty() {
             if *self.phase.borrow() != Phase::Running {
                 return self.close_for_shutdown(client).await;
@@ -288,18 +299,28 @@ impl Session {
             if self.cbuf.capacity() > IDLE_BUFFER_KEEP {
                 self.cbuf = BytesMut::new();
             }
-            tokio::select! {
-                r = client.readable() => r?,
-                r = self.phase.changed() => {
-                    if r.is_err() {
-                        // The proxy is gone: nothing will serve this client.
-                        return Ok(Step::Exit(Exit::Closed));
+            let read = match client {
+                // Plain TCP: wait for readiness without a buffer, then one
+                // draining read (see `read_draining`).
+                ClientStream::Plain(tcp) => {
+                    tokio::select! {
+                        r = tcp.readable() => r?,
+                        r = self.phase.changed() => return Ok(phase_step(r)),
                     }
-                    return Ok(Step::Continue);
+                    self.cbuf.reserve(CLIENT_FIRST_READ);
+                    read_draining(tcp, &mut self.cbuf)
                 }
-            }
-            self.cbuf.reserve(CLIENT_FIRST_READ);
-            match read_draining(client, &mut self.cbuf) {
+                // TLS may hold decrypted bytes the socket no longer shows:
+                // only a read tells.
+                ClientStream::Tls(tls) => {
+                    self.cbuf.reserve(CLIENT_FIRST_READ);
+                    tokio::select! {
+                        r = tls.read_buf(&mut self.cbuf) => r,
+                        r = self.phase.changed() => return Ok(phase_step(r)),
+                    }
+                }
+            };
+            match read {
                 Ok(0) => return Ok(Step::Exit(Exit::ClientGone)),
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Step::Continue),
@@ -343,7 +364,7 @@ impl Session {
 
     /// Picks the node for the buffered request (or answers it, if it is
     /// pgsluice's own command) and attaches a server there.
-    async fn route_and_attach(&mut self, client: &mut TcpStream) -> std::io::Result<Step> {
+    async fn route_and_attach(&mut self, client: &mut ClientStream) -> std::io::Result<Step> {
         let started = Instant::now();
         let deadline = started + self.pools[0].settings().checkout_timeout;
         let Some(route) = self.route.as_deref_mut() else {
@@ -411,7 +432,7 @@ impl Session {
     /// Tells the client no server could be had for its request.
     async fn refuse_checkout(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         e: PoolError,
     ) -> std::io::Result<()> {
         tracing::info!(pool = self.pool().label(), error = %e, "checkout failed");
@@ -427,7 +448,7 @@ impl Session {
         self.refuse_request(client, e.sqlstate(), &message).await
     }
 
-    async fn read_client(&mut self, client: &mut TcpStream) -> std::io::Result<Step> {
+    async fn read_client(&mut self, client: &mut ClientStream) -> std::io::Result<Step> {
         self.cbuf.reserve(CLIENT_READ);
         if client.read_buf(&mut self.cbuf).await? == 0 {
             return Ok(Step::Exit(Exit::ClientGone));
@@ -439,7 +460,7 @@ impl Session {
     /// client's.
     async fn attach(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         node: usize,
         started: Instant,
         deadline: Instant,
@@ -492,7 +513,7 @@ impl Session {
     /// the request, as PostgreSQL does after an error.
     async fn refuse_request(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         code: &str,
         message: &str,
     ) -> std::io::Result<()> {
@@ -522,7 +543,7 @@ impl Session {
     }
 
     /// Tells the client pgsluice is shutting down (57P01) and ends the session.
-    async fn close_for_shutdown(&mut self, client: &mut TcpStream) -> std::io::Result<Step> {
+    async fn close_for_shutdown(&mut self, client: &mut ClientStream) -> std::io::Result<Step> {
         self.close_with(
             client,
             sqlstate::ADMIN_SHUTDOWN,
@@ -534,7 +555,7 @@ impl Session {
     /// Sends a FATAL error and ends the session.
     async fn close_with(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         code: &str,
         message: &str,
     ) -> std::io::Result<Step> {
@@ -548,7 +569,7 @@ impl Session {
 
     /// Relays until the server is released (transaction/statement mode) or
     /// the session ends.
-    async fn relay_step(&mut self, client: &mut TcpStream) -> std::io::Result<Step> {
+    async fn relay_step(&mut self, client: &mut ClientStream) -> std::io::Result<Step> {
         if !self.cbuf.is_empty() {
             if let Some(step) = self.pump_client(client).await? {
                 return Ok(step);
@@ -694,7 +715,7 @@ impl Session {
     /// Forwards buffered client bytes. With routing, one request at a time:
     /// each is classified first, and one a replica must not run is held
     /// back (see [`Held`]).
-    async fn pump_client(&mut self, client: &mut TcpStream) -> std::io::Result<Option<Step>> {
+    async fn pump_client(&mut self, client: &mut ClientStream) -> std::io::Result<Option<Step>> {
         if self.route.is_none() {
             return self.forward_client(client, usize::MAX).await;
         }
@@ -804,7 +825,7 @@ impl Session {
     /// `cbuf[..limit]`. Returns a step when the session must end.
     async fn forward_client(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         limit: usize,
     ) -> std::io::Result<Option<Step>> {
         if self.tracked {
@@ -869,7 +890,7 @@ impl Session {
     /// Relays the server's buffered output to the client, acting on the
     /// messages that change state. While a read may still be retried (see
     /// `route.rs`), the output goes to the retry window instead.
-    async fn forward_server(&mut self, client: &mut TcpStream) -> std::io::Result<ServerFlow> {
+    async fn forward_server(&mut self, client: &mut ClientStream) -> std::io::Result<ServerFlow> {
         let tracked = self.tracked;
         let Some(server) = self.server.as_deref_mut() else {
             return Ok(ServerFlow::Ok);
@@ -1043,7 +1064,7 @@ impl Session {
 
     /// A read on a replica failed before the client saw a row, and the
     /// replica has answered in full: send the request again elsewhere.
-    async fn after_window(&mut self, _client: &mut TcpStream) -> std::io::Result<Option<Step>> {
+    async fn after_window(&mut self, _client: &mut ClientStream) -> std::io::Result<Option<Step>> {
         let failed = self
             .route
             .as_deref()
@@ -1098,7 +1119,7 @@ impl Session {
     }
 
     /// The server connection broke: tell the client and end the session.
-    async fn server_lost(&mut self, client: &mut TcpStream) -> std::io::Result<Step> {
+    async fn server_lost(&mut self, client: &mut ClientStream) -> std::io::Result<Step> {
         if self.route.as_deref().is_some_and(|r| r.window.is_some()) {
             // A replica went away before the client saw a row.
             self.drop_server().await;
@@ -1135,7 +1156,7 @@ impl Session {
         deadline
     }
 
-    async fn on_timer(&mut self, client: &mut TcpStream) -> std::io::Result<Option<Step>> {
+    async fn on_timer(&mut self, client: &mut ClientStream) -> std::io::Result<Option<Step>> {
         let now = Instant::now();
         let g = &self.shared.config.general;
         let (query_timeout, idle_tx_timeout) = (g.query_timeout, g.idle_transaction_timeout);

@@ -6,8 +6,8 @@
 use std::time::Instant;
 
 use bytes::{Buf, Bytes};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+
+use crate::tls::ClientStream;
 
 use super::{Exit, Session, Step};
 use crate::backend::ServerConn;
@@ -69,7 +69,7 @@ impl Session {
     /// Forwards the client messages in `cbuf[..limit]`.
     pub(super) async fn forward_client_tracked(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         limit: usize,
     ) -> std::io::Result<Option<Step>> {
         let max = self.shared.config.general.max_packet_size;
