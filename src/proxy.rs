@@ -43,6 +43,8 @@ pub struct Shared {
     /// Certificates and keys for new connections, both ways; replaced by
     /// [`Shared::reload_tls`].
     pub tls: TlsHandle,
+    /// Looks up users who are not in the config (`[auth_query]`).
+    pub auth_lookup: Option<crate::backend::auth_query::AuthLookup>,
     clients: AtomicUsize,
     clients_gone: Notify,
     /// Logged-in clients per user and per database (their limits).
@@ -196,7 +198,9 @@ impl Proxy {
             .filter(|db| !db.replicas.is_empty())
             .map(|db| (db.name.clone(), Cluster::new(db, &config.routing)))
             .collect();
+        let auth_lookup = crate::backend::auth_query::AuthLookup::new(&config, tls.clone());
         let shared = Arc::new(Shared {
+            auth_lookup,
             config: Arc::new(config),
             pools: Pools::new(tls.clone()),
             clusters,

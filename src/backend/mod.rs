@@ -5,6 +5,7 @@
 //! A `ServerConn` knows nothing about clients. Its read buffer lives with it,
 //! so a pooled connection's buffer is reused by every client it serves.
 
+pub mod auth_query;
 mod login;
 
 use std::io;

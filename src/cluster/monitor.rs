@@ -11,13 +11,12 @@
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use tokio_postgres::config::SslMode;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::history::parse_lsn;
 use super::{Availability, Cluster, Role};
 use crate::router::FunctionCatalog;
-use crate::tls::{MakeRustlsConnect, ServerTlsMode, TlsHandle};
+use crate::tls::TlsHandle;
 
 /// Function names whose every overload is immutable or stable: calls of
 /// anything else (volatile, or created later) go to the primary.
@@ -89,35 +88,7 @@ impl Probe {
     /// A new connection, with TLS as `tls.server_mode` says (the same
     /// certificate checks as pooled connections).
     async fn connect(&self) -> Result<Client, String> {
-        let tls = self.tls.load();
-        let connector = tls
-            .connector
-            .clone()
-            .filter(|_| tls.settings.server_mode != ServerTlsMode::Disable);
-        let Some(connector) = connector else {
-            let (c, connection) = self
-                .config
-                .connect(NoTls)
-                .await
-                .map_err(|e| e.to_string())?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            return Ok(c);
-        };
-        let mut config = self.config.clone();
-        config.ssl_mode(match tls.settings.server_mode {
-            ServerTlsMode::Prefer => SslMode::Prefer,
-            _ => SslMode::Require,
-        });
-        let (c, connection) = config
-            .connect(MakeRustlsConnect(connector))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(c)
+        crate::tls::connect_postgres(&self.config, &self.tls).await
     }
 }
 

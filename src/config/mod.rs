@@ -3,6 +3,7 @@
 //! interprets a bare number as time.
 
 mod admin;
+mod auth_query;
 mod raw;
 mod routing;
 
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use admin::Admin;
+pub use auth_query::AuthQuery;
 use raw::RawPool;
 pub use raw::{RawConfig, apply_env_overlay};
 pub use routing::{DefaultRoute, ReadBalance, Routing};
@@ -186,7 +188,8 @@ pub struct Database {
     /// Name of the database on the servers.
     pub dbname: String,
     pub primary: ServerAddr,
-    /// Parsed now; routing to replicas arrives with the router.
+    /// Streaming replicas; reads are routed to them (transaction and
+    /// statement mode).
     pub replicas: Vec<ServerAddr>,
     pub pool_mode: PoolMode,
     pub pool: PoolSettings,
@@ -232,6 +235,8 @@ pub struct Config {
     pub users: BTreeMap<String, User>,
     pub routing: Routing,
     pub admin: Admin,
+    /// Users not in `users` are looked up on the server (`None`: off).
+    pub auth_query: Option<AuthQuery>,
     /// Access rules, first match wins; empty: every client uses
     /// `general.auth_type`.
     pub hba: Vec<HbaRule>,
@@ -517,12 +522,32 @@ impl Config {
                 ));
             }
         }
+        let auth_query = AuthQuery::validate(&raw.auth_query)?;
+        if let Some(aq) = &auth_query {
+            let Some(user) = users.get(&aq.user) else {
+                return Err(invalid(
+                    "auth_query.user",
+                    format!("`{}` is not a configured [users.NAME] entry", aq.user),
+                ));
+            };
+            if user.password.is_some() && Self::monitor_password(user).is_none() {
+                return Err(invalid(
+                    "auth_query.user",
+                    format!(
+                        "user `{}` has only a password secret; the lookup logs in by itself and \
+                         needs users.{}.server_password (or a plaintext password)",
+                        aq.user, aq.user
+                    ),
+                ));
+            }
+        }
         Ok(Config {
             general,
             databases,
             users,
             routing: Routing::validate(&raw.routing)?,
             admin: Admin::validate(&raw.admin)?,
+            auth_query,
             hba,
             tls,
         })
@@ -582,6 +607,9 @@ impl Config {
         }
         self.routing.render(&mut out);
         self.admin.render(&mut out);
+        if let Some(a) = &self.auth_query {
+            a.render(&mut out);
+        }
         for u in self.users.values() {
             let _ = writeln!(out, "\n[users.{}]", toml_key(&u.name));
             if let Some(p) = &u.password {

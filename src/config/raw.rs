@@ -20,6 +20,8 @@ pub struct RawConfig {
     pub routing: super::routing::RawRouting,
     #[serde(default)]
     pub admin: super::admin::RawAdmin,
+    #[serde(default)]
+    pub auth_query: super::auth_query::RawAuthQuery,
     /// Access rules, first match wins (alternative to `general.hba_file`).
     #[serde(default)]
     pub hba: Vec<RawHba>,

@@ -226,11 +226,30 @@ async fn login(
     {
         check_certificate_user(stream, shared, &user_name)?;
     }
+    // Users not in the config: looked up on the server (auth_query).
+    let looked_up = match (
+        shared.config.users.contains_key(&user_name),
+        &shared.auth_lookup,
+        shared.config.databases.get(&db_name),
+    ) {
+        (false, Some(lookup), Some(db)) => match lookup.lookup(db, &user_name).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(user = %user_name, error = %e, "auth_query lookup failed");
+                return Err(refused(
+                    sqlstate::CONNECTION_FAILURE,
+                    "pgsluice cannot check this login now (auth_query lookup failed)",
+                ));
+            }
+        },
+        _ => None,
+    };
+    let known_user = shared.config.users.get(&user_name).or(looked_up.as_deref());
     let learned = if method == Method::Cert {
         tracing::debug!(method = method.as_str(), "client authenticated");
         None
     } else {
-        authenticate(stream, &mut buf, shared, method, &user_name).await?
+        authenticate(stream, &mut buf, shared, method, &user_name, known_user).await?
     };
 
     let config = &shared.config;
@@ -240,7 +259,7 @@ async fn login(
             format!("database \"{db_name}\" does not exist in the pgsluice configuration"),
         ));
     };
-    let user = config.users.get(&user_name).ok_or_else(|| {
+    let user = known_user.ok_or_else(|| {
         refused(
             sqlstate::INVALID_AUTHORIZATION,
             format!("role \"{user_name}\" does not exist"),
@@ -397,8 +416,8 @@ async fn authenticate(
     shared: &Shared,
     method: Method,
     user_name: &str,
+    user: Option<&crate::config::User>,
 ) -> Result<Option<ServerCredential>, LoginError> {
-    let user = shared.config.users.get(user_name);
     let mut auth = ClientAuth::new(
         method,
         user_name,

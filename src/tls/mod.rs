@@ -27,7 +27,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 pub use cert::common_name;
-pub use postgres::MakeRustlsConnect;
+pub use postgres::{MakeRustlsConnect, connect_postgres};
 pub use stream::{ClientStream, ServerStream};
 
 /// ALPN protocol name of PostgreSQL (required for direct TLS negotiation).

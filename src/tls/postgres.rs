@@ -1,6 +1,7 @@
-//! tokio-postgres over tokio-rustls, for the monitor's probe connections:
-//! the same rustls client config (and so the same `tls.server_mode` checks)
-//! as pgsluice's pooled server connections.
+//! tokio-postgres over tokio-rustls, for pgsluice's own side connections
+//! (the replica monitor's probes, auth_query lookups): the same rustls
+//! client config (and so the same `tls.server_mode` checks) as pgsluice's
+//! pooled server connections.
 
 use std::future::Future;
 use std::io;
@@ -10,6 +11,44 @@ use std::task::{Context, Poll};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
+
+/// A tokio-postgres connection to a server, with TLS as `tls.server_mode`
+/// says; the connection task runs until the client is dropped.
+pub async fn connect_postgres(
+    config: &tokio_postgres::Config,
+    tls: &super::TlsHandle,
+) -> Result<tokio_postgres::Client, String> {
+    use super::ServerTlsMode;
+    use tokio_postgres::config::SslMode;
+    let tls = tls.load();
+    let connector = tls
+        .connector
+        .clone()
+        .filter(|_| tls.settings.server_mode != ServerTlsMode::Disable);
+    let Some(connector) = connector else {
+        let (c, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        return Ok(c);
+    };
+    let mut config = config.clone();
+    config.ssl_mode(match tls.settings.server_mode {
+        ServerTlsMode::Prefer => SslMode::Prefer,
+        _ => SslMode::Require,
+    });
+    let (c, connection) = config
+        .connect(MakeRustlsConnect(connector))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(c)
+}
 
 /// Makes TLS connections for tokio-postgres with a rustls connector.
 #[derive(Clone)]
