@@ -462,6 +462,11 @@ proptest! {
         let mut stream = wire.clone();
         stream.extend_from_slice(&trailing);
         let got = read_startup_checked(&stream);
+        if !packet.params.iter().any(|(k, v)| k == "user" && !v.is_empty()) {
+            // As PostgreSQL: no (or an empty) user name is refused with 28000.
+            prop_assert_eq!(got, Err(ProtocolError::MissingUser));
+            return Ok(());
+        }
         let expected = StartupPacket::Startup {
             minor: packet.minor,
             params: protocol::StartupParams(packet.params.clone()),
