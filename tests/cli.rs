@@ -164,7 +164,10 @@ fn demo_prints_endpoints_serves_and_cleans_up() {
                 assert!(replica_ports.contains(&row.get::<_, i32>(1)));
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "no read reached a replica");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no read reached a replica"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Ready for pgbench -i: the app user can create tables.

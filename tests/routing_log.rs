@@ -59,7 +59,10 @@ async fn every_corpus_write_reaches_only_the_primary() {
             pgsluice::cluster::Availability::InRotation { .. }
         )
     }) {
-        assert!(std::time::Instant::now() < deadline, "replicas never in rotation");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replicas never in rotation"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let conninfo = format!(
@@ -115,7 +118,11 @@ async fn every_corpus_write_reaches_only_the_primary() {
             }
         }
     }
-    assert!(misrouted.is_empty(), "writes reached a replica:\n{}", misrouted.join("\n"));
+    assert!(
+        misrouted.is_empty(),
+        "writes reached a replica:\n{}",
+        misrouted.join("\n")
+    );
     assert!(
         missing.len() <= writes.len() / 20,
         "{} writes never reached the primary's log:\n{}",

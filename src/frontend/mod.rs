@@ -6,6 +6,7 @@
 //! does reaches another client or leaves a pooled server dirty.
 
 mod cancel;
+mod effects;
 mod params;
 mod relay;
 mod session;
@@ -28,9 +29,10 @@ use crate::protocol::{self, ProtocolError, Severity, StartupPacket, sqlstate};
 use crate::proxy::{ClientPermit, Shared};
 
 pub use cancel::{CancelRegistry, CancelSlot};
+pub use effects::{Effects, Feature};
 pub use params::{ClientParams, parse_options};
 pub use relay::{RelayState, ServerEvent, client_tag_inspected, server_tag_inspected};
-pub use statements::{Statement, StatementRegistry};
+pub use statements::{PreparedStats, Statement, StatementRegistry};
 
 /// Cap on authentication messages (password, SASL) from a client.
 const MAX_AUTH_MESSAGE: usize = 16 * 1024;

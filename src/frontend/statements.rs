@@ -20,7 +20,34 @@ use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::effects::{self, Effects};
 use crate::protocol::{self, Severity};
+
+/// Prepared-statement and session-state counters (process-wide, relaxed
+/// atomics: each is a plain event count for metrics).
+#[derive(Debug, Default)]
+pub struct PreparedStats {
+    /// Parse messages received from clients (named and unnamed).
+    pub client_parses: AtomicU64,
+    /// Parse messages sent to servers: the client's own, and those pgsluice
+    /// injects because the server it got lacks the statement.
+    pub server_parses: AtomicU64,
+    /// Client Parses answered by pgsluice because the server already held
+    /// the statement.
+    pub cache_hits: AtomicU64,
+    /// Statements closed on a server to stay within
+    /// `max_prepared_statements`, or dropped after PostgreSQL said their
+    /// cached plan was stale.
+    pub evictions: AtomicU64,
+    /// Times a client was pinned to its server by a session-only feature.
+    pub pins: AtomicU64,
+}
+
+impl PreparedStats {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// One distinct (query text, parameter types), as the server knows it.
 #[derive(Debug)]
@@ -29,6 +56,8 @@ pub struct Statement {
     pub server_name: String,
     /// Parse body after the statement name: query, NUL, parameter types.
     tail: Bytes,
+    /// What running it may do to session state (scanned once per text).
+    pub effects: Effects,
 }
 
 impl Statement {
@@ -75,9 +104,11 @@ impl StatementRegistry {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let tail = Bytes::copy_from_slice(tail);
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
         let stmt = Arc::new(Statement {
             id,
             server_name: format!("PGSLUICE_{id}"),
+            effects: effects::scan(&tail[..end]),
             tail: tail.clone(),
         });
         map.insert(tail, Arc::downgrade(&stmt));

@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub(crate) mod route;
+mod state;
 mod tracked;
 
 use super::cancel::CancelSlot;
@@ -187,6 +188,8 @@ pub struct Session {
     /// client's messages up to its next Sync are dropped, as PostgreSQL
     /// skips them.
     client_skip: bool,
+    /// Session parameters to capture and session-only state (pinning).
+    state: state::SessionState,
 }
 
 impl Session {
@@ -234,6 +237,7 @@ impl Session {
             replies: Replies::new(),
             sout: BytesMut::new(),
             client_skip: false,
+            state: state::SessionState::default(),
             unnamed: None,
             unnamed_generation: 0,
         }
@@ -561,9 +565,11 @@ impl Session {
                         && self.relay.at_boundary()
                         && *self.phase.borrow() == Phase::Running
                     {
-                        // The next request goes elsewhere: idle_step routes it.
-                        self.release().await;
-                        return Ok(Step::Continue);
+                        // The next request goes elsewhere: idle_step routes it
+                        // (unless the client is pinned here).
+                        if self.release().await {
+                            return Ok(Step::Continue);
+                        }
                     }
                     if let Some(step) = self.pump_client(client).await? {
                         return Ok(step);
@@ -575,8 +581,7 @@ impl Session {
                 if *self.phase.borrow() != Phase::Running {
                     return self.close_for_shutdown(client).await;
                 }
-                if self.mode != PoolMode::Session {
-                    self.release().await;
+                if self.mode != PoolMode::Session && self.release().await {
                     return Ok(Step::Continue);
                 }
             }
@@ -673,7 +678,20 @@ impl Session {
             && self.server.as_ref().is_some_and(|s| s.buf.is_empty())
     }
 
-    async fn release(&mut self) {
+    /// Returns the server to its pool at a release point, after capturing
+    /// the session state the client's requests changed. False when the
+    /// client is pinned to it (it stays attached).
+    async fn release(&mut self) -> bool {
+        match self.settle().await {
+            state::Settled::Release => {}
+            state::Settled::Keep => return false,
+            state::Settled::Broken => self.relay.server_unusable = true,
+        }
+        if self.relay.server_unusable {
+            self.drop_server().await;
+            self.primary_wrote = false;
+            return true;
+        }
         self.cancel.detach().await;
         if let Some(server) = self.server.take() {
             server.release();
@@ -685,6 +703,7 @@ impl Session {
             }
         }
         self.primary_wrote = false;
+        true
     }
 
     /// Forwards buffered client bytes. With routing, one request at a time:
@@ -760,6 +779,7 @@ impl Session {
             }
             // Inside a transaction on this replica, the request stays here.
             if self.node != 0
+                && self.state.pinned.is_none()
                 && !route.replica_may_run(&req)
                 && (!quiet || self.relay.tx_status() == TxStatus::Idle)
             {
@@ -769,7 +789,11 @@ impl Session {
             if self.node == 0 && req.access == crate::router::Access::Write {
                 self.primary_wrote = true;
             }
-            if self.node != 0 && req.replayable && self.relay.tx_status() == TxStatus::Idle {
+            if self.node != 0
+                && req.replayable
+                && self.state.pinned.is_none()
+                && self.relay.tx_status() == TxStatus::Idle
+            {
                 // A read that can still be retried if this replica fails it:
                 // it goes out alone, once what came before is answered.
                 if !quiet {
@@ -1039,9 +1063,7 @@ impl Session {
         if !self.server_quiet() {
             return Ok(None);
         }
-        if self.relay.at_boundary() {
-            self.release().await;
-        } else {
+        if !(self.relay.at_boundary() && self.release().await) {
             self.drop_server().await;
         }
         self.retry_elsewhere(primary_only);
@@ -1205,7 +1227,7 @@ impl Session {
                 _ => return,
             }
         }
-        if self.mode == PoolMode::Session {
+        if self.mode == PoolMode::Session || self.state.server_needs_discard() {
             match server
                 .run_internal("DISCARD ALL", INTERNAL_QUERY_TIMEOUT)
                 .await

@@ -1,0 +1,263 @@
+//! What a client's SQL text may do to the session state of the server that
+//! runs it, decided lexically so the plain transaction-mode path pays only
+//! a byte scan.
+//!
+//! Two things matter in transaction and statement mode, where the next
+//! request may run on another server:
+//! - session-level parameter changes (`SET`, `RESET`, `DISCARD`,
+//!   `set_config`): pgsluice captures the server's resulting session
+//!   settings after the request, so they follow the client (see
+//!   `params.rs`);
+//! - features whose state lives in the server process beyond the
+//!   transaction (LISTEN, session advisory locks, WITH HOLD cursors,
+//!   temporary tables): the client is pinned to its server, or refused
+//!   (`general.session_features`).
+//!
+//! The scan is conservative: it may report an effect that does not happen
+//! (an extra round trip to check), never miss one that the lexer can see.
+//! Text that does not lex is treated as changing parameters.
+
+use crate::router::lexer::{self, Kw, Tok, Token};
+
+/// A feature needing the same server beyond one transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feature {
+    Listen,
+    AdvisoryLock,
+    HoldCursor,
+    TempTable,
+}
+
+impl Feature {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Listen => "LISTEN",
+            Self::AdvisoryLock => "session-level advisory locks",
+            Self::HoldCursor => "cursors WITH HOLD",
+            Self::TempTable => "temporary tables that outlive a transaction",
+        }
+    }
+}
+
+/// What one Query or Parse text may do.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Effects {
+    /// A session-level parameter may change.
+    pub params: bool,
+    /// Parameter names given to SET/RESET (custom `a.b` names included),
+    /// lower-cased unless quoted.
+    pub names: Vec<String>,
+    /// A session-only feature is used.
+    pub feature: Option<Feature>,
+}
+
+impl Effects {
+    pub fn is_none(&self) -> bool {
+        !self.params && self.feature.is_none()
+    }
+}
+
+/// Words whose absence proves the text changes nothing we track.
+fn may_matter(text: &[u8]) -> bool {
+    const NEEDLES: &[&[u8]] = &[b"set", b"discard", b"listen", b"advisory", b"temp", b"hold"];
+    text.windows(3).enumerate().any(|(i, w)| {
+        let first = [
+            w[0].to_ascii_lowercase(),
+            w[1].to_ascii_lowercase(),
+            w[2].to_ascii_lowercase(),
+        ];
+        NEEDLES.iter().any(|n| {
+            n[..3] == first
+                && text
+                    .get(i..i + n.len())
+                    .is_some_and(|s| s.eq_ignore_ascii_case(n))
+        })
+    })
+}
+
+/// Scans a Query or Parse text.
+pub fn scan(text: &[u8]) -> Effects {
+    if !may_matter(text) {
+        return Effects::default();
+    }
+    let Ok(sql) = std::str::from_utf8(text) else {
+        return Effects {
+            params: true,
+            ..Effects::default()
+        };
+    };
+    let mut tokens = Vec::new();
+    if lexer::tokenize(sql, &mut tokens).is_err() {
+        return Effects {
+            params: true,
+            ..Effects::default()
+        };
+    }
+    let mut fx = Effects::default();
+    for stmt in tokens.split(|t| t.tok == Tok::Semicolon) {
+        statement(sql, stmt, &mut fx);
+    }
+    fx
+}
+
+fn word_is(sql: &str, t: Option<&Token>, word: &str) -> bool {
+    t.is_some_and(|t| matches!(t.tok, Tok::Word(_)) && t.text(sql).eq_ignore_ascii_case(word))
+}
+
+fn statement(sql: &str, st: &[Token], fx: &mut Effects) {
+    let Some(first) = st.first() else {
+        return;
+    };
+    match first.kw() {
+        Kw::Set => {
+            let mut i = 1;
+            if st.get(1).is_some_and(|t| t.is(Kw::Local))
+                || st.get(1).is_some_and(|t| t.is(Kw::Transaction))
+                || word_is(sql, st.get(1), "constraints")
+            {
+                return;
+            }
+            if st.get(1).is_some_and(|t| t.is(Kw::Session)) {
+                i = 2;
+            }
+            fx.params = true;
+            if let Some(name) = setting_name(sql, &st[i.min(st.len())..]) {
+                fx.names.push(name);
+            }
+        }
+        Kw::Reset => {
+            fx.params = true;
+            if let Some(name) = setting_name(sql, &st[1..]) {
+                if name != "all" {
+                    fx.names.push(name);
+                }
+            }
+        }
+        Kw::Discard => fx.params = true,
+        Kw::Listen => fx.feature = fx.feature.or(Some(Feature::Listen)),
+        Kw::Declare
+            if st
+                .windows(2)
+                .any(|w| w[0].is(Kw::With) && word_is(sql, Some(&w[1]), "hold")) =>
+        {
+            fx.feature = fx.feature.or(Some(Feature::HoldCursor));
+        }
+        Kw::Create => {
+            let temp = st[1..st.len().min(3)]
+                .iter()
+                .any(|t| word_is(sql, Some(t), "temp") || word_is(sql, Some(t), "temporary"));
+            if temp && !on_commit_drop(sql, st) {
+                fx.feature = fx.feature.or(Some(Feature::TempTable));
+            }
+        }
+        _ => {}
+    }
+    for (i, t) in st.iter().enumerate() {
+        if !matches!(t.tok, Tok::Word(_)) {
+            continue;
+        }
+        let w = t.text(sql);
+        if w.eq_ignore_ascii_case("set_config") {
+            fx.params = true;
+        } else if starts_with_ci(w, "pg_advisory_lock") || starts_with_ci(w, "pg_try_advisory_lock")
+        {
+            fx.feature = fx.feature.or(Some(Feature::AdvisoryLock));
+        } else if t.is(Kw::Into)
+            && (word_is(sql, st.get(i + 1), "temp") || word_is(sql, st.get(i + 1), "temporary"))
+        {
+            fx.feature = fx.feature.or(Some(Feature::TempTable));
+        }
+    }
+}
+
+fn starts_with_ci(s: &str, prefix: &str) -> bool {
+    s.get(..prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+}
+
+fn on_commit_drop(sql: &str, st: &[Token]) -> bool {
+    st.windows(3)
+        .any(|w| word_is(sql, Some(&w[0]), "on") && w[1].is(Kw::Commit) && w[2].is(Kw::Drop))
+}
+
+/// `name` or `a.b` (quoted parts allowed) at the start of `st`.
+fn setting_name(sql: &str, st: &[Token]) -> Option<String> {
+    let part = |t: &Token| -> Option<String> {
+        match t.tok {
+            Tok::Word(_) => Some(t.text(sql).to_ascii_lowercase()),
+            Tok::QuotedIdent => {
+                let s = t.text(sql);
+                let inner = s.strip_prefix('"')?.strip_suffix('"')?;
+                Some(inner.replace("\"\"", "\""))
+            }
+            _ => None,
+        }
+    };
+    let mut name = part(st.first()?)?;
+    if st.get(1).is_some_and(|t| t.tok == Tok::Dot) {
+        name.push('.');
+        name.push_str(&part(st.get(2)?)?);
+    }
+    Some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fx(s: &str) -> Effects {
+        scan(s.as_bytes())
+    }
+
+    #[test]
+    fn plain_statements_cost_no_lexing() {
+        assert!(!may_matter(b"SELECT * FROM t WHERE id = $1"));
+        assert!(fx("SELECT 1").is_none());
+        assert!(fx("UPDATE t SET a = 1").is_none(), "SET clause of UPDATE");
+        assert!(fx("SELECT 'SET x = 1'").is_none(), "inside a string");
+    }
+
+    #[test]
+    fn session_sets_are_seen_with_their_names() {
+        let f = fx("set search_path = a, b");
+        assert!(f.params);
+        assert_eq!(f.names, ["search_path"]);
+        let f = fx("BEGIN; SET SESSION my.\"Opt\" TO 'x'; COMMIT");
+        assert_eq!(f.names, ["my.Opt"]);
+        assert!(fx("RESET ALL").params && fx("RESET ALL").names.is_empty());
+        assert_eq!(fx("reset work_mem").names, ["work_mem"]);
+        assert!(fx("DISCARD ALL").params);
+        assert!(fx("SELECT set_config('a.b', 'x', false)").params);
+        assert!(!fx("SET LOCAL work_mem = '1MB'").params);
+        assert!(!fx("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").params);
+        assert!(fx("SET 'x").params, "unlexable text is assumed to SET");
+    }
+
+    #[test]
+    fn session_features_are_seen() {
+        assert_eq!(fx("LISTEN chan").feature, Some(Feature::Listen));
+        assert_eq!(
+            fx("select pg_advisory_lock(1)").feature,
+            Some(Feature::AdvisoryLock)
+        );
+        assert_eq!(fx("select pg_advisory_xact_lock(1)").feature, None);
+        assert_eq!(
+            fx("DECLARE c CURSOR WITH HOLD FOR SELECT 1").feature,
+            Some(Feature::HoldCursor)
+        );
+        assert_eq!(fx("DECLARE c CURSOR FOR SELECT 1").feature, None);
+        assert_eq!(
+            fx("create temp table t (a int)").feature,
+            Some(Feature::TempTable)
+        );
+        assert_eq!(
+            fx("CREATE GLOBAL TEMPORARY TABLE t (a int)").feature,
+            Some(Feature::TempTable)
+        );
+        assert_eq!(
+            fx("CREATE TEMP TABLE t (a int) ON COMMIT DROP").feature,
+            None
+        );
+        assert_eq!(fx("SELECT 1 INTO TEMP t").feature, Some(Feature::TempTable));
+    }
+}
