@@ -325,3 +325,74 @@ async fn unnamed_statement_bound_in_a_later_request_is_the_clients_own() {
     let r = replies(&mut a).await;
     assert_eq!(r[0].1.as_deref(), Some("26000"), "{r:?}");
 }
+
+/// Deep pipelines: 100 requests of 10 statements each (Parse on first use,
+/// Bind, Execute, sometimes Close), names drawn at random from a working
+/// set larger than `max_prepared_statements`, from three clients sharing
+/// two servers, every request sent in one write with one Sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_pipelines_over_a_small_statement_cache() {
+    use rand::{Rng, SeedableRng};
+    let proxy =
+        TestProxy::start("pool_size = 2\nmax_pool_size = 2\nmax_prepared_statements = 8").await;
+    let mut tasks = Vec::new();
+    for client in 0..3u64 {
+        let addr = proxy.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(client);
+            let mut c = Raw::login(addr).await;
+            let mut known = std::collections::HashSet::new();
+            for iteration in 0..100 {
+                let mut batch = Vec::new();
+                let mut expect_tags = String::new();
+                let mut expect_rows = Vec::new();
+                for _ in 0..10 {
+                    let n: u32 = rng.random_range(0..30);
+                    let name = format!("st{n}_{}", rng.random_range(0..2));
+                    if known.insert(name.clone()) {
+                        batch.extend(parse(&name, &format!("SELECT {n} + {client}000")));
+                        expect_tags.push('1');
+                    }
+                    batch.extend(bind(&name));
+                    batch.extend(execute());
+                    expect_tags.push_str("2DC");
+                    expect_rows.push((n + client as u32 * 1000).to_string());
+                    if rng.random_bool(0.1) {
+                        batch.extend(close(&name));
+                        known.remove(&name);
+                        expect_tags.push('3');
+                    }
+                }
+                batch.extend(sync());
+                expect_tags.push('Z');
+                c.send(&batch).await;
+                let mut tags = String::new();
+                let mut rows = Vec::new();
+                while let Some(m) = c.recv(Duration::from_secs(10)).await {
+                    tags.push(m.tag as char);
+                    if m.tag == b'D' {
+                        rows.push(String::from_utf8_lossy(&m.body[6..]).into_owned());
+                    }
+                    if m.tag == b'E' {
+                        panic!("client {client} iteration {iteration}: {:?}", m.field(b'M'));
+                    }
+                    if m.tag == b'Z' {
+                        break;
+                    }
+                }
+                assert_eq!(tags, expect_tags, "client {client} iteration {iteration}");
+                assert_eq!(rows, expect_rows, "client {client} iteration {iteration}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("pipeline client");
+    }
+    let stats = &proxy.shared.stats.prepared;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        get(&stats.evictions) > 0,
+        "the working set exceeds the cache"
+    );
+    assert!(get(&stats.client_parses) > 0 && get(&stats.server_parses) > 0);
+}

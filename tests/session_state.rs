@@ -267,3 +267,98 @@ async fn session_features_can_be_refused() {
         .await
         .unwrap();
 }
+
+/// 50 clients over 3 servers, each with its own search_path, TimeZone,
+/// application_name, statement_timeout and prepared statements, 10,000
+/// random operations in all: every check sees exactly the client's own
+/// state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_never_see_each_others_state() {
+    use rand::{Rng, SeedableRng};
+    const ZONES: &[&str] = &["UTC", "Asia/Tokyo", "Europe/Paris", "America/New_York"];
+    let proxy = TestProxy::start("pool_size = 3\nmax_pool_size = 3").await;
+    let mut tasks = Vec::new();
+    for i in 0..50u64 {
+        let conninfo = proxy.conninfo();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + i);
+            let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            let check = c
+                .prepare(
+                    "SELECT current_setting('search_path'), current_setting('TimeZone'), \
+                     current_setting('application_name'), current_setting('statement_timeout')",
+                )
+                .await
+                .unwrap();
+            let own = c.prepare(&format!("SELECT $1::int8 + {i}")).await.unwrap();
+            let mut want = (
+                "\"$user\", public".to_owned(),
+                one(&c, "SHOW TimeZone").await.unwrap(),
+                String::new(),
+                "0".to_owned(),
+            );
+            let mut checks = 0;
+            for op in 0..200 {
+                let k: u32 = rng.random_range(0..1000);
+                match rng.random_range(0..9) {
+                    0 => {
+                        c.batch_execute(&format!("SET search_path TO s{i}_{k}, public"))
+                            .await
+                            .unwrap();
+                        want.0 = format!("s{i}_{k}, public");
+                    }
+                    1 => {
+                        let z = ZONES[k as usize % ZONES.len()];
+                        c.batch_execute(&format!("SET TimeZone = '{z}'"))
+                            .await
+                            .unwrap();
+                        want.1 = z.to_owned();
+                    }
+                    2 => {
+                        c.batch_execute(&format!("SET application_name = 'c{i}_{k}'"))
+                            .await
+                            .unwrap();
+                        want.2 = format!("c{i}_{k}");
+                    }
+                    3 => {
+                        let ms = 100_001 + 2 * k;
+                        c.execute(&format!("SET statement_timeout = {ms}"), &[])
+                            .await
+                            .unwrap();
+                        want.3 = format!("{ms}ms");
+                    }
+                    4 => {
+                        // Local and rolled back: no trace afterwards.
+                        c.batch_execute(&format!(
+                            "BEGIN; SET LOCAL search_path = tmp{k}; SET TimeZone = 'UTC'; ROLLBACK"
+                        ))
+                        .await
+                        .unwrap();
+                    }
+                    5 => {
+                        let v: i64 = c.query_one(&own, &[&(k as i64)]).await.unwrap().get(0);
+                        assert_eq!(v, k as i64 + i as i64);
+                    }
+                    _ => {
+                        let row = c.query_one(&check, &[]).await.unwrap();
+                        let got: (String, String, String, String) =
+                            (row.get(0), row.get(1), row.get(2), row.get(3));
+                        assert_eq!(got, want, "client {i} op {op}");
+                        checks += 1;
+                    }
+                }
+            }
+            checks
+        }));
+    }
+    let mut checks = 0;
+    for t in tasks {
+        checks += t.await.expect("client task");
+    }
+    assert!(checks > 2000, "{checks} checks");
+    let status = proxy.primary_pool().expect("pool").status();
+    assert!(status.open <= 3, "{status:?}");
+}
