@@ -135,6 +135,9 @@ pub struct ServerConn {
     /// Whose unnamed statement this server holds: (client process id,
     /// that client's parse generation). `None` when unknown or destroyed.
     pub unnamed_owner: Option<(i32, u64)>,
+    /// SQL-level prepared statements (`PREPARE name AS …`) this server holds,
+    /// by name, with the PREPARE text that created them (empty: unknown).
+    pub sql_prepared: std::collections::HashMap<String, std::sync::Arc<str>>,
 }
 
 impl std::fmt::Debug for ServerConn {

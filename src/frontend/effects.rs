@@ -39,6 +39,29 @@ impl Feature {
     }
 }
 
+/// An SQL-level prepared statement command, in text order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SqlPrepared {
+    /// `PREPARE name … AS …`, with the statement's own text (to replay it
+    /// on another server).
+    Prepare { name: String, text: String },
+    /// `EXECUTE name` (also inside EXPLAIN or CREATE TABLE AS).
+    Execute(String),
+    /// `DEALLOCATE [PREPARE] name`.
+    Deallocate(String),
+    /// `DEALLOCATE [PREPARE] ALL`.
+    DeallocateAll,
+}
+
+impl SqlPrepared {
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Self::Prepare { name, .. } | Self::Execute(name) | Self::Deallocate(name) => Some(name),
+            Self::DeallocateAll => None,
+        }
+    }
+}
+
 /// What one Query or Parse text may do.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Effects {
@@ -49,17 +72,29 @@ pub struct Effects {
     pub names: Vec<String>,
     /// A session-only feature is used.
     pub feature: Option<Feature>,
+    /// SQL-level PREPARE / EXECUTE / DEALLOCATE, in order.
+    pub sql: Vec<SqlPrepared>,
 }
 
 impl Effects {
     pub fn is_none(&self) -> bool {
-        !self.params && self.feature.is_none()
+        !self.params && self.feature.is_none() && self.sql.is_empty()
     }
 }
 
 /// Words whose absence proves the text changes nothing we track.
 fn may_matter(text: &[u8]) -> bool {
-    const NEEDLES: &[&[u8]] = &[b"set", b"discard", b"listen", b"advisory", b"temp", b"hold"];
+    const NEEDLES: &[&[u8]] = &[
+        b"set",
+        b"discard",
+        b"listen",
+        b"advisory",
+        b"temp",
+        b"hold",
+        b"prepare",
+        b"execute",
+        b"deallocate",
+    ];
     text.windows(3).enumerate().any(|(i, w)| {
         let first = [
             w[0].to_ascii_lowercase(),
@@ -108,6 +143,7 @@ fn statement(sql: &str, st: &[Token], fx: &mut Effects) {
     let Some(first) = st.first() else {
         return;
     };
+    sql_prepared(sql, st, fx);
     match first.kw() {
         Kw::Set => {
             let mut i = 1;
@@ -170,6 +206,57 @@ fn statement(sql: &str, st: &[Token], fx: &mut Effects) {
     }
 }
 
+fn sql_prepared(sql: &str, st: &[Token], fx: &mut Effects) {
+    match st[0].kw() {
+        Kw::Prepare if !st.get(1).is_some_and(|t| t.is(Kw::Transaction)) => {
+            if let (Some(name), Some(last)) = (setting_part(sql, st.get(1)), st.last()) {
+                let text = sql.get(st[0].start..last.end).unwrap_or("").to_owned();
+                fx.sql.push(SqlPrepared::Prepare { name, text });
+            }
+            return;
+        }
+        Kw::Deallocate => {
+            let at = if st.get(1).is_some_and(|t| t.is(Kw::Prepare)) {
+                2
+            } else {
+                1
+            };
+            match setting_part(sql, st.get(at)) {
+                Some(n) if n == "all" && matches!(st[at].tok, Tok::Word(_)) => {
+                    fx.sql.push(SqlPrepared::DeallocateAll)
+                }
+                Some(n) => fx.sql.push(SqlPrepared::Deallocate(n)),
+                None => {}
+            }
+            return;
+        }
+        _ => {}
+    }
+    for w in st.windows(2) {
+        if w[0].is(Kw::Execute) {
+            if let Some(name) = setting_part(sql, Some(&w[1])) {
+                // GRANT EXECUTE ON FUNCTION …, CREATE TRIGGER … EXECUTE FUNCTION
+                if !matches!(name.as_str(), "on" | "function" | "procedure") {
+                    fx.sql.push(SqlPrepared::Execute(name));
+                }
+            }
+        }
+    }
+}
+
+/// An identifier: unquoted lower-cased, quoted as written.
+fn setting_part(sql: &str, t: Option<&Token>) -> Option<String> {
+    let t = t?;
+    match t.tok {
+        Tok::Word(_) => Some(t.text(sql).to_ascii_lowercase()),
+        Tok::QuotedIdent => {
+            let inner = t.text(sql).strip_prefix('"')?.strip_suffix('"')?;
+            Some(inner.replace("\"\"", "\""))
+        }
+        _ => None,
+    }
+}
+
 fn starts_with_ci(s: &str, prefix: &str) -> bool {
     s.get(..prefix.len())
         .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
@@ -182,21 +269,10 @@ fn on_commit_drop(sql: &str, st: &[Token]) -> bool {
 
 /// `name` or `a.b` (quoted parts allowed) at the start of `st`.
 fn setting_name(sql: &str, st: &[Token]) -> Option<String> {
-    let part = |t: &Token| -> Option<String> {
-        match t.tok {
-            Tok::Word(_) => Some(t.text(sql).to_ascii_lowercase()),
-            Tok::QuotedIdent => {
-                let s = t.text(sql);
-                let inner = s.strip_prefix('"')?.strip_suffix('"')?;
-                Some(inner.replace("\"\"", "\""))
-            }
-            _ => None,
-        }
-    };
-    let mut name = part(st.first()?)?;
+    let mut name = setting_part(sql, st.first())?;
     if st.get(1).is_some_and(|t| t.tok == Tok::Dot) {
         name.push('.');
-        name.push_str(&part(st.get(2)?)?);
+        name.push_str(&setting_part(sql, st.get(2))?);
     }
     Some(name)
 }
@@ -231,6 +307,34 @@ mod tests {
         assert!(!fx("SET LOCAL work_mem = '1MB'").params);
         assert!(!fx("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").params);
         assert!(fx("SET 'x").params, "unlexable text is assumed to SET");
+    }
+
+    #[test]
+    fn sql_level_prepared_statements_are_seen() {
+        let f = fx("prepare Q1 (int) AS SELECT $1; EXECUTE q1(2); deallocate prepare \"Q1\"");
+        assert_eq!(
+            f.sql,
+            [
+                SqlPrepared::Prepare {
+                    name: "q1".into(),
+                    text: "prepare Q1 (int) AS SELECT $1".into()
+                },
+                SqlPrepared::Execute("q1".into()),
+                SqlPrepared::Deallocate("Q1".into()),
+            ]
+        );
+        assert_eq!(fx("DEALLOCATE ALL").sql, [SqlPrepared::DeallocateAll]);
+        assert_eq!(
+            fx("EXPLAIN EXECUTE p").sql,
+            [SqlPrepared::Execute("p".into())]
+        );
+        assert!(fx("GRANT EXECUTE ON FUNCTION f() TO x").sql.is_empty());
+        assert!(
+            fx("CREATE TRIGGER t AFTER INSERT ON x EXECUTE FUNCTION f()")
+                .sql
+                .is_empty()
+        );
+        assert!(fx("PREPARE TRANSACTION 'x'").sql.is_empty());
     }
 
     #[test]

@@ -348,6 +348,14 @@ impl Replies {
             return Verdict::Desync;
         };
         let (kind, hidden) = (*kind, *hidden);
+        if kind == Kind::Simple && hidden {
+            // pgsluice's own simple Query: nothing of its answer, errors
+            // included, is the client's.
+            if tag == b'Z' {
+                self.queue.pop_front();
+            }
+            return Verdict::Swallow;
+        }
         let completes = match (kind, tag) {
             (_, b'E') if kind != Kind::Simple => {
                 self.fail_head();
@@ -535,6 +543,21 @@ mod tests {
         r.push_server(Kind::Sync, false, Undos::default());
         assert_eq!(r.on_server(b'C'), Verdict::Forward);
         assert_eq!(r.on_server(b'Z'), Verdict::Forward);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn injected_simple_query_is_swallowed_whole() {
+        let mut r = Replies::new();
+        r.push_server(Kind::Simple, true, Undos::default());
+        r.push_server(Kind::Simple, false, Undos::default());
+        for tag in [b'C', b'E', b'Z'] {
+            assert_eq!(r.on_server(tag), Verdict::Swallow);
+        }
+        assert_eq!(r.on_server(b'N'), Verdict::Forward);
+        for tag in [b'T', b'D', b'C', b'Z'] {
+            assert_eq!(r.on_server(tag), Verdict::Forward);
+        }
         assert!(r.is_empty());
     }
 

@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub(crate) mod route;
+mod sql_prepared;
 mod state;
 mod tracked;
 
@@ -190,6 +191,11 @@ pub struct Session {
     client_skip: bool,
     /// Session parameters to capture and session-only state (pinning).
     state: state::SessionState,
+    /// This client's SQL-level prepared statements: name → PREPARE text.
+    sql_prepared: std::collections::HashMap<String, Arc<str>>,
+    /// The extended-protocol batch was already open before the message
+    /// being rewritten (nothing can be injected in front of it).
+    batch_was_open: bool,
 }
 
 impl Session {
@@ -238,6 +244,8 @@ impl Session {
             sout: BytesMut::new(),
             client_skip: false,
             state: state::SessionState::default(),
+            sql_prepared: std::collections::HashMap::new(),
+            batch_was_open: false,
             unnamed: None,
             unnamed_generation: 0,
         }
@@ -939,6 +947,15 @@ impl Session {
                     let end = pos + header.total_len;
                     if tracked {
                         let msg = &server.buf[pos..end];
+                        if header.tag == b'E' {
+                            let fields = ErrorFields::parse(msg);
+                            if fields.code == sqlstate::FEATURE_NOT_SUPPORTED
+                                && fields.message.starts_with("cached plan must not change")
+                            {
+                                // Dropped at the release point (state.rs).
+                                self.state.stale_plans = true;
+                            }
+                        }
                         match self.replies.on_server(header.tag) {
                             Verdict::Forward => {}
                             Verdict::Swallow => {
@@ -955,7 +972,9 @@ impl Session {
                         }
                         if header.tag == b'C' && forgets_all_statements(msg) {
                             server.prepared.clear();
+                            server.sql_prepared.clear();
                             self.statements.clear();
+                            self.sql_prepared.clear();
                         }
                         tracked::apply_undo(
                             server,
@@ -1237,6 +1256,7 @@ impl Session {
                         server.params.remove(&name);
                     }
                     server.prepared.clear();
+                    server.sql_prepared.clear();
                 }
                 _ => return,
             }

@@ -20,6 +20,8 @@
 //!
 //! A client that does none of this pays only the lexical prefilter.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 
 use super::Session;
@@ -40,6 +42,19 @@ const SESSION_STATE_CHECK: &str = "SELECT NULL::text, CASE \
                   WHERE relnamespace = pg_catalog.pg_my_temp_schema()) THEN 'temporary tables' \
      END";
 
+/// Answers `('', name)` for every SQL-level prepared statement the server
+/// holds.
+const SQL_PREPARED_NAMES: &str =
+    "SELECT '', name FROM pg_catalog.pg_prepared_statements WHERE from_sql";
+
+/// Closes every pgsluice-named statement on the server (one statement, no
+/// rows); the client's own SQL-level statements stay.
+const DEALLOCATE_POOLED: &str = "DO $pgsluice$ DECLARE s text; BEGIN \
+     FOR s IN SELECT name FROM pg_catalog.pg_prepared_statements \
+              WHERE NOT from_sql AND name LIKE 'PGSLUICE\\_%' LOOP \
+       EXECUTE pg_catalog.format('DEALLOCATE %I', s); \
+     END LOOP; END $pgsluice$;";
+
 /// What happened since the last release point that the pool must know.
 #[derive(Debug, Default)]
 pub(super) struct SessionState {
@@ -52,6 +67,13 @@ pub(super) struct SessionState {
     check_features: bool,
     /// The client keeps its server because it holds this state.
     pub pinned: Option<String>,
+    /// SQL-level PREPARE/DEALLOCATE since the last release point: confirm
+    /// against `pg_prepared_statements`.
+    sql_dirty: bool,
+    /// Names PREPAREd since then (recorded optimistically).
+    sql_pending: Vec<String>,
+    /// PostgreSQL reported a stale cached plan for a pooled statement.
+    pub stale_plans: bool,
 }
 
 impl SessionState {
@@ -78,8 +100,17 @@ impl SessionState {
         }
     }
 
+    pub fn note_sql_prepare(&mut self, name: &str) {
+        self.sql_dirty = true;
+        self.sql_pending.push(name.to_owned());
+    }
+
+    pub fn note_sql_change(&mut self) {
+        self.sql_dirty = true;
+    }
+
     fn needs_settle(&self) -> bool {
-        self.params_dirty || self.check_features
+        self.params_dirty || self.check_features || self.sql_dirty || self.stale_plans
     }
 
     /// The server may carry session state beyond what pgsluice tracks
@@ -118,9 +149,10 @@ impl Session {
         b.freeze()
     }
 
-    /// At a release point: captures session parameters and checks for
-    /// session-only state if a request since the last one may have changed
-    /// them.
+    /// At a release point: captures session parameters, checks for
+    /// session-only state, confirms SQL-level prepared statements and drops
+    /// stale pooled statements — whichever a request since the last one
+    /// may have changed — in one round trip.
     pub(super) async fn settle(&mut self) -> Settled {
         if !self.tracked || !self.state.needs_settle() {
             return if self.state.pinned.is_some() {
@@ -131,17 +163,38 @@ impl Session {
         }
         let capture = self.state.params_dirty;
         let check = self.state.check_features;
-        let sql = match (capture, check) {
-            (true, true) => {
-                let extra = format!(" UNION ALL {SESSION_STATE_CHECK}");
-                self.params.capture_sql(&self.state.names, &extra)
-            }
-            (true, false) => self.params.capture_sql(&self.state.names, ""),
-            _ => SESSION_STATE_CHECK.to_owned(),
-        };
+        let sql_names = self.state.sql_dirty;
+        let stale = std::mem::take(&mut self.state.stale_plans);
+        let mut branches = Vec::new();
+        if capture {
+            branches.push(self.params.capture_sql(&self.state.names, ""));
+        }
+        if check {
+            branches.push(SESSION_STATE_CHECK.to_owned());
+        }
+        if sql_names {
+            branches.push(SQL_PREPARED_NAMES.to_owned());
+        }
+        let mut sql = String::new();
+        if stale {
+            sql.push_str(DEALLOCATE_POOLED);
+        }
+        sql.push_str(&branches.join(" UNION ALL "));
         let Some(server) = self.server.as_deref_mut() else {
             return Settled::Release;
         };
+        if stale {
+            // A pooled statement's cached plan went stale (DDL changed what
+            // it reads): this server forgets every pgsluice statement, and
+            // the next use prepares it afresh.
+            let evicted = server.prepared.len() as u64;
+            server.prepared.clear();
+            self.shared
+                .stats
+                .prepared
+                .evictions
+                .fetch_add(evicted, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut rows = Vec::new();
         match server
             .query_internal(&sql, super::INTERNAL_QUERY_TIMEOUT, &mut rows)
@@ -154,12 +207,14 @@ impl Session {
             }
         }
         let mut captured = Vec::new();
+        let mut sql_held = Vec::new();
         let mut feature = None;
         for row in rows {
             match (
                 row.first().cloned().flatten(),
                 row.get(1).cloned().flatten(),
             ) {
+                (Some(name), Some(value)) if name.is_empty() => sql_held.push(value),
                 (Some(name), Some(value)) => captured.push((name, value)),
                 (None, f) => feature = f,
                 (Some(_), None) => {}
@@ -168,9 +223,24 @@ impl Session {
         if capture {
             self.params.adopt_session(server, &captured);
         }
+        if sql_names {
+            server.sql_prepared.retain(|n, _| sql_held.contains(n));
+            for n in sql_held {
+                server
+                    .sql_prepared
+                    .entry(n)
+                    .or_insert_with(|| Arc::from(""));
+            }
+            for n in self.state.sql_pending.drain(..) {
+                if !server.sql_prepared.contains_key(&n) {
+                    self.sql_prepared.remove(&n);
+                }
+            }
+        }
         self.state.params_dirty = false;
         self.state.names.clear();
         self.state.check_features = false;
+        self.state.sql_dirty = false;
         if check {
             if feature.is_some() && self.state.pinned.is_none() {
                 PreparedStats::bump(&self.shared.stats.prepared.pins);

@@ -109,7 +109,10 @@ impl Session {
                     if tag == b'Q' {
                         let msg = &cbuf[pos..pos + header.total_len];
                         let fx = effects::scan(text_of(crate::protocol::body(msg)));
-                        if let Some(error) = self.note_text(&fx) {
+                        let refused = self
+                            .note_text(&fx)
+                            .map_or_else(|| self.prepare_sql_names(&fx.sql, true, now), Err);
+                        if let Err(error) = refused {
                             let reply = self.refused_query(&error);
                             self.replies.push_synthetic(reply, Undos::default());
                             pos += header.total_len;
@@ -119,6 +122,7 @@ impl Session {
                     }
                     if needs_whole(tag) && tag != b'Q' {
                         let msg = &cbuf[pos..pos + header.total_len];
+                        self.batch_was_open = self.relay.batch_open();
                         self.relay.on_client_tag(tag, now);
                         self.rewrite(tag, msg);
                         pos += header.total_len;
@@ -222,6 +226,15 @@ impl Session {
                             Some(stmt) => {
                                 if !stmt.effects.is_none() {
                                     self.state.note(&stmt.effects);
+                                    let can_inject = !self.batch_was_open;
+                                    if let Err(error) = self.prepare_sql_names(
+                                        &stmt.effects.sql,
+                                        can_inject,
+                                        Instant::now(),
+                                    ) {
+                                        self.refuse_parse(error);
+                                        return;
+                                    }
                                 }
                                 self.ensure_prepared(&stmt);
                                 statements::write_bind(
@@ -291,7 +304,13 @@ impl Session {
         };
         PreparedStats::bump(&self.shared.stats.prepared.client_parses);
         if name.is_empty() {
-            if let Some(error) = self.note_text(&effects::scan(text_of(tail))) {
+            let fx = effects::scan(text_of(tail));
+            let can_inject = !self.batch_was_open;
+            let refused = self.note_text(&fx).map_or_else(
+                || self.prepare_sql_names(&fx.sql, can_inject, Instant::now()),
+                Err,
+            );
+            if let Err(error) = refused {
                 self.refuse_parse(error);
                 return;
             }
