@@ -570,6 +570,89 @@ mod tests {
         assert_eq!(empty.on_server(b'Z'), Verdict::Desync);
     }
 
+    /// Bytes a hashbrown table with this capacity holds (buckets of `T`
+    /// plus one control byte each and a 16-byte group tail).
+    fn table_bytes<T>(capacity: usize) -> usize {
+        if capacity == 0 {
+            return 0;
+        }
+        let buckets = if capacity < 8 {
+            (capacity + 1).next_power_of_two()
+        } else {
+            (capacity * 8 / 7).next_power_of_two()
+        };
+        buckets * (std::mem::size_of::<T>() + 1) + 16
+    }
+
+    fn statement_bytes(s: &Statement) -> usize {
+        // Arc header + struct, its server name, its Parse tail (Bytes: the
+        // copied bytes plus the shared-storage header a clone creates).
+        16 + std::mem::size_of::<Statement>() + s.server_name.capacity() + s.tail.len() + 32
+    }
+
+    /// Memory held by statement caches for 1,000 clients × 100 statements,
+    /// computed from the structures actually built (sizes of the hash
+    /// tables at their real capacities, keys, shared statements, registry,
+    /// and 20 servers each holding `max_prepared_statements` = 500).
+    /// `cargo test --lib statement_cache_memory -- --nocapture` prints it.
+    #[test]
+    fn statement_cache_memory() {
+        for distinct in [false, true] {
+            let reg = StatementRegistry::new();
+            let mut clients = Vec::new();
+            let mut all = Vec::new();
+            for c in 0..1000 {
+                let mut cs = ClientStatements::default();
+                for i in 0..100 {
+                    let text = if distinct {
+                        format!(
+                            "SELECT id, name, balance FROM accounts WHERE id = $1 AND k = {c} AND j = {i}\0\0\0"
+                        )
+                    } else {
+                        format!(
+                            "SELECT id, name, balance FROM accounts WHERE id = $1 AND k = {i}\0\0\0"
+                        )
+                    };
+                    let stmt = reg.intern(text.as_bytes());
+                    all.push(stmt.clone());
+                    cs.insert(format!("s{i}").as_bytes(), stmt);
+                }
+                clients.push(cs);
+            }
+            let mut client_bytes = 0;
+            for cs in &clients {
+                client_bytes += std::mem::size_of::<ClientStatements>()
+                    + table_bytes::<(Vec<u8>, Arc<Statement>)>(cs.by_name.capacity())
+                    + cs.by_name.keys().map(|k| k.capacity()).sum::<usize>();
+            }
+            let mut seen = std::collections::HashSet::new();
+            let mut shared_bytes = 0;
+            for s in &all {
+                if seen.insert(s.id) {
+                    shared_bytes += statement_bytes(s);
+                }
+            }
+            let map = reg.map.lock().unwrap();
+            let registry_bytes = table_bytes::<(Bytes, Weak<Statement>)>(map.capacity());
+            drop(map);
+            let server_bytes = 20 * table_bytes::<(u64, (Arc<Statement>, u64))>(500);
+            let total = client_bytes + shared_bytes + registry_bytes + server_bytes;
+            println!(
+                "{} texts: clients {} KiB ({} B/client), statements {} KiB ({} distinct), \
+                 registry {} KiB, 20 servers x 500 {} KiB, total {:.1} MiB",
+                if distinct { "distinct" } else { "shared" },
+                client_bytes / 1024,
+                client_bytes / 1000,
+                shared_bytes / 1024,
+                seen.len(),
+                registry_bytes / 1024,
+                server_bytes / 1024,
+                total as f64 / (1024.0 * 1024.0)
+            );
+            assert!(client_bytes / 1000 < 8 * 1024, "per-client map stays small");
+        }
+    }
+
     #[test]
     fn message_views_round_trip() {
         let mut out = BytesMut::new();
