@@ -82,27 +82,53 @@ impl Effects {
     }
 }
 
-/// Words whose absence proves the text changes nothing we track.
+/// Statements that matter when they come first.
+const FIRST_WORDS: &[&[u8]] = &[
+    b"set",
+    b"reset",
+    b"discard",
+    b"listen",
+    b"declare",
+    b"create",
+    b"prepare",
+    b"deallocate",
+];
+
+/// Words that matter anywhere in a statement.
+const ANYWHERE: &[&[u8]] = &[b"set_config", b"advisory", b"temp", b"execute"];
+
+/// False when the text surely changes nothing we track. One statement
+/// (the common case) is judged by its first word plus a few needles, so
+/// `UPDATE … SET` costs no lexing; several statements, or a leading
+/// comment, by every needle.
 fn may_matter(text: &[u8]) -> bool {
-    const NEEDLES: &[&[u8]] = &[
-        b"set",
-        b"discard",
-        b"listen",
-        b"advisory",
-        b"temp",
-        b"hold",
-        b"prepare",
-        b"execute",
-        b"deallocate",
-    ];
+    let trimmed = text
+        .iter()
+        .rposition(|&b| !(b == b';' || b.is_ascii_whitespace()))
+        .map_or(&text[..0], |end| &text[..=end]);
+    let start = trimmed
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(trimmed.len());
+    let body = &trimmed[start..];
+    let single = !body.contains(&b';') && !matches!(body.first(), Some(b'/' | b'-' | b'('));
+    if single {
+        let end = body
+            .iter()
+            .position(|b| !b.is_ascii_alphabetic())
+            .unwrap_or(body.len());
+        let first = &body[..end];
+        FIRST_WORDS.iter().any(|w| first.eq_ignore_ascii_case(w)) || contains_any(body, ANYWHERE)
+    } else {
+        contains_any(body, FIRST_WORDS) || contains_any(body, ANYWHERE)
+    }
+}
+
+/// Whether `text` contains any of `needles` (ASCII case-insensitive).
+fn contains_any(text: &[u8], needles: &[&[u8]]) -> bool {
     text.windows(3).enumerate().any(|(i, w)| {
-        let first = [
-            w[0].to_ascii_lowercase(),
-            w[1].to_ascii_lowercase(),
-            w[2].to_ascii_lowercase(),
-        ];
-        NEEDLES.iter().any(|n| {
-            n[..3] == first
+        needles.iter().any(|n| {
+            n[..3].eq_ignore_ascii_case(w)
                 && text
                     .get(i..i + n.len())
                     .is_some_and(|s| s.eq_ignore_ascii_case(n))
@@ -288,6 +314,11 @@ mod tests {
     #[test]
     fn plain_statements_cost_no_lexing() {
         assert!(!may_matter(b"SELECT * FROM t WHERE id = $1"));
+        assert!(!may_matter(b"UPDATE t SET a = 1 WHERE id = 2;"));
+        assert!(may_matter(b" set x = 1;"));
+        assert!(may_matter(b"/* c */ SET x = 1"));
+        assert!(may_matter(b"SELECT 1; SET x = 1"));
+        assert!(may_matter(b"select pg_advisory_lock(1)"));
         assert!(fx("SELECT 1").is_none());
         assert!(fx("UPDATE t SET a = 1").is_none(), "SET clause of UPDATE");
         assert!(fx("SELECT 'SET x = 1'").is_none(), "inside a string");

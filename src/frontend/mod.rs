@@ -29,7 +29,7 @@ use crate::protocol::{self, ProtocolError, Severity, StartupPacket, sqlstate};
 use crate::proxy::{ClientPermit, Shared};
 
 pub use cancel::{CancelRegistry, CancelSlot};
-pub use effects::{Effects, Feature};
+pub use effects::{Effects, Feature, SqlPrepared, scan as scan_effects};
 pub use params::{ClientParams, parse_options};
 pub use relay::{RelayState, ServerEvent, client_tag_inspected, server_tag_inspected};
 pub use statements::{PreparedStats, Statement, StatementRegistry};

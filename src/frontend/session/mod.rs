@@ -1111,6 +1111,10 @@ impl Session {
         for name in &window.new_names {
             self.statements.remove(name);
         }
+        // SQL-level PREPAREs of the request are made again with it.
+        for name in self.state.take_sql_pending() {
+            self.sql_prepared.remove(&name);
+        }
         tracing::info!(
             node = %route.cluster.nodes()[node].name,
             to_primary = primary_only,

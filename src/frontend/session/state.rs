@@ -105,6 +105,12 @@ impl SessionState {
         self.sql_pending.push(name.to_owned());
     }
 
+    /// The names PREPAREd since the last release point (a retried request
+    /// makes them again).
+    pub fn take_sql_pending(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.sql_pending)
+    }
+
     pub fn note_sql_change(&mut self) {
         self.sql_dirty = true;
     }

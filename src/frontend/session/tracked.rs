@@ -361,6 +361,16 @@ impl Session {
                 return;
             }
         }
+        if !stmt.effects.sql.is_empty() {
+            // Its Describe already needs the SQL-level statement it names.
+            let can_inject = !self.batch_was_open;
+            if let Err(error) =
+                self.prepare_sql_names(&stmt.effects.sql, can_inject, Instant::now())
+            {
+                self.refuse_parse(error);
+                return;
+            }
+        }
         self.statements.insert(name, stmt.clone());
         let forget_name = Undo::ClientForget(name.to_vec());
         let Some(server) = self.server.as_deref_mut() else {
