@@ -286,7 +286,7 @@ fn bench_effects(c: &mut Criterion) {
     c.bench_function("effects/select (prefilter only)", |b| {
         b.iter(|| black_box(scan_effects(black_box(pgbench_select))));
     });
-    c.bench_function("effects/update (prefilter hit, lexed)", |b| {
+    c.bench_function("effects/update ... set (prefilter only)", |b| {
         b.iter(|| black_box(scan_effects(black_box(pgbench_update))));
     });
     c.bench_function("effects/set", |b| {

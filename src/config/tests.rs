@@ -215,3 +215,13 @@ fn hba_tables_file_and_conflicts() {
     .to_string();
     assert!(e.contains("not both"), "{e}");
 }
+
+#[test]
+fn session_features_default_to_pin_and_are_checked() {
+    let c = load(MINIMAL, &[]).unwrap();
+    assert_eq!(c.general.session_features, SessionFeatures::Pin);
+    let c = load(MINIMAL, &[("PGSLUICE_GENERAL__SESSION_FEATURES", "refuse")]).unwrap();
+    assert_eq!(c.general.session_features, SessionFeatures::Refuse);
+    let e = load(MINIMAL, &[("PGSLUICE_GENERAL__SESSION_FEATURES", "allow")]).unwrap_err();
+    assert!(e.to_string().contains("general.session_features"), "{e}");
+}

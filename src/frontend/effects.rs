@@ -82,8 +82,10 @@ impl Effects {
     }
 }
 
-/// Statements that matter when they come first.
+/// Statements that matter when they come first (`EXPLAIN EXECUTE`).
 const FIRST_WORDS: &[&[u8]] = &[
+    b"execute",
+    b"explain",
     b"set",
     b"reset",
     b"discard",
@@ -94,8 +96,28 @@ const FIRST_WORDS: &[&[u8]] = &[
     b"deallocate",
 ];
 
-/// Words that matter anywhere in a statement.
-const ANYWHERE: &[&[u8]] = &[b"set_config", b"advisory", b"temp", b"execute"];
+/// Every word that matters, for texts of several statements.
+const EVERYWHERE: &[&[u8]] = &[
+    b"set",
+    b"discard",
+    b"listen",
+    b"declare",
+    b"create",
+    b"prepare",
+    b"deallocate",
+    b"execute",
+    b"advisory",
+    b"temp",
+];
+
+static ANYWHERE_FINDERS: std::sync::OnceLock<Vec<memchr::memmem::Finder<'static>>> =
+    std::sync::OnceLock::new();
+static EVERYWHERE_FINDERS: std::sync::OnceLock<Vec<memchr::memmem::Finder<'static>>> =
+    std::sync::OnceLock::new();
+
+/// Words that matter anywhere in a statement: function names and
+/// `INTO TEMP`. (`CREATE TABLE … AS EXECUTE` starts with CREATE.)
+const ANYWHERE: &[&[u8]] = &[b"set_config", b"advisory", b"temp"];
 
 /// False when the text surely changes nothing we track. One statement
 /// (the common case) is judged by its first word plus a few needles, so
@@ -118,21 +140,48 @@ fn may_matter(text: &[u8]) -> bool {
             .position(|b| !b.is_ascii_alphabetic())
             .unwrap_or(body.len());
         let first = &body[..end];
-        FIRST_WORDS.iter().any(|w| first.eq_ignore_ascii_case(w)) || contains_any(body, ANYWHERE)
+        FIRST_WORDS.iter().any(|w| first.eq_ignore_ascii_case(w))
+            || contains_any(body, finders(&ANYWHERE_FINDERS, ANYWHERE))
     } else {
-        contains_any(body, FIRST_WORDS) || contains_any(body, ANYWHERE)
+        contains_any(body, finders(&EVERYWHERE_FINDERS, EVERYWHERE))
     }
 }
 
-/// Whether `text` contains any of `needles` (ASCII case-insensitive).
-fn contains_any(text: &[u8], needles: &[&[u8]]) -> bool {
-    text.windows(3).enumerate().any(|(i, w)| {
-        needles.iter().any(|n| {
-            n[..3].eq_ignore_ascii_case(w)
-                && text
-                    .get(i..i + n.len())
-                    .is_some_and(|s| s.eq_ignore_ascii_case(n))
-        })
+/// Whether `text` contains any of `needles` (lower-case; matched ASCII
+/// case-insensitively): the text is lower-cased into a stack buffer (in
+/// overlapping chunks) and searched with SIMD substring search.
+fn contains_any(text: &[u8], needles: &[memchr::memmem::Finder<'static>]) -> bool {
+    const CHUNK: usize = 512;
+    let longest = needles.iter().map(|n| n.needle().len()).max().unwrap_or(0);
+    let mut buf = [0u8; CHUNK];
+    let mut start = 0;
+    while start < text.len() {
+        let end = (start + CHUNK).min(text.len());
+        let lower = &mut buf[..end - start];
+        for (d, s) in lower.iter_mut().zip(&text[start..end]) {
+            *d = s.to_ascii_lowercase();
+        }
+        if needles.iter().any(|n| n.find(lower).is_some()) {
+            return true;
+        }
+        if end == text.len() {
+            break;
+        }
+        start = end - longest.min(end - start);
+    }
+    false
+}
+
+/// Substring finders for `words`, built once.
+fn finders(
+    cell: &'static std::sync::OnceLock<Vec<memchr::memmem::Finder<'static>>>,
+    words: &'static [&'static [u8]],
+) -> &'static [memchr::memmem::Finder<'static>] {
+    cell.get_or_init(|| {
+        words
+            .iter()
+            .map(|w| memchr::memmem::Finder::new(*w))
+            .collect()
     })
 }
 
@@ -141,6 +190,11 @@ pub fn scan(text: &[u8]) -> Effects {
     if !may_matter(text) {
         return Effects::default();
     }
+    lex_scan(text)
+}
+
+/// The scan proper, without the prefilter.
+fn lex_scan(text: &[u8]) -> Effects {
     let Ok(sql) = std::str::from_utf8(text) else {
         return Effects {
             params: true,
@@ -319,9 +373,44 @@ mod tests {
         assert!(may_matter(b"/* c */ SET x = 1"));
         assert!(may_matter(b"SELECT 1; SET x = 1"));
         assert!(may_matter(b"select pg_advisory_lock(1)"));
+        assert!(may_matter(b"EXECUTE q(1)"));
+        assert!(may_matter(b"explain execute q"));
+        assert!(may_matter(b"SELECT 1 INTO TEMP t"));
         assert!(fx("SELECT 1").is_none());
         assert!(fx("UPDATE t SET a = 1").is_none(), "SET clause of UPDATE");
         assert!(fx("SELECT 'SET x = 1'").is_none(), "inside a string");
+    }
+
+    /// The prefilter never hides what the lexer sees.
+    #[test]
+    fn prefilter_agrees_with_the_lexer() {
+        for sql in [
+            "SET x = 1",
+            "  reset ALL ;",
+            "DISCARD ALL",
+            "select set_config('a', 'b', false)",
+            "SELECT PG_ADVISORY_LOCK(1)",
+            "select pg_try_advisory_lock_shared(1)",
+            "LISTEN c",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "CREATE TEMPORARY TABLE t (a int)",
+            "SELECT * INTO TEMP t FROM x",
+            "PREPARE p AS SELECT 1",
+            "EXECUTE p",
+            "EXPLAIN ANALYZE EXECUTE p",
+            "CREATE TABLE t AS EXECUTE p",
+            "DEALLOCATE p",
+            "/* hint */ SET x = 1",
+            "-- c\nLISTEN x",
+            "(SELECT pg_advisory_lock(1))",
+            "SELECT 1; SET x = 2",
+            "BEGIN; LISTEN x; COMMIT",
+            "UPDATE t SET a = 1",
+            "SELECT 1",
+            "INSERT INTO t VALUES (1)",
+        ] {
+            assert_eq!(scan(sql.as_bytes()), lex_scan(sql.as_bytes()), "{sql}");
+        }
     }
 
     #[test]
