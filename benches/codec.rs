@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use pgsluice::backend::ServerParams;
-use pgsluice::frontend::{ClientParams, RelayState, server_tag_inspected};
+use pgsluice::frontend::{ClientParams, RelayState, scan_effects, server_tag_inspected};
 use pgsluice::protocol::{
     self, PG_MAX_MESSAGE_LEN, PROTOCOL_3_0, Scanner, Segment, Severity, StartupParams, TxStatus,
     read_startup, sqlstate,
@@ -276,12 +276,30 @@ fn bench_params(c: &mut Criterion) {
     });
 }
 
+/// What every transaction-mode Query and unnamed Parse pays for session
+/// state tracking: the lexical prefilter (and the lexer, when it hits).
+fn bench_effects(c: &mut Criterion) {
+    let pgbench_select = b"SELECT abalance FROM pgbench_accounts WHERE aid = 4711;";
+    let pgbench_update =
+        b"UPDATE pgbench_accounts SET abalance = abalance + -1234 WHERE aid = 4711;";
+    let set = b"SET search_path = app, public";
+    c.bench_function("effects/select (prefilter only)", |b| {
+        b.iter(|| black_box(scan_effects(black_box(pgbench_select))));
+    });
+    c.bench_function("effects/update ... set (prefilter only)", |b| {
+        b.iter(|| black_box(scan_effects(black_box(pgbench_update))));
+    });
+    c.bench_function("effects/set", |b| {
+        b.iter(|| black_box(scan_effects(black_box(set))));
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(20)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_framing, bench_startup, bench_builders, bench_params
+    targets = bench_framing, bench_startup, bench_builders, bench_params, bench_effects
 }
 criterion_main!(benches);

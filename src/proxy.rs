@@ -37,6 +37,8 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     /// Prepared statements deduplicated across clients and servers.
     pub statements: StatementRegistry,
+    /// Event counters for metrics.
+    pub stats: Stats,
     pub phase: watch::Receiver<Phase>,
     /// Key of the fake SCRAM salts shown for unknown users (per process).
     pub fake_salt_key: crate::auth::FakeSaltKey,
@@ -124,6 +126,13 @@ impl Drop for Admitted {
     }
 }
 
+/// Process-wide counters, read by the metrics endpoint and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Prepared statements and session pins (transaction/statement mode).
+    pub prepared: crate::frontend::PreparedStats,
+}
+
 /// Counts one client connection against `max_client_conn` while alive.
 pub struct ClientPermit {
     shared: Arc<Shared>,
@@ -206,6 +215,7 @@ impl Proxy {
             clusters,
             cancels: CancelRegistry::new(),
             statements: StatementRegistry::new(),
+            stats: Stats::default(),
             phase,
             fake_salt_key: crate::auth::FakeSaltKey::random(),
             tls,

@@ -325,3 +325,187 @@ async fn unnamed_statement_bound_in_a_later_request_is_the_clients_own() {
     let r = replies(&mut a).await;
     assert_eq!(r[0].1.as_deref(), Some("26000"), "{r:?}");
 }
+
+/// Deep pipelines: 100 requests of 10 statements each (Parse on first use,
+/// Bind, Execute, sometimes Close), names drawn at random from a working
+/// set larger than `max_prepared_statements`, from three clients sharing
+/// two servers, every request sent in one write with one Sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_pipelines_over_a_small_statement_cache() {
+    use rand::{Rng, SeedableRng};
+    let proxy =
+        TestProxy::start("pool_size = 2\nmax_pool_size = 2\nmax_prepared_statements = 8").await;
+    let mut tasks = Vec::new();
+    for client in 0..3u64 {
+        let addr = proxy.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(client);
+            let mut c = Raw::login(addr).await;
+            let mut known = std::collections::HashSet::new();
+            for iteration in 0..100 {
+                let mut batch = Vec::new();
+                let mut expect_tags = String::new();
+                let mut expect_rows = Vec::new();
+                for _ in 0..10 {
+                    let n: u32 = rng.random_range(0..30);
+                    let name = format!("st{n}_{}", rng.random_range(0..2));
+                    if known.insert(name.clone()) {
+                        batch.extend(parse(&name, &format!("SELECT {n} + {client}000")));
+                        expect_tags.push('1');
+                    }
+                    batch.extend(bind(&name));
+                    batch.extend(execute());
+                    expect_tags.push_str("2DC");
+                    expect_rows.push((n + client as u32 * 1000).to_string());
+                    if rng.random_bool(0.1) {
+                        batch.extend(close(&name));
+                        known.remove(&name);
+                        expect_tags.push('3');
+                    }
+                }
+                batch.extend(sync());
+                expect_tags.push('Z');
+                c.send(&batch).await;
+                let mut tags = String::new();
+                let mut rows = Vec::new();
+                while let Some(m) = c.recv(Duration::from_secs(10)).await {
+                    tags.push(m.tag as char);
+                    if m.tag == b'D' {
+                        rows.push(String::from_utf8_lossy(&m.body[6..]).into_owned());
+                    }
+                    if m.tag == b'E' {
+                        panic!("client {client} iteration {iteration}: {:?}", m.field(b'M'));
+                    }
+                    if m.tag == b'Z' {
+                        break;
+                    }
+                }
+                assert_eq!(tags, expect_tags, "client {client} iteration {iteration}");
+                assert_eq!(rows, expect_rows, "client {client} iteration {iteration}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("pipeline client");
+    }
+    let stats = &proxy.shared.stats.prepared;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        get(&stats.evictions) > 0,
+        "the working set exceeds the cache"
+    );
+    assert!(get(&stats.client_parses) > 0 && get(&stats.server_parses) > 0);
+}
+
+async fn first_value(
+    c: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<String, tokio_postgres::Error> {
+    let rows = c.simple_query(sql).await?;
+    Ok(rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap_or_default())
+}
+
+/// SQL-level PREPARE / EXECUTE / DEALLOCATE follow their client to any
+/// server, and one client never runs another's statement of the same name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_level_prepare_runs_on_any_server() {
+    let proxy = TestProxy::start("pool_size = 2\nmax_pool_size = 2").await;
+    let a = proxy.connect().await;
+    let b = proxy.connect().await;
+    a.batch_execute("PREPARE q (int) AS SELECT $1 * 2")
+        .await
+        .unwrap();
+    let a_pid = first_value(&a, "SELECT pg_backend_pid()").await.unwrap();
+    // B takes A's server; A's EXECUTE runs on the other one.
+    b.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(
+        first_value(&b, "SELECT pg_backend_pid()").await.unwrap(),
+        a_pid
+    );
+    assert_eq!(first_value(&a, "EXECUTE q(21)").await.unwrap(), "42");
+    assert_ne!(
+        first_value(&a, "SELECT pg_backend_pid()").await.unwrap(),
+        a_pid
+    );
+    // B never prepared q, although its server holds A's.
+    let e = b.batch_execute("EXECUTE q(1)").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("26000"), "{e}");
+    b.batch_execute("ROLLBACK").await.unwrap();
+    // B's own q, then both on whichever server.
+    b.batch_execute("PREPARE q AS SELECT 'b'").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(first_value(&b, "EXECUTE q").await.unwrap(), "b");
+        assert_eq!(first_value(&a, "EXECUTE q(5)").await.unwrap(), "10");
+    }
+    // PostgreSQL's errors.
+    let e = a.batch_execute("PREPARE q AS SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42P05"), "{e}");
+    let e = a.batch_execute("PREPARE bad AS SELEC 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42601"), "{e}");
+    let e = a.batch_execute("EXECUTE bad").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("26000"), "{e}");
+    a.batch_execute("DEALLOCATE q").await.unwrap();
+    let e = a.batch_execute("EXECUTE q(1)").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("26000"), "{e}");
+    assert_eq!(first_value(&b, "EXECUTE q").await.unwrap(), "b");
+    // The same name again, and DEALLOCATE ALL.
+    a.batch_execute("PREPARE q AS SELECT 'again'")
+        .await
+        .unwrap();
+    assert_eq!(first_value(&a, "EXECUTE q").await.unwrap(), "again");
+    a.batch_execute("DEALLOCATE ALL").await.unwrap();
+    let e = a.batch_execute("EXECUTE q").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("26000"), "{e}");
+    assert_eq!(first_value(&b, "EXECUTE q").await.unwrap(), "b");
+    // Through the extended protocol (at the start of a request).
+    a.batch_execute("PREPARE e1 AS SELECT 7").await.unwrap();
+    b.batch_execute("BEGIN").await.unwrap();
+    first_value(&b, "SELECT 1").await.unwrap();
+    let row = a.query_one("EXECUTE e1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 7);
+    b.batch_execute("COMMIT").await.unwrap();
+}
+
+/// DDL changes the result type of a table a pooled statement reads:
+/// PostgreSQL's 0A000 reaches the client once, and the statement is
+/// prepared afresh on its next use.
+#[tokio::test]
+async fn stale_cached_plan_is_prepared_again() {
+    let proxy = TestProxy::start("pool_size = 1\nmax_pool_size = 1").await;
+    let setup = proxy.connect().await;
+    setup
+        .batch_execute(
+            "DROP TABLE IF EXISTS cp_t; CREATE TABLE cp_t (a int); INSERT INTO cp_t VALUES (1)",
+        )
+        .await
+        .unwrap();
+    let mut c = Raw::login(proxy.addr).await;
+    let mut batch = parse("cp", "SELECT * FROM cp_t");
+    batch.extend(bind("cp"));
+    batch.extend(execute());
+    batch.extend(sync());
+    c.send(&batch).await;
+    assert_eq!(tags(&replies(&mut c).await), "12DCZ");
+    setup
+        .batch_execute("ALTER TABLE cp_t ADD COLUMN b int")
+        .await
+        .unwrap();
+    let mut again = bind("cp");
+    again.extend(execute());
+    again.extend(sync());
+    c.send(&again).await;
+    let r = replies(&mut c).await;
+    assert_eq!(tags(&r), "EZ", "{r:?}");
+    assert_eq!(r[0].1.as_deref(), Some("0A000"));
+    for _ in 0..2 {
+        c.send(&again).await;
+        assert_eq!(tags(&replies(&mut c).await), "2DCZ");
+    }
+    setup.batch_execute("DROP TABLE cp_t").await.unwrap();
+}

@@ -492,3 +492,48 @@ async fn with_the_primary_down_writes_fail_fast_and_reads_go_on() {
     );
     wait_in_rotation(&proxy, &[1, 2]).await;
 }
+
+#[tokio::test]
+async fn a_pinned_client_stays_on_its_node() {
+    let _serial = SERIAL.lock().await;
+    let proxy = start("").await;
+    let c = proxy.connect().await;
+    // A session-level lock pins the client wherever the lock was taken; the
+    // hint asks for a replica (advisory locks work on a hot standby).
+    let pinned = server_port(
+        &c,
+        "/* pgsluice: replica */ SELECT inet_server_port() FROM pg_advisory_lock(5)",
+    )
+    .await
+    .expect("lock");
+    eprintln!("pinned on port {pinned}; primary {}", port(0));
+    for _ in 0..10 {
+        let p = server_port(&c, "SELECT inet_server_port()")
+            .await
+            .expect("read");
+        assert_eq!(p, pinned, "a pinned client moved");
+    }
+    if pinned != port(0) {
+        // A write while pinned to a replica fails there rather than moving.
+        let e = c
+            .batch_execute("INSERT INTO routing_t (v) VALUES (1)")
+            .await
+            .unwrap_err();
+        assert_eq!(support::sqlstate(&e).as_deref(), Some("25006"), "{e}");
+    }
+    c.batch_execute("SELECT pg_advisory_unlock_all()")
+        .await
+        .unwrap();
+    let mut seen = BTreeSet::new();
+    for _ in 0..30 {
+        seen.insert(
+            server_port(&c, "SELECT inet_server_port()")
+                .await
+                .expect("read"),
+        );
+    }
+    assert!(
+        seen.len() > 1 || !seen.contains(&pinned),
+        "unpinned reads spread: {seen:?}"
+    );
+}

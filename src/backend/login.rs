@@ -120,6 +120,7 @@ async fn login(spec: &LoginSpec, id: u64) -> Result<ServerConn, BackendError> {
         prepared: std::collections::HashMap::new(),
         prepared_tick: 0,
         unnamed_owner: None,
+        sql_prepared: std::collections::HashMap::new(),
     };
     let mut out = BytesMut::new();
     frontend::startup_message(

@@ -141,6 +141,9 @@ pub struct ServerConn {
     /// Whose unnamed statement this server holds: (client process id,
     /// that client's parse generation). `None` when unknown or destroyed.
     pub unnamed_owner: Option<(i32, u64)>,
+    /// SQL-level prepared statements (`PREPARE name AS …`) this server holds,
+    /// by name, with the PREPARE text that created them (empty: unknown).
+    pub sql_prepared: std::collections::HashMap<String, std::sync::Arc<str>>,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -211,12 +214,29 @@ impl ServerConn {
         sql: &str,
         timeout: Duration,
     ) -> Result<QueryOutcome, BackendError> {
-        tokio::time::timeout(timeout, self.run_internal_inner(sql))
+        tokio::time::timeout(timeout, self.run_internal_inner(sql, None))
             .await
             .map_err(|_| BackendError::Io(format!("internal query timed out after {timeout:?}")))?
     }
 
-    async fn run_internal_inner(&mut self, sql: &str) -> Result<QueryOutcome, BackendError> {
+    /// As [`Self::run_internal`], collecting the text of every DataRow
+    /// (NULL as `None`) into `rows`.
+    pub async fn query_internal(
+        &mut self,
+        sql: &str,
+        timeout: Duration,
+        rows: &mut Vec<Vec<Option<String>>>,
+    ) -> Result<QueryOutcome, BackendError> {
+        tokio::time::timeout(timeout, self.run_internal_inner(sql, Some(rows)))
+            .await
+            .map_err(|_| BackendError::Io(format!("internal query timed out after {timeout:?}")))?
+    }
+
+    async fn run_internal_inner(
+        &mut self,
+        sql: &str,
+        mut rows: Option<&mut Vec<Vec<Option<String>>>>,
+    ) -> Result<QueryOutcome, BackendError> {
         // A simple Query destroys the unnamed prepared statement.
         self.unnamed_owner = None;
         let mut out = BytesMut::with_capacity(sql.len() + 6);
@@ -254,6 +274,13 @@ impl ServerConn {
                         self.params.set(k, v);
                     }
                 }
+                b'D' => {
+                    if let Some(rows) = rows.as_deref_mut() {
+                        let row = parse_data_row(&msg)
+                            .ok_or_else(|| BackendError::Io("malformed DataRow".into()))?;
+                        rows.push(row);
+                    }
+                }
                 b'G' | b'H' | b'W' => {
                     return Err(BackendError::Io("unexpected COPY in internal query".into()));
                 }
@@ -269,6 +296,27 @@ impl ServerConn {
             }
         }
     }
+}
+
+/// The columns of a DataRow as text (NULL as `None`); `None` if malformed.
+fn parse_data_row(msg: &[u8]) -> Option<Vec<Option<String>>> {
+    let body = protocol::body(msg);
+    let count = u16::from_be_bytes([*body.first()?, *body.get(1)?]);
+    let mut rest = body.get(2..)?;
+    let mut row = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        rest = &rest[4..];
+        if len < 0 {
+            row.push(None);
+            continue;
+        }
+        let len = usize::try_from(len).ok()?;
+        let value = rest.get(..len)?;
+        row.push(Some(String::from_utf8_lossy(value).into_owned()));
+        rest = &rest[len..];
+    }
+    Some(row)
 }
 
 /// Sends a CancelRequest for `key` over a new connection and waits until the

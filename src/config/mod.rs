@@ -55,6 +55,34 @@ pub enum PoolMode {
     Statement,
 }
 
+/// What transaction/statement mode does with a client that uses a feature
+/// needing its own server for longer than a transaction (LISTEN, session
+/// advisory locks, WITH HOLD cursors, temporary tables).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionFeatures {
+    /// The client keeps its server until the state is gone.
+    Pin,
+    /// The statement is refused with 0A000.
+    Refuse,
+}
+
+impl SessionFeatures {
+    fn parse(key: &str, s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "pin" => Ok(Self::Pin),
+            "refuse" => Ok(Self::Refuse),
+            _ => Err(invalid(key, format!("`{s}` is not one of pin, refuse"))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pin => "pin",
+            Self::Refuse => "refuse",
+        }
+    }
+}
+
 impl PoolMode {
     fn parse(key: &str, s: &str) -> Result<Self, ConfigError> {
         match s {
@@ -178,6 +206,9 @@ pub struct General {
     /// Prepared statements pgsluice keeps on each server connection in
     /// transaction/statement mode before evicting the least recently used.
     pub max_prepared_statements: usize,
+    /// Transaction/statement mode: pin or refuse clients that use
+    /// session-only features.
+    pub session_features: SessionFeatures,
     pub pool: PoolSettings,
 }
 
@@ -365,6 +396,10 @@ impl Config {
                 g.max_prepared_statements,
                 500,
                 1,
+            )?,
+            session_features: SessionFeatures::parse(
+                "general.session_features",
+                g.session_features.as_deref().unwrap_or("pin"),
             )?,
             pool: pool_settings("general", &default_pool)?,
         };
@@ -587,6 +622,11 @@ impl Config {
             out,
             "max_prepared_statements = {}",
             g.max_prepared_statements
+        );
+        let _ = writeln!(
+            out,
+            "session_features = \"{}\"",
+            g.session_features.as_str()
         );
         render_pool(&mut out, &g.pool);
         for db in self.databases.values() {

@@ -73,6 +73,7 @@ pub struct RawGeneral {
     pub shutdown_timeout: Option<String>,
     pub worker_threads: Option<u64>,
     pub max_prepared_statements: Option<u64>,
+    pub session_features: Option<String>,
     // Pool settings for every pool (see `RawPool`). Listed inline rather
     // than flattened: serde cannot deny unknown fields through `flatten`.
     pub pool_size: Option<u64>,

@@ -265,3 +265,13 @@ fn tls_settings_are_validated_with_their_key() {
         assert!(e.contains(key) && e.contains(needle), "{extra}: {e}");
     }
 }
+
+#[test]
+fn session_features_default_to_pin_and_are_checked() {
+    let c = load(MINIMAL, &[]).unwrap();
+    assert_eq!(c.general.session_features, SessionFeatures::Pin);
+    let c = load(MINIMAL, &[("PGSLUICE_GENERAL__SESSION_FEATURES", "refuse")]).unwrap();
+    assert_eq!(c.general.session_features, SessionFeatures::Refuse);
+    let e = load(MINIMAL, &[("PGSLUICE_GENERAL__SESSION_FEATURES", "allow")]).unwrap_err();
+    assert!(e.to_string().contains("general.session_features"), "{e}");
+}

@@ -7,6 +7,7 @@
 //! does reaches another client or leaves a pooled server dirty.
 
 mod cancel;
+mod effects;
 mod negotiate;
 mod params;
 mod relay;
@@ -31,9 +32,10 @@ use crate::proxy::{ClientPermit, Shared};
 use crate::tls::{ClientStream, common_name};
 
 pub use cancel::{CancelRegistry, CancelSlot};
+pub use effects::{Effects, Feature, SqlPrepared, scan as scan_effects};
 pub use params::{ClientParams, parse_options};
 pub use relay::{RelayState, ServerEvent, client_tag_inspected, server_tag_inspected};
-pub use statements::{Statement, StatementRegistry};
+pub use statements::{PreparedStats, Statement, StatementRegistry};
 
 /// Cap on authentication messages (password, SASL) from a client.
 const MAX_AUTH_MESSAGE: usize = 16 * 1024;

@@ -198,6 +198,88 @@ impl ClientParams {
     }
 }
 
+impl ClientParams {
+    /// The query that captures, on the server the client just used, every
+    /// parameter set at session level (by the client's SET / RESET /
+    /// set_config, or by pgsluice's sync) with its exact current value,
+    /// plus `names` (custom placeholders a SET just named) and the
+    /// unreported parameters this client already expects. Rows are
+    /// `(name, value)`; a NULL value means the name does not exist.
+    /// `extra` is appended as one more `UNION ALL` branch of two text
+    /// columns (or empty).
+    pub fn capture_sql(&self, names: &[String], extra: &str) -> String {
+        let mut sql = String::from(
+            "SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings \
+             WHERE source = 'session' AND name NOT IN \
+             ('transaction_isolation', 'transaction_read_only', 'transaction_deferrable')",
+        );
+        let mut list: Vec<String> = names.iter().map(|n| literal(n)).collect();
+        list.extend(self.iter().map(|(name, _)| literal(name)));
+        if !list.is_empty() {
+            sql.push_str(
+                " UNION ALL SELECT n, pg_catalog.current_setting(n, true) \
+                 FROM pg_catalog.unnest(ARRAY[",
+            );
+            sql.push_str(&list.join(", "));
+            sql.push_str("]::text[]) AS n");
+        }
+        sql.push_str(extra);
+        sql
+    }
+
+    /// Adopts what [`ClientParams::capture_sql`] found: the client now
+    /// expects exactly those session settings (anything else unreported is
+    /// back at the server default), and the server's bookkeeping lists them
+    /// as set, so that the next client of this server gets them undone.
+    pub fn adopt_session(
+        &mut self,
+        server: &mut crate::backend::ServerConn,
+        captured: &[(String, String)],
+    ) {
+        let reported = |server: &crate::backend::ServerConn, name: &str| {
+            server.params.get(name).is_some()
+                && !server
+                    .set_by_pooler
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(name))
+        };
+        let is_captured = |name: &str| captured.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+        let before: Vec<bool> = self
+            .wanted
+            .iter()
+            .map(|(k, _)| {
+                TRACKED_REPORTED.iter().any(|t| t.eq_ignore_ascii_case(k))
+                    || reported(server, k)
+                    || is_captured(k)
+            })
+            .collect();
+        let mut keep = before.into_iter();
+        self.wanted.retain(|_| keep.next().unwrap_or(true));
+        for (name, value) in captured {
+            if !reported(server, name) {
+                server.params.set(name, value);
+                if !server
+                    .set_by_pooler
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(name))
+                {
+                    server.set_by_pooler.push(name.clone());
+                }
+            }
+            self.set(name, value);
+        }
+        let mut i = 0;
+        while i < server.set_by_pooler.len() {
+            if is_captured(&server.set_by_pooler[i]) {
+                i += 1;
+            } else {
+                let name = server.set_by_pooler.swap_remove(i);
+                server.params.remove(&name);
+            }
+        }
+    }
+}
+
 /// `E'...'` literal, correct whatever standard_conforming_strings says.
 fn literal(s: &str) -> String {
     format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))

@@ -20,7 +20,34 @@ use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::effects::{self, Effects};
 use crate::protocol::{self, Severity};
+
+/// Prepared-statement and session-state counters (process-wide, relaxed
+/// atomics: each is a plain event count for metrics).
+#[derive(Debug, Default)]
+pub struct PreparedStats {
+    /// Parse messages received from clients (named and unnamed).
+    pub client_parses: AtomicU64,
+    /// Parse messages sent to servers: the client's own, and those pgsluice
+    /// injects because the server it got lacks the statement.
+    pub server_parses: AtomicU64,
+    /// Client Parses answered by pgsluice because the server already held
+    /// the statement.
+    pub cache_hits: AtomicU64,
+    /// Statements closed on a server to stay within
+    /// `max_prepared_statements`, or dropped after PostgreSQL said their
+    /// cached plan was stale.
+    pub evictions: AtomicU64,
+    /// Times a client was pinned to its server by a session-only feature.
+    pub pins: AtomicU64,
+}
+
+impl PreparedStats {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// One distinct (query text, parameter types), as the server knows it.
 #[derive(Debug)]
@@ -29,6 +56,8 @@ pub struct Statement {
     pub server_name: String,
     /// Parse body after the statement name: query, NUL, parameter types.
     tail: Bytes,
+    /// What running it may do to session state (scanned once per text).
+    pub effects: Effects,
 }
 
 impl Statement {
@@ -75,9 +104,11 @@ impl StatementRegistry {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let tail = Bytes::copy_from_slice(tail);
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
         let stmt = Arc::new(Statement {
             id,
             server_name: format!("PGSLUICE_{id}"),
+            effects: effects::scan(&tail[..end]),
             tail: tail.clone(),
         });
         map.insert(tail, Arc::downgrade(&stmt));
@@ -317,6 +348,14 @@ impl Replies {
             return Verdict::Desync;
         };
         let (kind, hidden) = (*kind, *hidden);
+        if kind == Kind::Simple && hidden {
+            // pgsluice's own simple Query: nothing of its answer, errors
+            // included, is the client's.
+            if tag == b'Z' {
+                self.queue.pop_front();
+            }
+            return Verdict::Swallow;
+        }
         let completes = match (kind, tag) {
             (_, b'E') if kind != Kind::Simple => {
                 self.fail_head();
@@ -508,12 +547,110 @@ mod tests {
     }
 
     #[test]
+    fn injected_simple_query_is_swallowed_whole() {
+        let mut r = Replies::new();
+        r.push_server(Kind::Simple, true, Undos::default());
+        r.push_server(Kind::Simple, false, Undos::default());
+        for tag in [b'C', b'E', b'Z'] {
+            assert_eq!(r.on_server(tag), Verdict::Swallow);
+        }
+        assert_eq!(r.on_server(b'N'), Verdict::Forward);
+        for tag in [b'T', b'D', b'C', b'Z'] {
+            assert_eq!(r.on_server(tag), Verdict::Forward);
+        }
+        assert!(r.is_empty());
+    }
+
+    #[test]
     fn unexpected_reply_is_a_desync() {
         let mut r = Replies::new();
         r.push_server(Kind::Bind, false, Undos::default());
         assert_eq!(r.on_server(b'1'), Verdict::Desync);
         let mut empty = Replies::new();
         assert_eq!(empty.on_server(b'Z'), Verdict::Desync);
+    }
+
+    /// Bytes a hashbrown table with this capacity holds (buckets of `T`
+    /// plus one control byte each and a 16-byte group tail).
+    fn table_bytes<T>(capacity: usize) -> usize {
+        if capacity == 0 {
+            return 0;
+        }
+        let buckets = if capacity < 8 {
+            (capacity + 1).next_power_of_two()
+        } else {
+            (capacity * 8 / 7).next_power_of_two()
+        };
+        buckets * (std::mem::size_of::<T>() + 1) + 16
+    }
+
+    fn statement_bytes(s: &Statement) -> usize {
+        // Arc header + struct, its server name, its Parse tail (Bytes: the
+        // copied bytes plus the shared-storage header a clone creates).
+        16 + std::mem::size_of::<Statement>() + s.server_name.capacity() + s.tail.len() + 32
+    }
+
+    /// Memory held by statement caches for 1,000 clients × 100 statements,
+    /// computed from the structures actually built (sizes of the hash
+    /// tables at their real capacities, keys, shared statements, registry,
+    /// and 20 servers each holding `max_prepared_statements` = 500).
+    /// `cargo test --lib statement_cache_memory -- --nocapture` prints it.
+    #[test]
+    fn statement_cache_memory() {
+        for distinct in [false, true] {
+            let reg = StatementRegistry::new();
+            let mut clients = Vec::new();
+            let mut all = Vec::new();
+            for c in 0..1000 {
+                let mut cs = ClientStatements::default();
+                for i in 0..100 {
+                    let text = if distinct {
+                        format!(
+                            "SELECT id, name, balance FROM accounts WHERE id = $1 AND k = {c} AND j = {i}\0\0\0"
+                        )
+                    } else {
+                        format!(
+                            "SELECT id, name, balance FROM accounts WHERE id = $1 AND k = {i}\0\0\0"
+                        )
+                    };
+                    let stmt = reg.intern(text.as_bytes());
+                    all.push(stmt.clone());
+                    cs.insert(format!("s{i}").as_bytes(), stmt);
+                }
+                clients.push(cs);
+            }
+            let mut client_bytes = 0;
+            for cs in &clients {
+                client_bytes += std::mem::size_of::<ClientStatements>()
+                    + table_bytes::<(Vec<u8>, Arc<Statement>)>(cs.by_name.capacity())
+                    + cs.by_name.keys().map(|k| k.capacity()).sum::<usize>();
+            }
+            let mut seen = std::collections::HashSet::new();
+            let mut shared_bytes = 0;
+            for s in &all {
+                if seen.insert(s.id) {
+                    shared_bytes += statement_bytes(s);
+                }
+            }
+            let map = reg.map.lock().unwrap();
+            let registry_bytes = table_bytes::<(Bytes, Weak<Statement>)>(map.capacity());
+            drop(map);
+            let server_bytes = 20 * table_bytes::<(u64, (Arc<Statement>, u64))>(500);
+            let total = client_bytes + shared_bytes + registry_bytes + server_bytes;
+            println!(
+                "{} texts: clients {} KiB ({} B/client), statements {} KiB ({} distinct), \
+                 registry {} KiB, 20 servers x 500 {} KiB, total {:.1} MiB",
+                if distinct { "distinct" } else { "shared" },
+                client_bytes / 1024,
+                client_bytes / 1000,
+                shared_bytes / 1024,
+                seen.len(),
+                registry_bytes / 1024,
+                server_bytes / 1024,
+                total as f64 / (1024.0 * 1024.0)
+            );
+            assert!(client_bytes / 1000 < 8 * 1024, "per-client map stays small");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@
 mod cache;
 mod classify;
 mod functions;
-mod lexer;
+pub(crate) mod lexer;
 mod parse;
 
 pub use cache::ClassCache;

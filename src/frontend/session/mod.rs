@@ -19,6 +19,8 @@ use tokio::net::TcpStream;
 use crate::tls::ClientStream;
 
 pub(crate) mod route;
+mod sql_prepared;
+mod state;
 mod tracked;
 
 use super::cancel::CancelSlot;
@@ -201,6 +203,13 @@ pub struct Session {
     /// client's messages up to its next Sync are dropped, as PostgreSQL
     /// skips them.
     client_skip: bool,
+    /// Session parameters to capture and session-only state (pinning).
+    state: state::SessionState,
+    /// This client's SQL-level prepared statements: name → PREPARE text.
+    sql_prepared: std::collections::HashMap<String, Arc<str>>,
+    /// The extended-protocol batch was already open before the message
+    /// being rewritten (nothing can be injected in front of it).
+    batch_was_open: bool,
 }
 
 impl Session {
@@ -249,6 +258,9 @@ impl Session {
             replies: Replies::new(),
             sout: BytesMut::new(),
             client_skip: false,
+            state: state::SessionState::default(),
+            sql_prepared: std::collections::HashMap::new(),
+            batch_was_open: false,
             unnamed: None,
             unnamed_generation: 0,
         }
@@ -586,9 +598,11 @@ impl Session {
                         && self.relay.at_boundary()
                         && *self.phase.borrow() == Phase::Running
                     {
-                        // The next request goes elsewhere: idle_step routes it.
-                        self.release().await;
-                        return Ok(Step::Continue);
+                        // The next request goes elsewhere: idle_step routes it
+                        // (unless the client is pinned here).
+                        if self.release().await {
+                            return Ok(Step::Continue);
+                        }
                     }
                     if let Some(step) = self.pump_client(client).await? {
                         return Ok(step);
@@ -600,8 +614,7 @@ impl Session {
                 if *self.phase.borrow() != Phase::Running {
                     return self.close_for_shutdown(client).await;
                 }
-                if self.mode != PoolMode::Session {
-                    self.release().await;
+                if self.mode != PoolMode::Session && self.release().await {
                     return Ok(Step::Continue);
                 }
             }
@@ -698,7 +711,20 @@ impl Session {
             && self.server.as_ref().is_some_and(|s| s.buf.is_empty())
     }
 
-    async fn release(&mut self) {
+    /// Returns the server to its pool at a release point, after capturing
+    /// the session state the client's requests changed. False when the
+    /// client is pinned to it (it stays attached).
+    async fn release(&mut self) -> bool {
+        match self.settle().await {
+            state::Settled::Release => {}
+            state::Settled::Keep => return false,
+            state::Settled::Broken => self.relay.server_unusable = true,
+        }
+        if self.relay.server_unusable {
+            self.drop_server().await;
+            self.primary_wrote = false;
+            return true;
+        }
         self.cancel.detach().await;
         if let Some(server) = self.server.take() {
             server.release();
@@ -710,6 +736,7 @@ impl Session {
             }
         }
         self.primary_wrote = false;
+        true
     }
 
     /// Forwards buffered client bytes. With routing, one request at a time:
@@ -789,6 +816,7 @@ impl Session {
             }
             // Inside a transaction on this replica, the request stays here.
             if self.node != 0
+                && self.state.pinned.is_none()
                 && !route.replica_may_run(&req)
                 && (!quiet || self.relay.tx_status() == TxStatus::Idle)
             {
@@ -798,7 +826,11 @@ impl Session {
             if self.node == 0 && req.access == crate::router::Access::Write {
                 self.primary_wrote = true;
             }
-            if self.node != 0 && req.replayable && self.relay.tx_status() == TxStatus::Idle {
+            if self.node != 0
+                && req.replayable
+                && self.state.pinned.is_none()
+                && self.relay.tx_status() == TxStatus::Idle
+            {
                 // A read that can still be retried if this replica fails it:
                 // it goes out alone, once what came before is answered.
                 if !quiet {
@@ -952,6 +984,15 @@ impl Session {
                     let end = pos + header.total_len;
                     if tracked {
                         let msg = &server.buf[pos..end];
+                        if header.tag == b'E' {
+                            let fields = ErrorFields::parse(msg);
+                            if fields.code == sqlstate::FEATURE_NOT_SUPPORTED
+                                && fields.message.starts_with("cached plan must not change")
+                            {
+                                // Dropped at the release point (state.rs).
+                                self.state.stale_plans = true;
+                            }
+                        }
                         match self.replies.on_server(header.tag) {
                             Verdict::Forward => {}
                             Verdict::Swallow => {
@@ -968,7 +1009,9 @@ impl Session {
                         }
                         if header.tag == b'C' && forgets_all_statements(msg) {
                             server.prepared.clear();
+                            server.sql_prepared.clear();
                             self.statements.clear();
+                            self.sql_prepared.clear();
                         }
                         tracked::apply_undo(
                             server,
@@ -1076,9 +1119,7 @@ impl Session {
         if !self.server_quiet() {
             return Ok(None);
         }
-        if self.relay.at_boundary() {
-            self.release().await;
-        } else {
+        if !(self.relay.at_boundary() && self.release().await) {
             self.drop_server().await;
         }
         self.retry_elsewhere(primary_only);
@@ -1106,6 +1147,10 @@ impl Session {
         route.cluster.count_retry();
         for name in &window.new_names {
             self.statements.remove(name);
+        }
+        // SQL-level PREPAREs of the request are made again with it.
+        for name in self.state.take_sql_pending() {
+            self.sql_prepared.remove(&name);
         }
         tracing::info!(
             node = %route.cluster.nodes()[node].name,
@@ -1242,7 +1287,7 @@ impl Session {
                 _ => return,
             }
         }
-        if self.mode == PoolMode::Session {
+        if self.mode == PoolMode::Session || self.state.server_needs_discard() {
             match server
                 .run_internal("DISCARD ALL", INTERNAL_QUERY_TIMEOUT)
                 .await
@@ -1252,6 +1297,7 @@ impl Session {
                         server.params.remove(&name);
                     }
                     server.prepared.clear();
+                    server.sql_prepared.clear();
                 }
                 _ => return,
             }

@@ -11,8 +11,10 @@ use crate::tls::ClientStream;
 
 use super::{Exit, Session, Step};
 use crate::backend::ServerConn;
+use crate::frontend::effects::{self, Effects};
 use crate::frontend::statements::{
-    self, CLOSE_COMPLETE, ClientStatements, Kind, PARSE_COMPLETE, Statement, Undo, Undos,
+    self, CLOSE_COMPLETE, ClientStatements, Kind, PARSE_COMPLETE, PreparedStats, Statement, Undo,
+    Undos,
 };
 use crate::protocol::{self, Segment, sqlstate};
 
@@ -61,8 +63,10 @@ pub(super) fn text_of(tail: &[u8]) -> &[u8] {
 }
 
 /// Client messages the tracked relay needs whole.
+/// A Query is read whole (it is capped by `max_packet_size`) so its text
+/// can be checked for session-state effects.
 fn needs_whole(tag: u8) -> bool {
-    matches!(tag, b'X' | b'P' | b'B' | b'D' | b'C')
+    matches!(tag, b'X' | b'P' | b'B' | b'D' | b'C' | b'Q')
 }
 
 impl Session {
@@ -106,8 +110,23 @@ impl Session {
                         pos += self.cscan.pass_partial(header, stop - pos);
                         continue;
                     }
-                    if needs_whole(tag) {
+                    if tag == b'Q' {
                         let msg = &cbuf[pos..pos + header.total_len];
+                        let fx = effects::scan(text_of(crate::protocol::body(msg)));
+                        let refused = self
+                            .note_text(&fx)
+                            .map_or_else(|| self.prepare_sql_names(&fx.sql, true, now), Err);
+                        if let Err(error) = refused {
+                            let reply = self.refused_query(&error);
+                            self.replies.push_synthetic(reply, Undos::default());
+                            pos += header.total_len;
+                            continue;
+                        }
+                        self.state.note_request();
+                    }
+                    if needs_whole(tag) && tag != b'Q' {
+                        let msg = &cbuf[pos..pos + header.total_len];
+                        self.batch_was_open = self.relay.batch_open();
                         self.relay.on_client_tag(tag, now);
                         self.rewrite(tag, msg);
                         pos += header.total_len;
@@ -121,6 +140,7 @@ impl Session {
                             .push_server(Kind::Execute, false, Undos::default()),
                         b'S' if !copy_in => {
                             self.client_skip = false;
+                            self.state.note_request();
                             self.replies
                                 .push_server(Kind::Sync, false, Undos::default());
                         }
@@ -208,6 +228,18 @@ impl Session {
                     Some((portal, name, rest)) => {
                         match self.statements.get(name).cloned() {
                             Some(stmt) => {
+                                if !stmt.effects.is_none() {
+                                    self.state.note(&stmt.effects);
+                                    let can_inject = !self.batch_was_open;
+                                    if let Err(error) = self.prepare_sql_names(
+                                        &stmt.effects.sql,
+                                        can_inject,
+                                        Instant::now(),
+                                    ) {
+                                        self.refuse_parse(error);
+                                        return;
+                                    }
+                                }
                                 self.ensure_prepared(&stmt);
                                 statements::write_bind(
                                     &mut self.sout,
@@ -274,7 +306,19 @@ impl Session {
                 .push_server(Kind::Parse, false, Undos::default());
             return;
         };
+        PreparedStats::bump(&self.shared.stats.prepared.client_parses);
         if name.is_empty() {
+            let fx = effects::scan(text_of(tail));
+            let can_inject = !self.batch_was_open;
+            let refused = self.note_text(&fx).map_or_else(
+                || self.prepare_sql_names(&fx.sql, can_inject, Instant::now()),
+                Err,
+            );
+            if let Err(error) = refused {
+                self.refuse_parse(error);
+                return;
+            }
+            PreparedStats::bump(&self.shared.stats.prepared.server_parses);
             // The unnamed statement lives on the server until the next
             // unnamed Parse or simple Query; remember it in case a later
             // request binds it on another server.
@@ -309,7 +353,28 @@ impl Session {
             self.client_skip = true;
             return;
         }
+        // Scanned once per distinct text, at intern; the effects count when
+        // the statement is bound (only a refusal matters now).
         let stmt = self.shared.statements.intern(tail);
+        if stmt.effects.feature.is_some() {
+            if let Some(error) = self.note_text(&Effects {
+                feature: stmt.effects.feature,
+                ..Effects::default()
+            }) {
+                self.refuse_parse(error);
+                return;
+            }
+        }
+        if !stmt.effects.sql.is_empty() {
+            // Its Describe already needs the SQL-level statement it names.
+            let can_inject = !self.batch_was_open;
+            if let Err(error) =
+                self.prepare_sql_names(&stmt.effects.sql, can_inject, Instant::now())
+            {
+                self.refuse_parse(error);
+                return;
+            }
+        }
         self.statements.insert(name, stmt.clone());
         let forget_name = Undo::ClientForget(name.to_vec());
         let Some(server) = self.server.as_deref_mut() else {
@@ -318,6 +383,7 @@ impl Session {
         if let Some(entry) = server.prepared.get_mut(&stmt.id) {
             server.prepared_tick += 1;
             entry.1 = server.prepared_tick;
+            PreparedStats::bump(&self.shared.stats.prepared.cache_hits);
             self.replies
                 .push_synthetic(Bytes::from_static(PARSE_COMPLETE), Undos::one(forget_name));
         } else {
@@ -326,6 +392,7 @@ impl Session {
                 return;
             };
             stmt.write_parse(&mut self.sout);
+            PreparedStats::bump(&self.shared.stats.prepared.server_parses);
             server.prepared_tick += 1;
             server
                 .prepared
@@ -336,6 +403,13 @@ impl Session {
                 Undos::two(Undo::ServerForget(stmt.id), forget_name),
             );
         }
+    }
+
+    /// Answers a client's Parse with `error` (session_features = "refuse");
+    /// PostgreSQL then skips to the next Sync.
+    fn refuse_parse(&mut self, error: Bytes) {
+        self.replies.push_synthetic(error, Undos::default());
+        self.client_skip = true;
     }
 
     /// Makes sure the attached server's unnamed statement is this client's,
@@ -351,6 +425,7 @@ impl Session {
             Some((generation, _)) if server.unnamed_owner == Some((pid, *generation)) => true,
             Some((generation, tail)) => {
                 statements::write_unnamed_parse(&mut self.sout, tail);
+                PreparedStats::bump(&self.shared.stats.prepared.server_parses);
                 server.unnamed_owner = Some((pid, *generation));
                 self.replies.push_server(
                     Kind::Parse,
@@ -389,6 +464,7 @@ impl Session {
             return;
         };
         stmt.write_parse(&mut self.sout);
+        PreparedStats::bump(&self.shared.stats.prepared.server_parses);
         server
             .prepared
             .insert(stmt.id, (stmt.clone(), server.prepared_tick));
@@ -415,6 +491,7 @@ impl Session {
             return;
         };
         if let Some((stmt, _)) = server.prepared.remove(&victim) {
+            PreparedStats::bump(&self.shared.stats.prepared.evictions);
             statements::write_target(&mut self.sout, b'C', b'S', &stmt.server_name);
             self.replies
                 .push_server(Kind::Close, true, Undos::one(Undo::ServerRestore(stmt)));
