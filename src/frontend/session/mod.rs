@@ -770,14 +770,17 @@ impl Session {
                 }
                 continue;
             }
-            let at_request_start = self.cscan.at_boundary()
-                && !self.relay.batch_open()
+            // Whole messages are classified whenever one starts (COPY data
+            // and a message still streaming just pass); the node can only
+            // change at a request start, outside an open extended batch.
+            let at_message = self.cscan.at_boundary()
                 && !self.relay.copy_in()
                 && !self.client_skip
                 && !matches!(self.cbuf.first(), Some(b'd' | b'c' | b'f'));
-            if !at_request_start {
+            if !at_message {
                 return self.forward_client(client, usize::MAX).await;
             }
+            let request_start = !self.relay.batch_open();
             let Some(route) = self.route.as_deref_mut() else {
                 return Ok(None);
             };
@@ -803,7 +806,7 @@ impl Session {
                 }
             };
             let quiet = self.relay.quiet() && self.replies.is_empty();
-            if let Some(command) = &req.command {
+            if let Some(command) = req.command.as_ref().filter(|_| request_start) {
                 if !quiet {
                     self.held = Some(Held::UntilQuiet);
                     return Ok(None);
@@ -814,8 +817,11 @@ impl Session {
                 client.write_all(&self.out).await?;
                 continue;
             }
-            // Inside a transaction on this replica, the request stays here.
+            // Inside a transaction on this replica, or inside an open
+            // extended batch (an implicit transaction), the request stays
+            // here: PostgreSQL refuses a write with 25006 as it would.
             if self.node != 0
+                && request_start
                 && self.state.pinned.is_none()
                 && !route.replica_may_run(&req)
                 && (!quiet || self.relay.tx_status() == TxStatus::Idle)
@@ -827,6 +833,7 @@ impl Session {
                 self.primary_wrote = true;
             }
             if self.node != 0
+                && request_start
                 && req.replayable
                 && self.state.pinned.is_none()
                 && self.relay.tx_status() == TxStatus::Idle
