@@ -144,6 +144,38 @@ async fn unknown_user_gets_the_wrong_password_error() {
     }
 }
 
+/// Same timing class: an unknown user's failed login takes about as long as
+/// a wrong password's (the full exchange runs; nothing answers early). The
+/// band is wide on purpose: an early refusal skips the client's 4096-round
+/// key derivation and the round trips, and lands far outside it.
+#[tokio::test]
+async fn unknown_user_fails_in_the_same_time_class_as_a_wrong_password() {
+    let proxy = proxy("scram-sha-256").await;
+    let mut unknown = Vec::new();
+    let mut wrong = Vec::new();
+    for _ in 0..15 {
+        for (user, list) in [("nobody_here", &mut unknown), ("m_scram", &mut wrong)] {
+            let t = std::time::Instant::now();
+            assert!(
+                login(&proxy, user, "not-the-password", APP_DB)
+                    .await
+                    .is_err()
+            );
+            list.push(t.elapsed());
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (u, w) = (median(&mut unknown), median(&mut wrong));
+    let ratio = u.as_secs_f64() / w.as_secs_f64();
+    assert!(
+        (0.33..3.0).contains(&ratio),
+        "unknown user {u:?} vs wrong password {w:?} (ratio {ratio:.2})"
+    );
+}
+
 /// The SCRAM salt an unknown user sees is stable (as a real user's is) and
 /// shaped like a real one.
 #[tokio::test]
