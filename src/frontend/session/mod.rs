@@ -394,12 +394,18 @@ impl Session {
             .unnamed
             .as_ref()
             .map(|(_, tail)| tracked::text_of(tail));
-        let req =
-            match route::scan_request(&self.cbuf, max, &route.cluster, &self.statements, unnamed) {
-                Ok(Scan::Ready(req)) => req,
-                Ok(Scan::NeedMore) => return self.read_client(client).await,
-                Err(e) => return self.close_with(client, e.sqlstate(), &e.to_string()).await,
-            };
+        let req = match route::scan_request(
+            &self.cbuf,
+            max,
+            &route.cluster,
+            &self.statements,
+            unnamed,
+            route.mode == crate::router::RouteMode::Primary,
+        ) {
+            Ok(Scan::Ready(req)) => req,
+            Ok(Scan::NeedMore) => return self.read_client(client).await,
+            Err(e) => return self.close_with(client, e.sqlstate(), &e.to_string()).await,
+        };
         if let Some(command) = &req.command {
             self.out.clear();
             route.answer(command, &mut self.out, TxStatus::Idle);
@@ -795,6 +801,7 @@ impl Session {
                 &route.cluster,
                 &self.statements,
                 unnamed,
+                route.mode == crate::router::RouteMode::Primary,
             ) {
                 Ok(Scan::Ready(req)) => req,
                 Ok(Scan::NeedMore) => return Ok(None),

@@ -57,14 +57,34 @@ pub(super) enum Scan {
     Ready(Request),
 }
 
-/// Classifies the request at the start of `buf`.
+/// Whether `text` mentions pgsluice (a hint or `SET pgsluice.route`), in
+/// any letter case.
+fn mentions_pgsluice(text: &[u8]) -> bool {
+    memchr::memchr2_iter(b'p', b'P', text).any(|i| {
+        text.get(i..i + 8)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"pgsluice"))
+    })
+}
+
+/// Classifies the request at the start of `buf`. With `fixed_primary` (the
+/// client's route is `primary`), only texts that mention pgsluice are
+/// classified: nothing else can change where the request goes, so the
+/// rest count as writes without the cost of a classification per query.
 pub(super) fn scan_request(
     buf: &[u8],
     max: usize,
     cluster: &Cluster,
     statements: &ClientStatements,
     unnamed: Option<&[u8]>,
+    fixed_primary: bool,
 ) -> Result<Scan, ProtocolError> {
+    let judge = |text: &[u8]| {
+        if fixed_primary && !mentions_pgsluice(text) {
+            None
+        } else {
+            Some(cluster.classify(text))
+        }
+    };
     let mut pos = 0;
     let mut access = Access::Read;
     let mut hint = None;
@@ -72,7 +92,12 @@ pub(super) fn scan_request(
     let mut replayable = true;
     let mut new_names = Vec::new();
     let mut first = true;
-    let mut note = |class: &Class, access: &mut Access| {
+    let mut note = |class: &Option<Class>, access: &mut Access| {
+        let Some(class) = class else {
+            *access = Access::Write;
+            first = false;
+            return;
+        };
         if class.access == Access::Write {
             *access = Access::Write;
         }
@@ -108,9 +133,9 @@ pub(super) fn scan_request(
         last = header.tag;
         match header.tag {
             b'Q' => {
-                let class = cluster.classify(protocol::query_text(msg));
+                let class = judge(protocol::query_text(msg));
                 if pos == header.total_len {
-                    command = class.command.clone();
+                    command = class.as_ref().and_then(|c| c.command.clone());
                 }
                 note(&class, &mut access);
                 break;
@@ -128,7 +153,7 @@ pub(super) fn scan_request(
                         new_names.push(Bytes::copy_from_slice(name));
                     }
                 }
-                note(&cluster.classify(text), &mut access);
+                note(&judge(text), &mut access);
             }
             b'B' => {
                 let text = match crate::frontend::statements::parse_bind(msg) {
@@ -137,7 +162,7 @@ pub(super) fn scan_request(
                     None => None,
                 };
                 match text {
-                    Some(text) => note(&cluster.classify(text), &mut access),
+                    Some(text) => note(&judge(text), &mut access),
                     // Unknown statement: the server reports it; the primary
                     // is as good a place as any.
                     None => access = Access::Write,
@@ -328,5 +353,21 @@ impl ClientRoute {
             ),
         }
         protocol::ready_for_query(out, status);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mentions_pgsluice;
+
+    #[test]
+    fn pgsluice_is_found_in_any_case_and_only_whole() {
+        assert!(mentions_pgsluice(b"/* PgSluice: replica */ SELECT 1"));
+        assert!(mentions_pgsluice(b"SET pgsluice.route = auto"));
+        assert!(!mentions_pgsluice(
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = 1"
+        ));
+        assert!(!mentions_pgsluice(b"SELECT 'pgsluic'"));
+        assert!(!mentions_pgsluice(b""));
     }
 }
