@@ -6,7 +6,6 @@ mod support;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use support::*;
 
@@ -24,16 +23,7 @@ impl Write for Capture {
 }
 
 async fn login(proxy: &TestProxy, user: &str, password: &str) -> Result<(), tokio_postgres::Error> {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host("127.0.0.1")
-        .port(proxy.addr.port())
-        .user(user)
-        .password(password)
-        .dbname(APP_DB)
-        .connect_timeout(Duration::from_secs(10));
-    let (c, conn) = config.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let c = proxy.connect_as(user, password, APP_DB).await?;
     c.simple_query("SELECT 1").await?;
     Ok(())
 }

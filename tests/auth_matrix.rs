@@ -80,16 +80,7 @@ async fn login(
     password: &str,
     db: &str,
 ) -> Result<String, tokio_postgres::Error> {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host("127.0.0.1")
-        .port(proxy.addr.port())
-        .user(user)
-        .password(password)
-        .dbname(db)
-        .connect_timeout(Duration::from_secs(10));
-    let (c, conn) = config.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let c = proxy.connect_as(user, password, db).await?;
     let row = c.query_one("SELECT current_user::text", &[]).await?;
     Ok(row.get(0))
 }

@@ -34,15 +34,7 @@ async fn login(
     user: &str,
     password: &str,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let conninfo = format!(
-        "host=127.0.0.1 port={} user='{}' password='{}' dbname=app connect_timeout=10",
-        proxy.addr.port(),
-        user.replace('\'', "\\'"),
-        password
-    );
-    let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    Ok(c)
+    proxy.connect_as(user, password, "app").await
 }
 
 #[tokio::test]

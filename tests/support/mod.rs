@@ -118,6 +118,29 @@ impl TestProxy {
         Ok(client)
     }
 
+    /// A tokio-postgres client through pgsluice as `user`/`password` on
+    /// database `db` (user names and passwords need no quoting).
+    pub async fn connect_as(
+        &self,
+        user: &str,
+        password: &str,
+        db: &str,
+    ) -> Result<Client, tokio_postgres::Error> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(self.addr.port())
+            .user(user)
+            .password(password)
+            .dbname(db)
+            .connect_timeout(Duration::from_secs(10));
+        let (client, conn) = config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
     /// The primary's pool for the app user, if created.
     pub fn primary_pool(&self) -> Option<Arc<pgsluice::pool::Pool>> {
         self.shared
