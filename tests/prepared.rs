@@ -539,16 +539,25 @@ async fn stale_cached_plan_is_recovered_where_the_client_cannot_be_misled() {
     assert_eq!(replans(), 1);
 
     // A new column, and the client described the old shape: PostgreSQL's
-    // error once, then the statement works with the new shape.
+    // error, on every run, as PostgreSQL keeps the statement broken until
+    // it is prepared again; then it works with the new shape.
     setup
         .batch_execute("ALTER TABLE cp_t ADD COLUMN b int")
         .await
         .unwrap();
-    c.send(&again).await;
-    let r = replies(&mut c).await;
-    assert_eq!(tags(&r), "EZ", "{r:?}");
-    assert_eq!(r[0].1.as_deref(), Some("0A000"));
+    for _ in 0..2 {
+        c.send(&again).await;
+        let r = replies(&mut c).await;
+        assert_eq!(tags(&r), "EZ", "{r:?}");
+        assert_eq!(r[0].1.as_deref(), Some("0A000"));
+    }
     assert_eq!(replans(), 1);
+    let mut reprepare = close("cp");
+    reprepare.extend(parse("cp", "SELECT * FROM cp_t"));
+    reprepare.extend(describe_statement("cp"));
+    reprepare.extend(sync());
+    c.send(&reprepare).await;
+    assert_eq!(tags(&replies(&mut c).await), "31tTZ");
     c.send(&again).await;
     assert_eq!(row_width(&mut c).await, ("2DCZ".into(), Some(3)));
 
@@ -624,4 +633,145 @@ fn describe_statement(name: &str) -> Vec<u8> {
     let mut b = vec![b'S'];
     b.extend(cstr(name));
     message(b'D', &b)
+}
+
+/// The client described a statement on one server; after DDL changed its
+/// columns it runs on a server that never had it. Prepared there afresh it
+/// would return rows the client's description does not fit: the client
+/// gets PostgreSQL's 0A000 instead, as on its own connection.
+#[tokio::test]
+async fn a_changed_statement_is_refused_on_a_server_that_never_had_it() {
+    let proxy = TestProxy::start("pool_size = 2\nmax_pool_size = 2").await;
+    let setup = proxy.connect().await;
+    setup
+        .batch_execute(
+            "DROP TABLE IF EXISTS cp_fresh; CREATE TABLE cp_fresh (a int); \
+             INSERT INTO cp_fresh VALUES (1)",
+        )
+        .await
+        .unwrap();
+    drop(setup);
+    let mut a = Raw::login(proxy.addr).await;
+    let mut batch = parse("s", "SELECT * FROM cp_fresh");
+    batch.extend(describe_statement("s"));
+    batch.extend(sync());
+    a.send(&batch).await;
+    assert_eq!(tags(&replies(&mut a).await), "1tTZ");
+    // Both servers busy in transactions, A's server among them; the DDL
+    // runs on one of them.
+    let b = proxy.connect().await;
+    let d = proxy.connect().await;
+    b.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    d.batch_execute("BEGIN; ALTER TABLE cp_fresh ADD COLUMN b int")
+        .await
+        .unwrap();
+    d.batch_execute("COMMIT").await.unwrap();
+    // d's server is free again: A gets it, or (if it is A's old server)
+    // the statement is stale there. Either way: 0A000, never 2 columns.
+    let mut run = bind("s");
+    run.extend(execute());
+    run.extend(sync());
+    for _ in 0..3 {
+        a.send(&run).await;
+        let (kinds, width) = row_width(&mut a).await;
+        assert_eq!(
+            (kinds.as_str(), width),
+            ("EZ", None),
+            "the client must not get rows of another shape"
+        );
+    }
+    b.batch_execute("COMMIT").await.unwrap();
+    // Prepared again, it runs in the new shape.
+    let mut again = close("s");
+    again.extend(parse("s", "SELECT * FROM cp_fresh"));
+    again.extend(describe_statement("s"));
+    again.extend(bind("s"));
+    again.extend(execute());
+    again.extend(sync());
+    a.send(&again).await;
+    assert_eq!(row_width(&mut a).await, ("31tT2DCZ".into(), Some(2)));
+    b.batch_execute("DROP TABLE cp_fresh").await.unwrap();
+}
+
+/// asyncpg prepares with Parse, Describe and Flush (no Sync) and waits for
+/// the answer before it sends anything else. The answer must come through
+/// whole, and a stale plan met by the Describe is recovered there too
+/// (pgsluice ends the server's failed batch itself).
+#[tokio::test]
+async fn a_prepare_ending_with_flush_is_answered_and_recovered() {
+    let proxy = TestProxy::start("pool_size = 1\nmax_pool_size = 1").await;
+    let setup = proxy.connect().await;
+    setup
+        .batch_execute(
+            "DROP TABLE IF EXISTS cp_flush; CREATE TABLE cp_flush (a int); \
+             INSERT INTO cp_flush VALUES (1)",
+        )
+        .await
+        .unwrap();
+    let flush = message(b'H', &[]);
+    let mut a = Raw::login(proxy.addr).await;
+    // A first statement, so that the client has statements (and windows).
+    let mut first = parse("one", "SELECT 1");
+    first.extend(describe_statement("one"));
+    first.extend(sync());
+    a.send(&first).await;
+    assert_eq!(tags(&replies(&mut a).await), "1tTZ");
+    let mut prep = parse("s1", "SELECT * FROM cp_flush");
+    prep.extend(describe_statement("s1"));
+    prep.extend(&flush);
+    a.send(&prep).await;
+    let mut got = String::new();
+    while let Some(m) = a.recv(Duration::from_secs(5)).await {
+        got.push(m.tag as char);
+        if m.tag == b'T' {
+            break;
+        }
+    }
+    assert_eq!(
+        got, "1tT",
+        "the Flush is answered without waiting for a Sync"
+    );
+    let mut run = bind("s1");
+    run.extend(execute());
+    run.extend(sync());
+    a.send(&run).await;
+    assert_eq!(row_width(&mut a).await, ("2DCZ".into(), Some(1)));
+
+    // The server's shared copy goes stale; a second name for the same text,
+    // prepared with Flush, meets it at the Describe.
+    setup
+        .batch_execute("ALTER TABLE cp_flush ADD COLUMN b int")
+        .await
+        .unwrap();
+    let mut prep = parse("s2", "SELECT * FROM cp_flush");
+    prep.extend(describe_statement("s2"));
+    prep.extend(&flush);
+    a.send(&prep).await;
+    let mut got = String::new();
+    let mut width = None;
+    while let Some(m) = a.recv(Duration::from_secs(5)).await {
+        got.push(m.tag as char);
+        if m.tag == b'T' {
+            width = Some(i16::from_be_bytes([m.body[0], m.body[1]]));
+            break;
+        }
+    }
+    assert_eq!(
+        (got.as_str(), width),
+        ("1tT", Some(2)),
+        "recovered, new shape"
+    );
+    let replans = proxy
+        .shared
+        .stats
+        .prepared
+        .replans
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(replans, 1, "the Describe met the stale plan and was resent");
+    let mut run = bind("s2");
+    run.extend(execute());
+    run.extend(sync());
+    a.send(&run).await;
+    assert_eq!(row_width(&mut a).await, ("2DCZ".into(), Some(2)));
+    setup.batch_execute("DROP TABLE cp_flush").await.unwrap();
 }

@@ -133,9 +133,9 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// When this connection is retired (server_lifetime, jittered).
     pub retire_at: Option<Instant>,
-    /// pgsluice-named prepared statements this server holds, with the tick
-    /// of their last use (for LRU eviction).
-    pub prepared: std::collections::HashMap<u64, (std::sync::Arc<crate::frontend::Statement>, u64)>,
+    /// pgsluice-named prepared statements this server holds, by statement
+    /// id.
+    pub prepared: std::collections::HashMap<u64, ServerStatement>,
     /// Use counter for `prepared`.
     pub prepared_tick: u64,
     /// Whose unnamed statement this server holds: (client process id,
@@ -144,6 +144,26 @@ pub struct ServerConn {
     /// SQL-level prepared statements (`PREPARE name AS …`) this server holds,
     /// by name, with the PREPARE text that created them (empty: unknown).
     pub sql_prepared: std::collections::HashMap<String, std::sync::Arc<str>>,
+}
+
+/// A pgsluice-named prepared statement a server holds.
+#[derive(Debug)]
+pub struct ServerStatement {
+    pub stmt: std::sync::Arc<crate::frontend::Statement>,
+    /// `prepared_tick` at its last use (for LRU eviction).
+    pub tick: u64,
+    /// The column type OIDs it returns here, when a Describe told.
+    pub shape: Option<Vec<u32>>,
+}
+
+impl ServerStatement {
+    pub fn new(stmt: std::sync::Arc<crate::frontend::Statement>, tick: u64) -> Self {
+        Self {
+            stmt,
+            tick,
+            shape: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for ServerConn {

@@ -492,6 +492,11 @@ impl ClientStatements {
         }
     }
 
+    /// Whether the client was told any statement's row shape.
+    pub fn has_shapes(&self) -> bool {
+        !self.shapes.is_empty()
+    }
+
     /// The row shape the client was last told for `name`, if any.
     pub fn shape(&self, name: &[u8]) -> Option<&[u32]> {
         self.shapes.get(name).map(Vec::as_slice)

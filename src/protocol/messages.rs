@@ -102,6 +102,26 @@ pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, messag
     });
 }
 
+/// PostgreSQL's "cached plan must not change result type" error, with the
+/// source fields drivers recognise it by (asyncpg prepares the statement
+/// again when the routine is `RevalidateCachedQuery`).
+pub fn stale_plan_error(buf: &mut BytesMut) {
+    tagged(buf, b'E', |b| {
+        for (kind, value) in [
+            (b'S', "ERROR"),
+            (b'V', "ERROR"),
+            (b'C', sqlstate::FEATURE_NOT_SUPPORTED),
+            (b'M', "cached plan must not change result type"),
+            (b'F', "plancache.c"),
+            (b'R', "RevalidateCachedQuery"),
+        ] {
+            b.put_u8(kind);
+            put_cstr(b, value);
+        }
+        b.put_u8(0);
+    });
+}
+
 pub fn command_complete(buf: &mut BytesMut, tag: &str) {
     tagged(buf, b'C', |b| put_cstr(b, tag));
 }

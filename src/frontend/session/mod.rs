@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use crate::tls::ClientStream;
 
 pub(crate) mod route;
+mod shapes;
 mod sql_prepared;
 mod state;
 mod tracked;
@@ -202,6 +203,9 @@ pub struct Session {
     /// The client statement name bound to the unnamed portal (empty: the
     /// unnamed statement).
     portal_statement: Vec<u8>,
+    /// Client statement names whose columns changed since the client
+    /// described them, found at the start of this request (`shapes.rs`).
+    mismatched: Vec<Vec<u8>>,
 }
 
 impl Session {
@@ -258,6 +262,7 @@ impl Session {
             window: None,
             replanned: false,
             portal_statement: Vec::new(),
+            mismatched: Vec::new(),
         }
     }
 
@@ -988,10 +993,21 @@ impl Session {
                         if header.tag == b'E' && ErrorFields::parse(msg).is_stale_plan() {
                             // Dropped at the release point (state.rs).
                             self.state.stale_plans = true;
+                            tracing::debug!(
+                                window = ?window.as_ref().map(|w| (w.replan, w.on_replica)),
+                                replanned = self.replanned,
+                                "server reported a stale cached plan"
+                            );
                         }
                         let verdict = self.replies.on_server(header.tag);
                         if let Some(name) = self.replies.described.take() {
                             if let Some(types) = protocol::row_types(msg) {
+                                // What the client knows, and what the
+                                // server's copy returns.
+                                let id = self.statements.get(&name).map(|s| s.id);
+                                if let Some(held) = id.and_then(|id| server.prepared.get_mut(&id)) {
+                                    held.shape = Some(types.clone());
+                                }
                                 self.statements.set_shape(&name, types);
                             }
                         }
@@ -1091,6 +1107,18 @@ impl Session {
         }
         send(client, &mut window, &server.buf[written..pos]).await?;
         server.buf.advance(pos);
+        if window
+            .as_ref()
+            .is_some_and(|w| w.flush_end && w.failed.is_none())
+            && self.replies.is_empty()
+            && self.sscan.at_boundary()
+        {
+            // A request ending with Flush was answered in full without
+            // failing: no ReadyForQuery will come to close the window.
+            if let Some(w) = window.take() {
+                client.write_all(&w.held).await?;
+            }
+        }
         self.window = window;
         if self.rollback_pending && self.relay.quiet() {
             self.rollback_pending = false;

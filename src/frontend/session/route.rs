@@ -48,6 +48,9 @@ pub(super) struct Request {
     /// The whole request is buffered, ends with Query or Sync, and can be
     /// sent again (what follows it waits until its outcome is known).
     pub replayable: bool,
+    /// As `replayable`, but the request ends with Flush (asyncpg prepares
+    /// so): only a stale plan may be recovered (see `window.rs`).
+    pub flush_end: bool,
     /// Client statement names this request creates: forgotten before it is
     /// sent again, so the repeat creates them afresh.
     pub new_names: Vec<Bytes>,
@@ -109,6 +112,8 @@ pub(super) fn scan_request(
     let mut replannable = true;
     let mut parses = false;
     let mut parsed_unnamed = false;
+    // Statement names the request closes (a Parse after that is new).
+    let mut closed: Vec<&[u8]> = Vec::new();
     let mut first = true;
     let mut note = |class: &Option<Class>, access: &mut Access| {
         let Some(class) = class else {
@@ -137,6 +142,7 @@ pub(super) fn scan_request(
                         command: None,
                         len: usize::MAX,
                         replayable: false,
+                        flush_end: false,
                         new_names: Vec::new(),
                         replans: false,
                     }));
@@ -171,7 +177,8 @@ pub(super) fn scan_request(
                 parses = true;
                 parsed_unnamed |= name.is_empty();
                 if !name.is_empty() {
-                    if statements.get(name).is_some() || new_names.len() >= 8 {
+                    let exists = statements.get(name).is_some() && !closed.contains(&name);
+                    if exists || new_names.len() >= 8 {
                         // A duplicate name fails (42P05): not worth a repeat.
                         replayable = false;
                     } else {
@@ -215,6 +222,11 @@ pub(super) fn scan_request(
                 }
                 _ => {}
             },
+            b'C' => {
+                if let Some((b'S', name)) = crate::frontend::statements::parse_target(msg) {
+                    closed.push(name);
+                }
+            }
             // Close is answered by pgsluice (named statements) or
             // harmless to repeat (portals, the unnamed statement).
             // A function call may do anything.
@@ -242,6 +254,7 @@ pub(super) fn scan_request(
         // Only a request that ends with an answer the client waits for
         // (ReadyForQuery) can be held back and sent again.
         replayable: replayable && matches!(last, b'Q' | b'S'),
+        flush_end: replayable && last == b'H',
         new_names,
         replans,
     }))

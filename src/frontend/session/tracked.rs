@@ -10,7 +10,7 @@ use bytes::{Buf, Bytes};
 use crate::tls::ClientStream;
 
 use super::{Exit, Session, Step};
-use crate::backend::ServerConn;
+use crate::backend::{ServerConn, ServerStatement};
 use crate::frontend::effects::{self, Effects};
 use crate::frontend::statements::{
     self, CLOSE_COMPLETE, ClientStatements, Kind, PARSE_COMPLETE, PreparedStats, Statement, Undo,
@@ -44,7 +44,7 @@ pub(super) fn apply_undo(
                 server.prepared_tick += 1;
                 server
                     .prepared
-                    .insert(stmt.id, (stmt, server.prepared_tick));
+                    .insert(stmt.id, ServerStatement::new(stmt, server.prepared_tick));
             }
             Undo::UnnamedLost(generation) => {
                 if unnamed.as_ref().is_some_and(|(g, _)| *g == generation) {
@@ -76,6 +76,7 @@ impl Session {
         client: &mut ClientStream,
         limit: usize,
     ) -> std::io::Result<Option<Step>> {
+        self.check_shapes(limit).await;
         let max = self.shared.config.general.max_packet_size;
         let now = Instant::now();
         let cbuf = std::mem::take(&mut self.cbuf);
@@ -229,6 +230,10 @@ impl Session {
                         }
                         self.sout.extend_from_slice(msg);
                     }
+                    Some((_, name, _)) if self.shape_changed(name) => {
+                        self.refuse_parse(super::shapes::stale_plan_error());
+                        return;
+                    }
                     Some((portal, name, rest)) => {
                         if portal.is_empty() {
                             self.portal_statement.clear();
@@ -271,6 +276,10 @@ impl Session {
                             return;
                         }
                         self.sout.extend_from_slice(msg);
+                    }
+                    Some((b'S', name)) if self.shape_changed(name) => {
+                        self.refuse_parse(super::shapes::stale_plan_error());
+                        return;
                     }
                     Some((b'S', name)) => match self.statements.get(name).cloned() {
                         Some(stmt) => {
@@ -397,7 +406,7 @@ impl Session {
         };
         if let Some(entry) = server.prepared.get_mut(&stmt.id) {
             server.prepared_tick += 1;
-            entry.1 = server.prepared_tick;
+            entry.tick = server.prepared_tick;
             PreparedStats::bump(&self.shared.stats.prepared.cache_hits);
             self.replies
                 .push_synthetic(Bytes::from_static(PARSE_COMPLETE), Undos::one(forget_name));
@@ -409,9 +418,10 @@ impl Session {
             stmt.write_parse(&mut self.sout);
             PreparedStats::bump(&self.shared.stats.prepared.server_parses);
             server.prepared_tick += 1;
-            server
-                .prepared
-                .insert(stmt.id, (stmt.clone(), server.prepared_tick));
+            server.prepared.insert(
+                stmt.id,
+                ServerStatement::new(stmt.clone(), server.prepared_tick),
+            );
             self.replies.push_server(
                 Kind::Parse,
                 false,
@@ -471,7 +481,7 @@ impl Session {
         };
         server.prepared_tick += 1;
         if let Some(entry) = server.prepared.get_mut(&stmt.id) {
-            entry.1 = server.prepared_tick;
+            entry.tick = server.prepared_tick;
             return;
         }
         self.make_room();
@@ -480,9 +490,10 @@ impl Session {
         };
         stmt.write_parse(&mut self.sout);
         PreparedStats::bump(&self.shared.stats.prepared.server_parses);
-        server
-            .prepared
-            .insert(stmt.id, (stmt.clone(), server.prepared_tick));
+        server.prepared.insert(
+            stmt.id,
+            ServerStatement::new(stmt.clone(), server.prepared_tick),
+        );
         self.replies
             .push_server(Kind::Parse, true, Undos::one(Undo::ServerForget(stmt.id)));
     }
@@ -500,12 +511,12 @@ impl Session {
         let Some(victim) = server
             .prepared
             .iter()
-            .min_by_key(|(_, (_, tick))| *tick)
+            .min_by_key(|(_, held)| held.tick)
             .map(|(id, _)| *id)
         else {
             return;
         };
-        if let Some((stmt, _)) = server.prepared.remove(&victim) {
+        if let Some(ServerStatement { stmt, .. }) = server.prepared.remove(&victim) {
             PreparedStats::bump(&self.shared.stats.prepared.evictions);
             statements::write_target(&mut self.sout, b'C', b'S', &stmt.server_name);
             self.replies

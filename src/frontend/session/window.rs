@@ -61,6 +61,10 @@ pub(super) struct Window {
     /// A stale cached plan may be recovered (not for a request that is
     /// itself the recovery).
     pub replan: bool,
+    /// The request ends with Flush, not Sync: after a failure pgsluice
+    /// ends the server's failed batch itself with a hidden Sync.
+    pub flush_end: bool,
+    pub synced: bool,
 }
 
 impl Window {
@@ -73,6 +77,8 @@ impl Window {
             failed: None,
             on_replica,
             replan,
+            flush_end: false,
+            synced: false,
         })
     }
 
@@ -120,6 +126,13 @@ impl Session {
         let Some(failed) = self.window.as_ref().and_then(|w| w.failed) else {
             return Ok(None);
         };
+        if self
+            .window
+            .as_ref()
+            .is_some_and(|w| w.flush_end && !w.synced)
+        {
+            return self.end_failed_batch().await;
+        }
         if !self.server_quiet() {
             return Ok(None);
         }
@@ -172,6 +185,39 @@ impl Session {
         // statements are dropped at the release point.
         if let Some(w) = self.window.take() {
             client.write_all(&w.held).await?;
+            if w.flush_end {
+                // The server's batch was ended by pgsluice: the client's
+                // messages up to its own Sync are skipped here, as the
+                // server would have skipped them.
+                self.client_skip = true;
+            }
+        }
+        Ok(None)
+    }
+
+    /// A request that ended with Flush failed: the server skips everything
+    /// up to a Sync the client will not send before it sees an answer. Once
+    /// the server has answered all it was sent, pgsluice sends that Sync
+    /// itself (its ReadyForQuery is swallowed).
+    async fn end_failed_batch(&mut self) -> std::io::Result<Option<Step>> {
+        let answered = self.replies.is_empty()
+            && self.sscan.at_boundary()
+            && self.cscan.at_boundary()
+            && self.server.as_ref().is_some_and(|s| s.buf.is_empty());
+        if !answered {
+            return Ok(None);
+        }
+        let Some(server) = self.server.as_deref_mut() else {
+            return Ok(None);
+        };
+        if let Some(w) = self.window.as_mut() {
+            w.synced = true;
+        }
+        self.relay.on_client_tag(b'S', std::time::Instant::now());
+        self.replies
+            .push_server(statements::Kind::Sync, true, statements::Undos::default());
+        if server.stream.write_all(super::shapes::SYNC).await.is_err() {
+            self.relay.server_unusable = true;
         }
         Ok(None)
     }
@@ -258,6 +304,11 @@ impl Session {
                 return false;
             }
         }
+        for (stmt, shape) in fresh.iter().zip(&after) {
+            if let Some(held) = server.prepared.get_mut(&stmt.id) {
+                held.shape = Some(shape.clone());
+            }
+        }
         for (stmt, before) in &known {
             let i = fresh.iter().position(|f| f.id == stmt.id);
             if i.and_then(|i| after.get(i)) != Some(before) {
@@ -310,21 +361,24 @@ impl Session {
     /// a request outside any transaction with the server quiet.
     pub(super) fn open_window(&mut self, req: &route::Request) -> bool {
         let resend = std::mem::take(&mut self.replanned);
-        if !req.replayable || req.len > self.cbuf.len() {
+        if !(req.replayable || req.flush_end) || req.len > self.cbuf.len() {
             return false;
         }
         // A client pinned to a replica stays there, failures and all.
-        let on_replica = self.node != 0 && self.route.is_some() && self.state.pinned.is_none();
+        let on_replica =
+            req.replayable && self.node != 0 && self.route.is_some() && self.state.pinned.is_none();
         let replan = self.tracked && req.replans && !resend && req.len == self.cbuf.len();
         if !(on_replica || replan) {
             return false;
         }
-        self.window = Some(Window::new(
+        let mut window = Window::new(
             &self.cbuf[..req.len],
             req.new_names.clone(),
             on_replica,
             replan,
-        ));
+        );
+        window.flush_end = req.flush_end;
+        self.window = Some(window);
         true
     }
 
