@@ -344,6 +344,16 @@ fn subqueries_and_ctes() {
         "SELECT * FROM (SELECT * FROM orders WHERE user_id = 42) sub WHERE sub.total > 1",
         s(42),
     );
+    // A pin inside a subquery says nothing about the outer table's rows.
+    let (plan, _) = fan_out(
+        "SELECT o.id FROM orders o WHERE NOT EXISTS \
+         (SELECT 1 FROM users u WHERE u.user_id = o.user_id AND u.user_id = 42)",
+    );
+    assert_eq!(plan, concat());
+    assert!(matches!(
+        p("SELECT o.id FROM orders o WHERE EXISTS (SELECT 1 FROM users u WHERE o.user_id = 42)"),
+        Placement::Refuse { .. }
+    ));
     // A subquery on another sharded table without the key.
     refuses(
         "SELECT * FROM users WHERE user_id = 42 AND id IN (SELECT x FROM orders)",
@@ -634,6 +644,10 @@ fn write_refusals() {
     );
     refuses(
         "SELECT * FROM orders FOR UPDATE",
+        &["FOR UPDATE/SHARE", "every shard"],
+    );
+    refuses(
+        "SELECT * FROM (SELECT * FROM orders FOR SHARE) o",
         &["FOR UPDATE/SHARE", "every shard"],
     );
     refuses(
