@@ -798,19 +798,32 @@ impl<'r> Walker<'r> {
                 target: InTarget::List(list),
                 negated: false,
                 ..
+            } => self.in_list(expr, list, b, pinnable),
+            // `key = ANY (ARRAY[…])`
+            Expr::AnyOp {
+                left,
+                compare_op: BinaryOperator::Eq,
+                right,
+                ..
             } => {
-                let Some(col) = self.key_col(expr, b) else {
-                    return;
-                };
-                let values: Option<Vec<KeyExpr>> =
-                    list.iter().map(|v| self.key_value(v, false)).collect();
-                if let Some(values) = values {
-                    if !values.is_empty() {
-                        self.pin(col, values, pinnable);
-                    }
+                if let Expr::Array(array) = strip_nested(right) {
+                    self.in_list(left, &array.elem, b, pinnable);
                 }
             }
             _ => {}
+        }
+    }
+
+    /// `key IN (v1, v2, …)`: pinned to the values' shards when every value is readable.
+    fn in_list(&mut self, key: &Expr, list: &[Expr], b: usize, pinnable: &Pinnable) {
+        let Some(col) = self.key_col(key, b) else {
+            return;
+        };
+        let values: Option<Vec<KeyExpr>> = list.iter().map(|v| self.key_value(v, false)).collect();
+        if let Some(values) = values {
+            if !values.is_empty() {
+                self.pin(col, values, pinnable);
+            }
         }
     }
 
@@ -1091,6 +1104,13 @@ impl<'r> Walker<'r> {
             at = self.w.blocks[i].parent;
         }
         false
+    }
+}
+
+fn strip_nested(e: &Expr) -> &Expr {
+    match e {
+        Expr::Nested(inner) => strip_nested(inner),
+        other => other,
     }
 }
 

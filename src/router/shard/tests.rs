@@ -205,6 +205,23 @@ fn in_lists() {
         &format!("DELETE FROM orders WHERE user_id IN ({a}, {b})"),
         &["DELETE on orders touches rows on shards"],
     );
+    assert_shard(
+        &format!("SELECT * FROM orders WHERE user_id = ANY (ARRAY[{a}, {c}])"),
+        s(a),
+    );
+    assert!(matches!(
+        p(&format!(
+            "SELECT * FROM orders WHERE user_id = ANY (ARRAY[{a}, {b}])"
+        )),
+        Placement::AllShards { .. }
+    ));
+    let (va, vc) = (a.to_string(), c.to_string());
+    let values = [Some(va.as_str()), Some(vc.as_str())];
+    let params = text_params(&values, &[]);
+    assert!(matches!(
+        place_params("SELECT * FROM orders WHERE user_id IN ($1, $2)", &params),
+        Placement::Shard { shard, .. } if shard == s(a)
+    ));
     // NOT IN pins nothing.
     assert!(matches!(
         p(&format!("SELECT * FROM orders WHERE user_id NOT IN ({a})")),
@@ -614,6 +631,15 @@ fn updates_and_deletes() {
         "SELECT * FROM orders WHERE user_id = 42 FOR UPDATE SKIP LOCKED",
         s(42),
     );
+    // Lock strengths sqlparser does not know.
+    assert_shard(
+        "SELECT id FROM jobs WHERE user_id = 42 ORDER BY id LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED",
+        s(42),
+    );
+    assert_shard(
+        "SELECT * FROM orders o WHERE o.user_id = 42 FOR KEY SHARE OF o NOWAIT",
+        s(42),
+    );
 }
 
 #[test]
@@ -648,6 +674,10 @@ fn write_refusals() {
     );
     refuses(
         "SELECT * FROM (SELECT * FROM orders FOR SHARE) o",
+        &["FOR UPDATE/SHARE", "every shard"],
+    );
+    refuses(
+        "SELECT id FROM jobs ORDER BY id LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED",
         &["FOR UPDATE/SHARE", "every shard"],
     );
     refuses(
