@@ -714,20 +714,25 @@ impl Placed {
 }
 
 fn pinned(pins: &[usize], pin_shards: &[Option<Vec<usize>>]) -> Pinned {
+    let mut usable = pins
+        .iter()
+        .filter_map(|&p| pin_shards.get(p).and_then(Option::as_ref));
+    let Some(first) = usable.next() else {
+        return Pinned::Free;
+    };
     let mut set: Option<Vec<usize>> = None;
-    for &p in pins {
-        let Some(Some(shards)) = pin_shards.get(p) else {
-            continue;
-        };
-        set = Some(match set {
-            None => shards.clone(),
-            Some(prev) => prev.into_iter().filter(|s| shards.contains(s)).collect(),
-        });
+    for shards in usable {
+        let prev = set.as_ref().unwrap_or(first);
+        set = Some(
+            prev.iter()
+                .copied()
+                .filter(|s| shards.contains(s))
+                .collect(),
+        );
     }
-    match set {
-        None => Pinned::Free,
-        Some(s) if s.len() == 1 => Pinned::One(s[0]),
-        Some(s) => Pinned::Several(s),
+    match set.as_ref().unwrap_or(first).as_slice() {
+        [one] => Pinned::One(*one),
+        many => Pinned::Several(many.to_vec()),
     }
 }
 
