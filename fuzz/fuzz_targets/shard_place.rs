@@ -17,7 +17,12 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let ty = [KeyType::BigInt, KeyType::Integer, KeyType::Text, KeyType::Uuid][usize::from(mode & 3)];
+    let ty = [
+        KeyType::BigInt,
+        KeyType::Integer,
+        KeyType::Text,
+        KeyType::Uuid,
+    ][usize::from(mode & 3)];
     let mut rules = ShardingRules::new(ty, usize::from((mode >> 2) & 7) + 1);
     rules.unsharded_tables = vec!["countries".into()];
     if mode & 0x20 != 0 {
@@ -59,7 +64,10 @@ fuzz_target!(|data: &[u8]| {
         } => {
             if let Some(text) = per_shard_sql {
                 assert!(
-                    matches!(place(text, None, &rules), Placement::AllShards { .. } | Placement::Refuse { .. }),
+                    matches!(
+                        place(text, None, &rules),
+                        Placement::AllShards { .. } | Placement::Refuse { .. }
+                    ),
                     "{text}"
                 );
             }
