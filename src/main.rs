@@ -50,6 +50,19 @@ enum Command {
     /// Read a password from stdin and print its SCRAM-SHA-256 secret, for
     /// `users.NAME.password` (or PostgreSQL's `ALTER ROLE … PASSWORD`).
     HashPassword,
+    /// Print the shard that owns a key: the REMAINDER of the `PARTITION BY HASH` partition
+    /// PostgreSQL would put it in with MODULUS = --shards.
+    ShardOf {
+        /// The key, as SQL text (`42`, `alice`, `a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11`).
+        #[arg(long, allow_hyphen_values = true)]
+        key: String,
+        /// Number of shards (the partitions' MODULUS).
+        #[arg(long)]
+        shards: usize,
+        /// Key type: bigint, integer, text or uuid.
+        #[arg(long = "type", default_value = "bigint")]
+        key_type: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,6 +76,11 @@ fn main() -> ExitCode {
             max_connections,
         } => demo(port, max_connections),
         Command::HashPassword => hash_password(),
+        Command::ShardOf {
+            key,
+            shards,
+            key_type,
+        } => shard_of(&key, shards, &key_type),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -124,6 +142,21 @@ fn hash_password() -> Result<()> {
         anyhow::bail!("the password contains a NUL byte, which PostgreSQL cannot use");
     }
     println!("{}", pgsluice::auth::hash_password(password));
+    Ok(())
+}
+
+fn shard_of(key: &str, shards: usize, key_type: &str) -> Result<()> {
+    use pgsluice::router::shard::{KeyType, shard_of};
+    let ty = KeyType::parse(key_type).with_context(|| {
+        format!("--type {key_type:?} is not a shard key type (bigint, integer, text, uuid)")
+    })?;
+    if shards == 0 {
+        anyhow::bail!("--shards must be at least 1");
+    }
+    let value = ty
+        .parse_text(key)
+        .map_err(|e| anyhow::anyhow!("--key: {e}"))?;
+    println!("{}", shard_of(ty, &value, shards));
     Ok(())
 }
 

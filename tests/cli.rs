@@ -321,3 +321,80 @@ fn hash_password_secret_works_in_postgres_and_pgsluice() {
         assert_eq!(row.get::<_, String>(0), "hashed_user");
     });
 }
+
+/// `pgsluice shard-of` prints the remainder of the hash partition PostgreSQL picks (values
+/// read from tables `PARTITION BY HASH … MODULUS 4`), and nothing else on stdout.
+#[test]
+fn shard_of_prints_the_partition_remainder() {
+    let shard_of = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("shard-of")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for (args, want) in [
+        (&["--key", "42", "--shards", "4"][..], "2\n"),
+        (&["--key", "-1", "--shards", "4"][..], "1\n"),
+        (
+            &["--key", "-9223372036854775808", "--shards", "4"][..],
+            "3\n",
+        ),
+        (
+            &["--key", "2147483647", "--shards", "4", "--type", "integer"][..],
+            "3\n",
+        ),
+        (
+            &["--key", "héllo", "--shards", "4", "--type", "text"][..],
+            "3\n",
+        ),
+        (
+            &[
+                "--type",
+                "uuid",
+                "--shards",
+                "4",
+                "--key",
+                "{A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11}",
+            ][..],
+            "0\n",
+        ),
+        (&["--key", "42", "--shards", "1"][..], "0\n"),
+    ] {
+        let out = shard_of(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{args:?}");
+    }
+    for (args, words) in [
+        (
+            &["--key", "abc", "--shards", "4"][..],
+            &["bigint", "abc"][..],
+        ),
+        (
+            &["--key", "3000000000", "--shards", "4", "--type", "integer"][..],
+            &["out of range", "integer"][..],
+        ),
+        (
+            &["--key", "nope", "--shards", "4", "--type", "uuid"][..],
+            &["uuid"][..],
+        ),
+        (
+            &["--key", "1", "--shards", "4", "--type", "float"][..],
+            &["--type", "float", "bigint, integer, text, uuid"][..],
+        ),
+        (&["--key", "1", "--shards", "0"][..], &["--shards"][..]),
+        (&["--shards", "4"][..], &["--key"][..]),
+    ] {
+        let out = shard_of(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for w in words {
+            assert!(err.contains(w), "{args:?}: {err:?} lacks {w:?}");
+        }
+    }
+}
