@@ -15,7 +15,7 @@ use tokio::sync::{Notify, watch};
 use crate::admin::HttpEndpoint;
 use crate::cluster::{Cluster, MonitorLogin, spawn_monitor};
 use crate::config::{Config, Database, User};
-use crate::frontend::{self, CancelRegistry, StatementRegistry};
+use crate::frontend::{self, CancelRegistry, ClientRegistry, StatementRegistry};
 use crate::pool::Pools;
 use crate::tls::{TlsContext, TlsFileError, TlsHandle};
 
@@ -47,6 +47,8 @@ pub struct Shared {
     pub tls: TlsHandle,
     /// Looks up users who are not in the config (`[auth_query]`).
     pub auth_lookup: Option<crate::backend::auth_query::AuthLookup>,
+    /// Logged-in clients, for the admin console and metrics.
+    pub registry: ClientRegistry,
     clients: AtomicUsize,
     clients_gone: Notify,
     /// Logged-in clients per user and per database (their limits).
@@ -131,6 +133,8 @@ impl Drop for Admitted {
 pub struct Stats {
     /// Prepared statements and session pins (transaction/statement mode).
     pub prepared: crate::frontend::PreparedStats,
+    /// ErrorResponses sent to clients, by SQLSTATE class.
+    pub errors: crate::stats::ErrorClasses,
 }
 
 /// Counts one client connection against `max_client_conn` while alive.
@@ -201,6 +205,7 @@ impl Proxy {
             None => None,
         };
         let (phase_tx, phase) = watch::channel(Phase::Running);
+        let phase_tx = Arc::new(phase_tx);
         let clusters = config
             .databases
             .values()
@@ -219,6 +224,7 @@ impl Proxy {
             phase,
             fake_salt_key: crate::auth::FakeSaltKey::random(),
             tls,
+            registry: ClientRegistry::new(),
             clients: AtomicUsize::new(0),
             clients_gone: Notify::new(),
             per_user: Mutex::default(),
@@ -229,7 +235,7 @@ impl Proxy {
             listener,
             http,
             shared,
-            phase_tx: Arc::new(phase_tx),
+            phase_tx,
         })
     }
 

@@ -4,10 +4,12 @@
 //! scrape).
 //!
 //! Nothing here mutates pools or routing; it reads what the pools, the
-//! replica monitor and the session counters already keep.
+//! replica monitor, the client registry and the traffic counters
+//! (`stats/`) already keep.
 
 mod http;
 mod metrics;
+mod traffic;
 
 pub use http::{HttpEndpoint, readiness};
 pub use metrics::render_metrics;

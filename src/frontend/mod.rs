@@ -7,6 +7,7 @@
 //! does reaches another client or leaves a pooled server dirty.
 
 mod cancel;
+mod clients;
 mod effects;
 mod negotiate;
 mod params;
@@ -32,6 +33,7 @@ use crate::proxy::{ClientPermit, Shared};
 use crate::tls::{ClientStream, common_name};
 
 pub use cancel::{CancelRegistry, CancelSlot};
+pub use clients::{ClientHandle, ClientIdentity, ClientInfo, ClientRegistry, ClientState, Link};
 pub use effects::{Effects, Feature, SqlPrepared, scan as scan_effects};
 pub use params::{ClientParams, parse_options};
 pub use relay::{RelayState, ServerEvent, client_tag_inspected, server_tag_inspected};
@@ -254,6 +256,18 @@ async fn login(
         authenticate(stream, &mut buf, shared, method, &user_name, known_user).await?
     };
 
+    let identity = ClientIdentity {
+        user: user_name.clone(),
+        database: db_name.clone(),
+        peer,
+        local: stream.tcp().local_addr().ok(),
+        tls: stream.is_tls(),
+        application_name: params
+            .get("application_name")
+            .unwrap_or_default()
+            .to_owned(),
+        console: false,
+    };
     let config = &shared.config;
     let Some(db) = config.databases.get(&db_name) else {
         return Err(refused(
@@ -309,6 +323,7 @@ async fn login(
             admitted,
             pools,
             cluster: shared.clusters.get(&db.name).cloned(),
+            client: shared.registry.register(pid, identity),
         },
         db.pool_mode,
         client_params,

@@ -31,7 +31,7 @@ use crate::backend::{BackendError, LoginSpec, ServerConn, ServerParams};
 use crate::config::PoolSettings;
 use crate::protocol::sqlstate;
 
-pub use registry::{NodePools, Pools};
+pub use registry::{NodePools, PoolEntry, Pools, node_name};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PoolError {
@@ -90,6 +90,8 @@ pub struct Pool {
     conn_ids: Arc<AtomicU64>,
     /// ParameterStatus set of the first server login, for client welcomes.
     welcome: Mutex<Option<Arc<ServerParams>>>,
+    /// Traffic counters (admin console, /metrics).
+    stats: crate::stats::PoolStats,
 }
 
 impl Pool {
@@ -106,6 +108,7 @@ impl Pool {
             inner: Mutex::new(Inner::default()),
             conn_ids,
             welcome: Mutex::new(None),
+            stats: crate::stats::PoolStats::default(),
         });
         tokio::spawn(maintain(Arc::downgrade(&pool)));
         pool
@@ -128,6 +131,10 @@ impl Pool {
 
     pub fn settings(&self) -> &PoolSettings {
         &self.settings
+    }
+
+    pub fn stats(&self) -> &crate::stats::PoolStats {
+        &self.stats
     }
 
     pub fn welcome_params(&self) -> Option<Arc<ServerParams>> {
@@ -171,6 +178,7 @@ impl Pool {
             }
             while let Some(mut conn) = g.idle.pop() {
                 if conn.is_clean_idle() && !retired(&conn) {
+                    self.stats.assigned(Duration::ZERO);
                     return Ok(Pooled::new(conn, self.clone()));
                 }
                 g.open -= 1;
@@ -191,7 +199,7 @@ impl Pool {
         if reserve {
             let reserve_at = (started + self.settings.reserve_pool_timeout).min(deadline);
             match tokio::time::timeout_at(reserve_at.into(), &mut rx).await {
-                Ok(r) => return self.received(r),
+                Ok(r) => return self.received(r, started),
                 Err(_) => {
                     let mut g = lock(&self.inner);
                     // Clients are waiting longer than the reserve delay: pressure.
@@ -200,7 +208,7 @@ impl Pool {
             }
         }
         match tokio::time::timeout_at(deadline.into(), &mut rx).await {
-            Ok(r) => self.received(r),
+            Ok(r) => self.received(r, started),
             Err(_) => {
                 let mut g = lock(&self.inner);
                 let before = g.waiters.len();
@@ -216,7 +224,7 @@ impl Pool {
                 drop(g);
                 // Handed a connection (under the lock) just as time ran out.
                 match rx.try_recv() {
-                    Ok(r) => self.received(Ok(r)),
+                    Ok(r) => self.received(Ok(r), started),
                     Err(_) => Err(PoolError::Timeout {
                         pool: self.label.clone(),
                         timeout: humantime::format_duration(self.settings.checkout_timeout)
@@ -230,9 +238,13 @@ impl Pool {
     fn received(
         self: &Arc<Self>,
         r: Result<Handoff, oneshot::error::RecvError>,
+        started: Instant,
     ) -> Result<Pooled, PoolError> {
         match r {
-            Ok(Ok(conn)) => Ok(Pooled::new(conn, self.clone())),
+            Ok(Ok(conn)) => {
+                self.stats.assigned(started.elapsed());
+                Ok(Pooled::new(conn, self.clone()))
+            }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(PoolError::Closed(self.label.clone())),
         }

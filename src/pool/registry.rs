@@ -14,6 +14,24 @@ use crate::tls::{TlsContext, TlsHandle};
 /// One user's pools on every node of a database.
 pub type NodePools = Arc<[Arc<Pool>]>;
 
+/// A (database, user) and its pools on every node (index 0: the primary).
+#[derive(Clone)]
+pub struct PoolEntry {
+    pub database: String,
+    pub user: String,
+    pub pools: NodePools,
+}
+
+/// The name pgsluice gives node `index` of a database in logs, errors, the
+/// admin console and metrics: `primary`, `replica1`, `replica2`, ….
+pub fn node_name(index: usize) -> String {
+    if index == 0 {
+        "primary".to_owned()
+    } else {
+        format!("replica{index}")
+    }
+}
+
 pub struct Pools {
     /// database → user → pools (two levels so a lookup allocates nothing).
     map: Mutex<HashMap<String, HashMap<String, NodePools>>>,
@@ -57,11 +75,7 @@ impl Pools {
                     connect_timeout: db.pool.server_connect_timeout,
                     tls: self.tls.clone(),
                 };
-                let node = if i == 0 {
-                    "primary".to_owned()
-                } else {
-                    format!("replica{i}")
-                };
+                let node = node_name(i);
                 let label = format!("{}/{}@{node}", db.name, user.name);
                 Pool::new(label, spec, db.pool.clone(), self.conn_ids.clone())
             })
@@ -86,6 +100,22 @@ impl Pools {
                 p.forget_login_failure();
             }
         }
+    }
+
+    /// Every (database, user) with pools, sorted by database then user.
+    pub fn entries(&self) -> Vec<PoolEntry> {
+        let mut out: Vec<PoolEntry> = lock(&self.map)
+            .iter()
+            .flat_map(|(db, users)| {
+                users.iter().map(|(user, pools)| PoolEntry {
+                    database: db.clone(),
+                    user: user.clone(),
+                    pools: pools.clone(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.database, &a.user).cmp(&(&b.database, &b.user)));
+        out
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {

@@ -213,6 +213,21 @@ pub(super) enum Why {
     Retry,
 }
 
+impl From<Why> for crate::stats::RouteReason {
+    fn from(w: Why) -> Self {
+        use crate::stats::RouteReason as R;
+        match w {
+            Why::Write => R::Write,
+            Why::Read => R::Read,
+            Why::Hint => R::Hint,
+            Why::Setting => R::Setting,
+            Why::NoReplica => R::NoReplica,
+            Why::ReadYourWrites => R::ReadYourWrites,
+            Why::Retry => R::Retry,
+        }
+    }
+}
+
 /// One client's routing state.
 pub(super) struct ClientRoute {
     pub cluster: Arc<Cluster>,
@@ -266,8 +281,15 @@ impl ClientRoute {
         }
     }
 
-    /// The node for `req`: 0 is the primary.
+    /// The node for `req`: 0 is the primary. Counted for metrics.
     pub fn decide(&mut self, req: &Request) -> (usize, Why) {
+        let (node, why) = self.choose(req);
+        self.cluster.decisions.count(node != 0, why.into());
+        (node, why)
+    }
+
+    /// Where `req` would go now (nothing counted).
+    pub fn choose(&mut self, req: &Request) -> (usize, Why) {
         let mut exclude = None;
         if let Some((node, primary_only)) = self.retry.take() {
             if primary_only {
