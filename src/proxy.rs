@@ -49,6 +49,9 @@ pub struct Shared {
     pub auth_lookup: Option<crate::backend::auth_query::AuthLookup>,
     /// Logged-in clients, for the admin console and metrics.
     pub registry: ClientRegistry,
+    /// The proxy's phase switch (weak: the phase channel closes when the
+    /// proxy is gone), for the admin console's `SHUTDOWN`.
+    phase_tx: std::sync::Weak<watch::Sender<Phase>>,
     clients: AtomicUsize,
     clients_gone: Notify,
     /// Logged-in clients per user and per database (their limits).
@@ -59,6 +62,11 @@ pub struct Shared {
 impl Shared {
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Triggers this proxy's shutdown (`None` once it is gone).
+    pub fn shutdown_handle(&self) -> Option<ShutdownHandle> {
+        self.phase_tx.upgrade().map(ShutdownHandle)
     }
 
     /// Counts a logged-in client against its user's and database's
@@ -225,12 +233,14 @@ impl Proxy {
             fake_salt_key: crate::auth::FakeSaltKey::random(),
             tls,
             registry: ClientRegistry::new(),
+            phase_tx: Arc::downgrade(&phase_tx),
             clients: AtomicUsize::new(0),
             clients_gone: Notify::new(),
             per_user: Mutex::default(),
             per_database: Mutex::default(),
         });
         start_monitors(&shared);
+        crate::admin::spawn_stats_period(&shared);
         Ok(Self {
             listener,
             http,

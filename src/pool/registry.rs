@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use super::{Pool, lock};
+use super::{Gate, Pool, lock};
 use crate::backend::{Credentials, LoginSpec};
 use crate::config::{Database, User};
 use crate::tls::{TlsContext, TlsHandle};
@@ -35,6 +35,8 @@ pub fn node_name(index: usize) -> String {
 pub struct Pools {
     /// database → user → pools (two levels so a lookup allocates nothing).
     map: Mutex<HashMap<String, HashMap<String, NodePools>>>,
+    /// Each database's PAUSE/DISABLE switches, created on first use.
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
     conn_ids: Arc<AtomicU64>,
     /// TLS towards the servers, shared with every login spec.
     tls: TlsHandle,
@@ -50,6 +52,7 @@ impl Pools {
     pub fn new(tls: TlsHandle) -> Self {
         Self {
             map: Mutex::default(),
+            gates: Mutex::default(),
             conn_ids: Arc::default(),
             tls,
         }
@@ -61,6 +64,7 @@ impl Pools {
         if let Some(p) = map.get(&db.name).and_then(|users| users.get(&user.name)) {
             return p.clone();
         }
+        let gate = self.gate(&db.name);
         let pools: NodePools = std::iter::once(&db.primary)
             .chain(db.replicas.iter())
             .enumerate()
@@ -77,7 +81,13 @@ impl Pools {
                 };
                 let node = node_name(i);
                 let label = format!("{}/{}@{node}", db.name, user.name);
-                Pool::new(label, spec, db.pool.clone(), self.conn_ids.clone())
+                Pool::new(
+                    label,
+                    spec,
+                    db.pool.clone(),
+                    self.conn_ids.clone(),
+                    gate.clone(),
+                )
             })
             .collect();
         map.entry(db.name.clone())
@@ -100,6 +110,14 @@ impl Pools {
                 p.forget_login_failure();
             }
         }
+    }
+
+    /// The PAUSE/DISABLE switches of database `name`.
+    pub fn gate(&self, name: &str) -> Arc<Gate> {
+        lock(&self.gates)
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// Every (database, user) with pools, sorted by database then user.

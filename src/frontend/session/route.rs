@@ -228,6 +228,26 @@ impl From<Why> for crate::stats::RouteReason {
     }
 }
 
+/// Where a lone statement would go for a client that just connected (no
+/// write of its own yet, the default route): the admin console's
+/// `SHOW ROUTE`. Returns its classification, the node and the reason.
+pub(crate) fn preview(
+    cluster: &Arc<Cluster>,
+    sql: &str,
+) -> (Class, usize, crate::stats::RouteReason) {
+    let class = cluster.classify(sql.as_bytes());
+    let req = Request {
+        access: class.access,
+        hint: class.hint,
+        command: None,
+        len: sql.len(),
+        replayable: true,
+        new_names: Vec::new(),
+    };
+    let (node, why) = ClientRoute::new(cluster.clone(), None).choose(&req);
+    (class, node, why.into())
+}
+
 /// One client's routing state.
 pub(super) struct ClientRoute {
     pub cluster: Arc<Cluster>,
@@ -288,7 +308,7 @@ impl ClientRoute {
         (node, why)
     }
 
-    /// Where `req` would go now (nothing counted).
+    /// Where `req` would go now (nothing counted: `SHOW ROUTE`).
     pub fn choose(&mut self, req: &Request) -> (usize, Why) {
         let mut exclude = None;
         if let Some((node, primary_only)) = self.retry.take() {
