@@ -236,15 +236,7 @@ pub(crate) fn preview(
     sql: &str,
 ) -> (Class, usize, crate::stats::RouteReason) {
     let class = cluster.classify(sql.as_bytes());
-    let req = Request {
-        access: class.access,
-        hint: class.hint,
-        command: None,
-        len: sql.len(),
-        replayable: true,
-        new_names: Vec::new(),
-    };
-    let (node, why) = ClientRoute::new(cluster.clone(), None).choose(&req);
+    let (node, why) = ClientRoute::new(cluster.clone(), None).choose(class.access, class.hint);
     (class, node, why.into())
 }
 
@@ -303,13 +295,14 @@ impl ClientRoute {
 
     /// The node for `req`: 0 is the primary. Counted for metrics.
     pub fn decide(&mut self, req: &Request) -> (usize, Why) {
-        let (node, why) = self.choose(req);
+        let (node, why) = self.choose(req.access, req.hint);
         self.cluster.decisions.count(node != 0, why.into());
         (node, why)
     }
 
-    /// Where `req` would go now (nothing counted: `SHOW ROUTE`).
-    pub fn choose(&mut self, req: &Request) -> (usize, Why) {
+    /// Where a request of this access and hint would go now (nothing
+    /// counted: `SHOW ROUTE`).
+    pub fn choose(&mut self, access: Access, hint: Option<Hint>) -> (usize, Why) {
         let mut exclude = None;
         if let Some((node, primary_only)) = self.retry.take() {
             if primary_only {
@@ -317,7 +310,7 @@ impl ClientRoute {
             }
             exclude = Some(node);
         }
-        let want_replica = match (req.hint, self.mode) {
+        let want_replica = match (hint, self.mode) {
             (Some(Hint::Primary), _) => return (0, Why::Hint),
             (Some(Hint::Replica), _) => Some(Why::Hint),
             (None, RouteMode::Primary) => return (0, Why::Setting),
@@ -331,7 +324,7 @@ impl ClientRoute {
                 None => (0, Why::NoReplica),
             };
         }
-        if req.access == Access::Write {
+        if access == Access::Write {
             return (0, Why::Write);
         }
         let min_lsn = match self.last_write {
