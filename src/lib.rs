@@ -4,7 +4,8 @@
 //! `protocol` (sans-IO wire codec) → `frontend` (one client session) → `pool`
 //! (server connections per node/database/user) → `backend` (one server
 //! connection). `router` classifies SQL as read or write (pure, no I/O).
-//! `config` turns TOML + environment into typed settings;
+//! `config` turns TOML + environment into typed settings; `stats` holds the
+//! counters the data path writes and `admin` (console, HTTP) reads;
 //! `localpg` starts throwaway PostgreSQL clusters for the demo, tests and
 //! benchmarks.
 #![forbid(unsafe_code)]
@@ -20,4 +21,5 @@ pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod router;
+pub mod stats;
 pub mod tls;

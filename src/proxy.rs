@@ -15,7 +15,7 @@ use tokio::sync::{Notify, watch};
 use crate::admin::HttpEndpoint;
 use crate::cluster::{Cluster, MonitorLogin, spawn_monitor};
 use crate::config::{Config, Database, User};
-use crate::frontend::{self, CancelRegistry, StatementRegistry};
+use crate::frontend::{self, CancelRegistry, ClientRegistry, StatementRegistry};
 use crate::pool::Pools;
 use crate::tls::{TlsContext, TlsFileError, TlsHandle};
 
@@ -47,6 +47,11 @@ pub struct Shared {
     pub tls: TlsHandle,
     /// Looks up users who are not in the config (`[auth_query]`).
     pub auth_lookup: Option<crate::backend::auth_query::AuthLookup>,
+    /// Logged-in clients, for the admin console and metrics.
+    pub registry: ClientRegistry,
+    /// The proxy's phase switch (weak: the phase channel closes when the
+    /// proxy is gone), for the admin console's `SHUTDOWN`.
+    phase_tx: std::sync::Weak<watch::Sender<Phase>>,
     clients: AtomicUsize,
     clients_gone: Notify,
     /// Logged-in clients per user and per database (their limits).
@@ -57,6 +62,11 @@ pub struct Shared {
 impl Shared {
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Triggers this proxy's shutdown (`None` once it is gone).
+    pub fn shutdown_handle(&self) -> Option<ShutdownHandle> {
+        self.phase_tx.upgrade().map(ShutdownHandle)
     }
 
     /// Counts a logged-in client against its user's and database's
@@ -131,6 +141,8 @@ impl Drop for Admitted {
 pub struct Stats {
     /// Prepared statements and session pins (transaction/statement mode).
     pub prepared: crate::frontend::PreparedStats,
+    /// ErrorResponses sent to clients, by SQLSTATE class.
+    pub errors: crate::stats::ErrorClasses,
 }
 
 /// Counts one client connection against `max_client_conn` while alive.
@@ -201,6 +213,7 @@ impl Proxy {
             None => None,
         };
         let (phase_tx, phase) = watch::channel(Phase::Running);
+        let phase_tx = Arc::new(phase_tx);
         let clusters = config
             .databases
             .values()
@@ -219,17 +232,20 @@ impl Proxy {
             phase,
             fake_salt_key: crate::auth::FakeSaltKey::random(),
             tls,
+            registry: ClientRegistry::new(),
+            phase_tx: Arc::downgrade(&phase_tx),
             clients: AtomicUsize::new(0),
             clients_gone: Notify::new(),
             per_user: Mutex::default(),
             per_database: Mutex::default(),
         });
         start_monitors(&shared);
+        crate::admin::spawn_stats_period(&shared);
         Ok(Self {
             listener,
             http,
             shared,
-            phase_tx: Arc::new(phase_tx),
+            phase_tx,
         })
     }
 

@@ -146,6 +146,8 @@ pub fn render_metrics(shared: &Shared) -> String {
         retries,
     );
 
+    super::traffic::register(&mut registry, shared);
+
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &registry);

@@ -102,6 +102,7 @@ async fn login(spec: &LoginSpec, id: u64) -> Result<ServerConn, BackendError> {
         })?;
     stream.set_nodelay(true)?;
     let peer = stream.peer_addr()?;
+    let local_addr = stream.local_addr().ok();
     let stream = negotiate_tls(stream, spec, &label).await?;
     let mut conn = ServerConn {
         stream,
@@ -114,6 +115,7 @@ async fn login(spec: &LoginSpec, id: u64) -> Result<ServerConn, BackendError> {
             secret_key: 0,
         },
         id,
+        local_addr,
         created: Instant::now(),
         last_used: Instant::now(),
         retire_at: None,

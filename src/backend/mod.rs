@@ -129,6 +129,8 @@ pub struct ServerConn {
     pub set_by_pooler: Vec<String>,
     pub cancel_key: CancelKey,
     pub id: u64,
+    /// This end of the TCP connection (admin console `SHOW SERVERS`).
+    pub local_addr: Option<SocketAddr>,
     pub created: Instant,
     pub last_used: Instant,
     /// When this connection is retired (server_lifetime, jittered).

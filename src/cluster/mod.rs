@@ -122,6 +122,11 @@ impl Node {
     pub fn set_banned(&self, banned: bool) {
         self.banned.store(banned, Ordering::Relaxed);
     }
+
+    /// An operator took it out of rotation (admin console `BAN`).
+    pub fn is_banned(&self) -> bool {
+        self.banned.load(Ordering::Relaxed)
+    }
 }
 
 /// Counts one client attached to a node while alive.
@@ -159,6 +164,8 @@ pub struct Cluster {
     classes: ClassCache,
     /// Reads sent again elsewhere after a replica failed them.
     retries: AtomicU64,
+    /// Routing decisions by target and reason (metrics).
+    pub decisions: crate::stats::RouteCounters,
 }
 
 /// Statement texts whose classification is remembered, per database.
@@ -204,6 +211,7 @@ impl Cluster {
             functions: ArcSwap::from_pointee(FunctionCatalog::builtin()),
             classes: ClassCache::new(CLASS_CACHE_CAPACITY),
             retries: AtomicU64::new(0),
+            decisions: crate::stats::RouteCounters::default(),
         })
     }
 
@@ -312,6 +320,14 @@ impl Cluster {
             decode(node.behind_since.load(Ordering::Acquire))
                 .map_or(Duration::ZERO, |since| now.saturating_sub(since)),
         )
+    }
+
+    /// WAL bytes node `i` has not replayed, against the primary's last
+    /// sampled position (`None` until both were measured).
+    pub fn lag_bytes(&self, i: usize) -> Option<u64> {
+        let primary = self.nodes[0].replayed();
+        let replayed = self.nodes.get(i)?.replayed();
+        (primary > 0 && replayed > 0).then(|| primary.saturating_sub(replayed))
     }
 
     /// Whether the monitor reached the primary recently.

@@ -209,6 +209,13 @@ pub struct General {
     /// Transaction/statement mode: pin or refuse clients that use
     /// session-only features.
     pub session_features: SessionFeatures,
+    /// Users allowed every admin console command (all in `[users]`).
+    pub admin_users: Vec<String>,
+    /// Users allowed the admin console's `SHOW` commands (all in `[users]`).
+    pub stats_users: Vec<String>,
+    /// The `SHOW STATS` averages cover one such period (pgbouncer's
+    /// `stats_period`).
+    pub stats_period: Duration,
     pub pool: PoolSettings,
 }
 
@@ -401,9 +408,29 @@ impl Config {
                 "general.session_features",
                 g.session_features.as_deref().unwrap_or("pin"),
             )?,
+            admin_users: g.admin_users.clone().unwrap_or_default(),
+            stats_users: g.stats_users.clone().unwrap_or_default(),
+            stats_period: {
+                let d = duration("general.stats_period", g.stats_period.as_deref(), "60s")?;
+                if d < Duration::from_secs(1) {
+                    return Err(invalid(
+                        "general.stats_period",
+                        format!("`{}` is below the minimum of 1s", fmt_d(d)),
+                    ));
+                }
+                d
+            },
             pool: pool_settings("general", &default_pool)?,
         };
 
+        for name in raw.databases.keys() {
+            if crate::admin::is_console_database(name) {
+                return Err(invalid(
+                    format!("databases.{name}"),
+                    "this name is reserved for the admin console; rename the database (its server-side name can stay: set `dbname`)",
+                ));
+            }
+        }
         if raw.databases.is_empty() {
             return Err(invalid(
                 "databases",
@@ -557,6 +584,17 @@ impl Config {
                 ));
             }
         }
+        for (key, names) in [
+            ("general.admin_users", &general.admin_users),
+            ("general.stats_users", &general.stats_users),
+        ] {
+            if let Some(name) = names.iter().find(|n| !users.contains_key(*n)) {
+                return Err(invalid(
+                    key,
+                    format!("`{name}` is not a configured [users.NAME] entry"),
+                ));
+            }
+        }
         let auth_query = AuthQuery::validate(&raw.auth_query)?;
         if let Some(aq) = &auth_query {
             let Some(user) = users.get(&aq.user) else {
@@ -628,6 +666,9 @@ impl Config {
             "session_features = \"{}\"",
             g.session_features.as_str()
         );
+        let _ = writeln!(out, "admin_users = {}", toml_list(&g.admin_users));
+        let _ = writeln!(out, "stats_users = {}", toml_list(&g.stats_users));
+        let _ = writeln!(out, "stats_period = \"{}\"", fmt_d(g.stats_period));
         render_pool(&mut out, &g.pool);
         for db in self.databases.values() {
             let _ = writeln!(out, "\n[databases.{}]", toml_key(&db.name));
@@ -836,6 +877,15 @@ impl Config {
             Some(Secret::Scram(_)) | None => None,
         }
     }
+}
+
+/// `["a", "b"]`.
+fn toml_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|i| format!("\"{}\"", toml_escape(i)))
+        .collect();
+    format!("[{}]", quoted.join(", "))
 }
 
 fn toml_key(k: &str) -> String {

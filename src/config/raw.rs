@@ -74,6 +74,14 @@ pub struct RawGeneral {
     pub worker_threads: Option<u64>,
     pub max_prepared_statements: Option<u64>,
     pub session_features: Option<String>,
+    /// Users with every admin console command (`pgsluice` database).
+    #[serde(default, deserialize_with = "name_list")]
+    pub admin_users: Option<Vec<String>>,
+    /// Users with the admin console's `SHOW` commands only.
+    #[serde(default, deserialize_with = "name_list")]
+    pub stats_users: Option<Vec<String>>,
+    /// Period over which the admin console's averages are computed.
+    pub stats_period: Option<String>,
     // Pool settings for every pool (see `RawPool`). Listed inline rather
     // than flattened: serde cannot deny unknown fields through `flatten`.
     pub pool_size: Option<u64>,
@@ -208,6 +216,28 @@ fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Str
         Either::I(i) => i.to_string(),
         Either::F(f) => f.to_string(),
     }))
+}
+
+/// A list of names: a TOML array, or one string of comma-separated names
+/// (as pgbouncer writes them, and as an environment variable gives them).
+fn name_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        One(String),
+    }
+    let names = match Either::deserialize(d)? {
+        Either::List(l) => l,
+        Either::One(s) => s.split(',').map(str::to_owned).collect(),
+    };
+    Ok(Some(
+        names
+            .into_iter()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect(),
+    ))
 }
 
 /// Applies `PGSLUICE_SECTION__KEY[__SUBKEY]=value` variables to `table`.

@@ -7,6 +7,7 @@
 //! does reaches another client or leaves a pooled server dirty.
 
 mod cancel;
+mod clients;
 mod effects;
 mod negotiate;
 mod params;
@@ -32,9 +33,11 @@ use crate::proxy::{ClientPermit, Shared};
 use crate::tls::{ClientStream, common_name};
 
 pub use cancel::{CancelRegistry, CancelSlot};
+pub use clients::{ClientHandle, ClientIdentity, ClientInfo, ClientRegistry, ClientState, Link};
 pub use effects::{Effects, Feature, SqlPrepared, scan as scan_effects};
 pub use params::{ClientParams, parse_options};
 pub use relay::{RelayState, ServerEvent, client_tag_inspected, server_tag_inspected};
+pub(crate) use session::route::preview as preview_route;
 pub use statements::{PreparedStats, Statement, StatementRegistry};
 
 /// Cap on authentication messages (password, SASL) from a client.
@@ -87,7 +90,11 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit
             tokio::time::timeout_at(deadline, login(&mut stream, buf, peer, &shared, &permit))
                 .await;
         let session = match login {
-            Ok(Ok(Some(session))) => session,
+            Ok(Ok(Some(LoggedIn::Pooled(session)))) => session,
+            Ok(Ok(Some(LoggedIn::Console(console)))) => {
+                console.run(stream).await;
+                return;
+            }
             Ok(Ok(None)) => return,
             Ok(Err(e)) => return refuse_login(&mut stream, e).await,
             Err(_) => {
@@ -138,6 +145,15 @@ async fn read_more<S: tokio::io::AsyncRead + Unpin>(
     Ok(())
 }
 
+/// A client past login: a pooled session, or the admin console.
+// Moved once per login and consumed at once: boxing the session would only
+// add an allocation per login.
+#[allow(clippy::large_enum_variant)]
+enum LoggedIn {
+    Pooled(session::Session),
+    Console(crate::admin::console::Console),
+}
+
 /// Startup and authentication. `Ok(None)` when the connection was a cancel
 /// request (served and done).
 async fn login(
@@ -146,7 +162,7 @@ async fn login(
     peer: SocketAddr,
     shared: &Arc<Shared>,
     permit: &ClientPermit,
-) -> Result<Option<session::Session>, LoginError> {
+) -> Result<Option<LoggedIn>, LoginError> {
     let params = loop {
         let Some(packet) = protocol::read_startup(&mut buf)? else {
             read_more(stream, &mut buf).await?;
@@ -254,6 +270,21 @@ async fn login(
         authenticate(stream, &mut buf, shared, method, &user_name, known_user).await?
     };
 
+    let identity = ClientIdentity {
+        user: user_name.clone(),
+        database: db_name.clone(),
+        peer,
+        local: stream.tcp().local_addr().ok(),
+        tls: stream.is_tls(),
+        application_name: params
+            .get("application_name")
+            .unwrap_or_default()
+            .to_owned(),
+        console: crate::admin::is_console_database(&db_name),
+    };
+    if identity.console {
+        return console_login(stream, buf, shared, identity).await.map(Some);
+    }
     let config = &shared.config;
     let Some(db) = config.databases.get(&db_name) else {
         return Err(refused(
@@ -267,6 +298,9 @@ async fn login(
             format!("role \"{user_name}\" does not exist"),
         )
     })?;
+    if let Some((code, message)) = shared.pools.gate(&db.name).refusal(&db.name) {
+        return Err(refused(code, message));
+    }
     let admitted = shared
         .admit(user, db)
         .map_err(|m| refused(sqlstate::TOO_MANY_CONNECTIONS, m))?;
@@ -302,18 +336,60 @@ async fn login(
         return Err(e.into());
     }
     tracing::debug!(pool = pools[0].label(), pid, "client logged in");
-    Ok(Some(session::Session::new(
+    Ok(Some(LoggedIn::Pooled(session::Session::new(
         buf,
         shared.clone(),
         session::Upstream {
             admitted,
             pools,
             cluster: shared.clusters.get(&db.name).cloned(),
+            client: shared.registry.register(pid, identity),
         },
         db.pool_mode,
         client_params,
         pid,
         slot,
+    ))))
+}
+
+/// An authenticated client of the admin console database: admin and
+/// stats users are welcomed, anyone else refused (28000).
+async fn console_login(
+    stream: &mut ClientStream,
+    buf: BytesMut,
+    shared: &Arc<Shared>,
+    identity: ClientIdentity,
+) -> Result<LoggedIn, LoginError> {
+    let Some(access) = crate::admin::console::access_for(&shared.config, &identity.user) else {
+        return Err(refused(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!(
+                "user \"{}\" may not use the admin console (database \"{}\"): list it in general.admin_users or general.stats_users",
+                identity.user, identity.database
+            ),
+        ));
+    };
+    let (pid, slot) = shared.cancels.register();
+    let mut out = BytesMut::with_capacity(512);
+    protocol::authentication_ok(&mut out);
+    for (name, value) in crate::admin::console::welcome_params(access) {
+        protocol::parameter_status(&mut out, name, &value);
+    }
+    protocol::backend_key_data(&mut out, pid, slot.secret_key());
+    protocol::ready_for_query(&mut out, protocol::TxStatus::Idle);
+    // The console runs no queries to cancel: a cancel with this key finds
+    // nothing attached and is dropped. The console unregisters it.
+    if let Err(e) = stream.write_all(&out).await {
+        shared.cancels.unregister(pid);
+        return Err(e.into());
+    }
+    tracing::debug!(user = %identity.user, ?access, pid, "admin console login");
+    let client = shared.registry.register(pid, identity);
+    Ok(LoggedIn::Console(crate::admin::console::Console::new(
+        shared.clone(),
+        client,
+        access,
+        buf,
     )))
 }
 

@@ -5,7 +5,7 @@
 //! batch left open without Sync, and no COPY in progress.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::protocol::{self, ErrorFields, TxStatus};
 
@@ -50,6 +50,11 @@ pub struct RelayState {
     pub request_since: Option<Instant>,
     /// When the last ReadyForQuery arrived (idle_transaction_timeout).
     pub ready_since: Instant,
+    /// When the transaction in progress sent its first request (stats).
+    xact_since: Option<Instant>,
+    /// The request the last ReadyForQuery answered took this long, and
+    /// ended a transaction of the second duration (stats).
+    answered: (Duration, Option<Duration>),
     /// The server said it is going away (FATAL) or desynchronised.
     pub server_unusable: bool,
 }
@@ -69,8 +74,16 @@ impl RelayState {
             tx: TxStatus::Idle,
             request_since: None,
             ready_since: Instant::now(),
+            xact_since: None,
+            answered: (Duration::ZERO, None),
             server_unusable: false,
         }
+    }
+
+    /// How long the request the last ReadyForQuery answered took, and the
+    /// transaction it ended, if it ended one (ReadyForQuery `I`).
+    pub fn answered(&self) -> (Duration, Option<Duration>) {
+        self.answered
     }
 
     pub fn tx_status(&self) -> TxStatus {
@@ -99,6 +112,7 @@ impl RelayState {
         self.tx = TxStatus::Idle;
         self.request_since = None;
         self.ready_since = Instant::now();
+        self.xact_since = None;
         self.server_unusable = false;
     }
 
@@ -127,7 +141,10 @@ impl RelayState {
                 self.batch_open = false;
                 self.request(tag, now);
             }
-            b'P' | b'B' | b'D' | b'E' | b'C' => self.batch_open = true,
+            b'P' | b'B' | b'D' | b'E' | b'C' => {
+                self.batch_open = true;
+                self.xact_since.get_or_insert(now);
+            }
             b'c' | b'f' => self.copy_in = false,
             _ => {}
         }
@@ -136,6 +153,9 @@ impl RelayState {
     fn request(&mut self, tag: u8, now: Instant) {
         if self.pending.is_empty() {
             self.request_since = Some(now);
+        }
+        if self.xact_since.is_none() {
+            self.xact_since = Some(now);
         }
         self.pending.push_back(tag);
     }
@@ -155,6 +175,15 @@ impl RelayState {
                 self.copy_in = false;
                 self.tx = status;
                 self.ready_since = now;
+                let query = self
+                    .request_since
+                    .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
+                let mut xact = None;
+                if status == TxStatus::Idle {
+                    xact = self.xact_since.map(|s| now.saturating_duration_since(s));
+                    self.xact_since = (!self.pending.is_empty()).then_some(now);
+                }
+                self.answered = (query, xact);
                 self.request_since = (!self.pending.is_empty()).then_some(now);
                 ServerEvent::Ready(status)
             }
@@ -223,6 +252,41 @@ mod tests {
         r.on_client_tag(b'Q', now);
         z(&mut r, TxStatus::Idle);
         assert!(r.at_boundary());
+    }
+
+    #[test]
+    fn queries_and_transactions_are_timed() {
+        let mut r = RelayState::new();
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        // BEGIN; SELECT; COMMIT, one Query each.
+        r.on_client_tag(b'Q', t0);
+        r.on_server_message(b'Z', &rfq(TxStatus::InTransaction), ms(1));
+        assert_eq!(r.answered(), (Duration::from_millis(1), None));
+        r.on_client_tag(b'Q', ms(5));
+        r.on_server_message(b'Z', &rfq(TxStatus::InTransaction), ms(8));
+        assert_eq!(r.answered(), (Duration::from_millis(3), None));
+        r.on_client_tag(b'Q', ms(10));
+        r.on_server_message(b'Z', &rfq(TxStatus::Idle), ms(11));
+        assert_eq!(
+            r.answered(),
+            (Duration::from_millis(1), Some(Duration::from_millis(11)))
+        );
+        // Two pipelined extended requests: each answer is one query and,
+        // outside a transaction block, one transaction.
+        for tag in [b'P', b'B', b'E', b'S', b'B', b'E', b'S'] {
+            r.on_client_tag(tag, ms(20));
+        }
+        r.on_server_message(b'Z', &rfq(TxStatus::Idle), ms(22));
+        assert_eq!(
+            r.answered(),
+            (Duration::from_millis(2), Some(Duration::from_millis(2)))
+        );
+        r.on_server_message(b'Z', &rfq(TxStatus::Idle), ms(25));
+        assert_eq!(
+            r.answered(),
+            (Duration::from_millis(3), Some(Duration::from_millis(3)))
+        );
     }
 
     #[test]

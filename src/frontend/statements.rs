@@ -77,6 +77,17 @@ impl Statement {
         &self.tail[..end]
     }
 
+    /// Number of parameter types the Parse declared.
+    pub fn declared_params(&self) -> usize {
+        let Some(end) = self.tail.iter().position(|&b| b == 0) else {
+            return 0;
+        };
+        match self.tail.get(end + 1..end + 3) {
+            Some(&[a, b]) => usize::from(u16::from_be_bytes([a, b])),
+            _ => 0,
+        }
+    }
+
     /// A Parse of this statement under its server-side name.
     pub fn write_parse(&self, out: &mut BytesMut) {
         let len = 4 + self.server_name.len() + 1 + self.tail.len();
@@ -130,6 +141,19 @@ impl StatementRegistry {
 
     pub fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The statements still in use (by a client or a server), by id.
+    pub fn live(&self) -> Vec<Arc<Statement>> {
+        let mut v: Vec<_> = self
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
     }
 
     pub fn is_empty(&self) -> bool {

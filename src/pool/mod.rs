@@ -16,6 +16,7 @@
 //! - a connection that is not explicitly released (client vanished, error,
 //!   panic) is closed, never handed to anyone else.
 
+mod gate;
 mod registry;
 
 use std::collections::VecDeque;
@@ -31,7 +32,8 @@ use crate::backend::{BackendError, LoginSpec, ServerConn, ServerParams};
 use crate::config::PoolSettings;
 use crate::protocol::sqlstate;
 
-pub use registry::{NodePools, Pools};
+pub use gate::Gate;
+pub use registry::{NodePools, PoolEntry, Pools, node_name};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PoolError {
@@ -41,12 +43,16 @@ pub enum PoolError {
     Server(BackendError),
     #[error("pool {0} is shutting down")]
     Closed(String),
+    #[error(
+        "database \"{database}\" is paused (admin console PAUSE) and was not resumed within checkout_timeout ({timeout})"
+    )]
+    Paused { database: String, timeout: String },
 }
 
 impl PoolError {
     pub fn sqlstate(&self) -> &str {
         match self {
-            Self::Timeout { .. } => sqlstate::TOO_MANY_CONNECTIONS,
+            Self::Timeout { .. } | Self::Paused { .. } => sqlstate::TOO_MANY_CONNECTIONS,
             Self::Server(e) => e.sqlstate(),
             Self::Closed(_) => sqlstate::ADMIN_SHUTDOWN,
         }
@@ -61,6 +67,9 @@ pub struct PoolStatus {
     pub open: usize,
     pub opening: usize,
     pub waiting: usize,
+    /// Open connections that a `RECONNECT` marked for closing (closed as
+    /// soon as their client releases them).
+    pub close_needed: usize,
 }
 
 type Handoff = Result<ServerConn, PoolError>;
@@ -80,6 +89,27 @@ struct Inner {
     login_failure: Option<(Instant, BackendError)>,
     closed: bool,
     next_waiter: u64,
+    /// `RECONNECT`: connections created up to this instant are closed when
+    /// released; `close_needed` of them are still open.
+    reconnect_before: Option<Instant>,
+    close_needed: usize,
+}
+
+impl Inner {
+    fn marked(&self, conn: &ServerConn) -> bool {
+        self.reconnect_before.is_some_and(|t| conn.created <= t)
+    }
+}
+
+/// An idle server connection as the admin console shows it.
+#[derive(Debug, Clone)]
+pub struct IdleServer {
+    pub id: u64,
+    pub pid: i32,
+    pub created: Instant,
+    pub last_used: Instant,
+    pub local_addr: Option<std::net::SocketAddr>,
+    pub tls: bool,
 }
 
 pub struct Pool {
@@ -90,6 +120,10 @@ pub struct Pool {
     conn_ids: Arc<AtomicU64>,
     /// ParameterStatus set of the first server login, for client welcomes.
     welcome: Mutex<Option<Arc<ServerParams>>>,
+    /// The database's PAUSE/DISABLE switches (shared by its pools).
+    gate: Arc<Gate>,
+    /// Traffic counters (admin console, /metrics).
+    stats: crate::stats::PoolStats,
 }
 
 impl Pool {
@@ -98,6 +132,7 @@ impl Pool {
         spec: LoginSpec,
         settings: PoolSettings,
         conn_ids: Arc<AtomicU64>,
+        gate: Arc<Gate>,
     ) -> Arc<Self> {
         let pool = Arc::new(Self {
             label,
@@ -106,6 +141,8 @@ impl Pool {
             inner: Mutex::new(Inner::default()),
             conn_ids,
             welcome: Mutex::new(None),
+            gate,
+            stats: crate::stats::PoolStats::default(),
         });
         tokio::spawn(maintain(Arc::downgrade(&pool)));
         pool
@@ -130,6 +167,54 @@ impl Pool {
         &self.settings
     }
 
+    pub fn stats(&self) -> &crate::stats::PoolStats {
+        &self.stats
+    }
+
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    /// The server this pool connects to.
+    pub fn addr(&self) -> &crate::config::ServerAddr {
+        &self.spec.addr
+    }
+
+    /// `RECONNECT`: closes the idle connections now and every other open
+    /// one when its client releases it.
+    pub fn reconnect(&self) {
+        let mut g = lock(&self.inner);
+        g.reconnect_before = Some(Instant::now());
+        let idle = std::mem::take(&mut g.idle);
+        g.open -= idle.len();
+        g.close_needed = g.open;
+        drop(g);
+        for c in idle {
+            c.terminate();
+        }
+    }
+
+    /// When the last `RECONNECT` marked the connections open then.
+    pub fn reconnect_mark(&self) -> Option<Instant> {
+        lock(&self.inner).reconnect_before
+    }
+
+    /// The idle connections, for `SHOW SERVERS`.
+    pub fn idle_servers(&self) -> Vec<IdleServer> {
+        lock(&self.inner)
+            .idle
+            .iter()
+            .map(|c| IdleServer {
+                id: c.id,
+                pid: c.process_id(),
+                created: c.created,
+                last_used: c.last_used,
+                local_addr: c.local_addr,
+                tls: c.stream.is_tls(),
+            })
+            .collect()
+    }
+
     pub fn welcome_params(&self) -> Option<Arc<ServerParams>> {
         lock(&self.welcome).clone()
     }
@@ -141,6 +226,7 @@ impl Pool {
             open: g.open,
             opening: g.opening,
             waiting: g.waiters.len(),
+            close_needed: g.close_needed,
         }
     }
 
@@ -164,6 +250,9 @@ impl Pool {
         started: Instant,
         deadline: Instant,
     ) -> Result<Pooled, PoolError> {
+        if self.gate.is_paused() && !self.gate.wait_resumed(deadline).await {
+            return Err(self.paused_error());
+        }
         let (id, mut rx) = {
             let mut g = lock(&self.inner);
             if g.closed {
@@ -171,6 +260,7 @@ impl Pool {
             }
             while let Some(mut conn) = g.idle.pop() {
                 if conn.is_clean_idle() && !retired(&conn) {
+                    self.stats.assigned(Duration::ZERO);
                     return Ok(Pooled::new(conn, self.clone()));
                 }
                 g.open -= 1;
@@ -191,7 +281,7 @@ impl Pool {
         if reserve {
             let reserve_at = (started + self.settings.reserve_pool_timeout).min(deadline);
             match tokio::time::timeout_at(reserve_at.into(), &mut rx).await {
-                Ok(r) => return self.received(r),
+                Ok(r) => return self.received(r, started),
                 Err(_) => {
                     let mut g = lock(&self.inner);
                     // Clients are waiting longer than the reserve delay: pressure.
@@ -200,7 +290,7 @@ impl Pool {
             }
         }
         match tokio::time::timeout_at(deadline.into(), &mut rx).await {
-            Ok(r) => self.received(r),
+            Ok(r) => self.received(r, started),
             Err(_) => {
                 let mut g = lock(&self.inner);
                 let before = g.waiters.len();
@@ -216,7 +306,7 @@ impl Pool {
                 drop(g);
                 // Handed a connection (under the lock) just as time ran out.
                 match rx.try_recv() {
-                    Ok(r) => self.received(Ok(r)),
+                    Ok(r) => self.received(Ok(r), started),
                     Err(_) => Err(PoolError::Timeout {
                         pool: self.label.clone(),
                         timeout: humantime::format_duration(self.settings.checkout_timeout)
@@ -227,12 +317,23 @@ impl Pool {
         }
     }
 
+    fn paused_error(&self) -> PoolError {
+        PoolError::Paused {
+            database: self.label.split('/').next().unwrap_or_default().to_owned(),
+            timeout: humantime::format_duration(self.settings.checkout_timeout).to_string(),
+        }
+    }
+
     fn received(
         self: &Arc<Self>,
         r: Result<Handoff, oneshot::error::RecvError>,
+        started: Instant,
     ) -> Result<Pooled, PoolError> {
         match r {
-            Ok(Ok(conn)) => Ok(Pooled::new(conn, self.clone())),
+            Ok(Ok(conn)) => {
+                self.stats.assigned(started.elapsed());
+                Ok(Pooled::new(conn, self.clone()))
+            }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(PoolError::Closed(self.label.clone())),
         }
@@ -291,6 +392,10 @@ impl Pool {
                 g.opening -= 1;
                 g.open += 1;
                 g.login_failure = None;
+                if g.marked(&conn) {
+                    // Still logging in when RECONNECT came: already new.
+                    conn.created = Instant::now();
+                }
                 if g.closed {
                     g.open -= 1;
                     return;
@@ -337,12 +442,22 @@ impl Pool {
             g.open -= 1;
             return;
         }
+        if g.marked(&conn) {
+            drop(g);
+            tracing::debug!(pool = %self.label, pid = conn.process_id(), "closing server marked by RECONNECT");
+            self.discard(conn);
+            return;
+        }
         Self::hand_off(&mut g, conn);
     }
 
     fn discard(self: &Arc<Self>, conn: ServerConn) {
+        let created = conn.created;
         conn.terminate();
         let mut g = lock(&self.inner);
+        if g.reconnect_before.is_some_and(|t| created <= t) {
+            g.close_needed = g.close_needed.saturating_sub(1);
+        }
         g.open -= 1;
         // Replace it if someone is waiting.
         let _ = self.grow(&mut g, self.settings.pool_size);
@@ -391,7 +506,7 @@ impl Pool {
             .login_failure
             .as_ref()
             .is_some_and(|(at, _)| at.elapsed() < self.settings.server_login_retry);
-        while !recently_failed && g.open + g.opening < min {
+        while !recently_failed && !self.gate.is_paused() && g.open + g.opening < min {
             g.opening += 1;
             self.spawn_connect();
         }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use super::{Pool, lock};
+use super::{Gate, Pool, lock};
 use crate::backend::{Credentials, LoginSpec};
 use crate::config::{Database, User};
 use crate::tls::{TlsContext, TlsHandle};
@@ -14,9 +14,29 @@ use crate::tls::{TlsContext, TlsHandle};
 /// One user's pools on every node of a database.
 pub type NodePools = Arc<[Arc<Pool>]>;
 
+/// A (database, user) and its pools on every node (index 0: the primary).
+#[derive(Clone)]
+pub struct PoolEntry {
+    pub database: String,
+    pub user: String,
+    pub pools: NodePools,
+}
+
+/// The name pgsluice gives node `index` of a database in logs, errors, the
+/// admin console and metrics: `primary`, `replica1`, `replica2`, ….
+pub fn node_name(index: usize) -> String {
+    if index == 0 {
+        "primary".to_owned()
+    } else {
+        format!("replica{index}")
+    }
+}
+
 pub struct Pools {
     /// database → user → pools (two levels so a lookup allocates nothing).
     map: Mutex<HashMap<String, HashMap<String, NodePools>>>,
+    /// Each database's PAUSE/DISABLE switches, created on first use.
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
     conn_ids: Arc<AtomicU64>,
     /// TLS towards the servers, shared with every login spec.
     tls: TlsHandle,
@@ -32,6 +52,7 @@ impl Pools {
     pub fn new(tls: TlsHandle) -> Self {
         Self {
             map: Mutex::default(),
+            gates: Mutex::default(),
             conn_ids: Arc::default(),
             tls,
         }
@@ -43,6 +64,7 @@ impl Pools {
         if let Some(p) = map.get(&db.name).and_then(|users| users.get(&user.name)) {
             return p.clone();
         }
+        let gate = self.gate(&db.name);
         let pools: NodePools = std::iter::once(&db.primary)
             .chain(db.replicas.iter())
             .enumerate()
@@ -57,13 +79,15 @@ impl Pools {
                     connect_timeout: db.pool.server_connect_timeout,
                     tls: self.tls.clone(),
                 };
-                let node = if i == 0 {
-                    "primary".to_owned()
-                } else {
-                    format!("replica{i}")
-                };
+                let node = node_name(i);
                 let label = format!("{}/{}@{node}", db.name, user.name);
-                Pool::new(label, spec, db.pool.clone(), self.conn_ids.clone())
+                Pool::new(
+                    label,
+                    spec,
+                    db.pool.clone(),
+                    self.conn_ids.clone(),
+                    gate.clone(),
+                )
             })
             .collect();
         map.entry(db.name.clone())
@@ -86,6 +110,30 @@ impl Pools {
                 p.forget_login_failure();
             }
         }
+    }
+
+    /// The PAUSE/DISABLE switches of database `name`.
+    pub fn gate(&self, name: &str) -> Arc<Gate> {
+        lock(&self.gates)
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Every (database, user) with pools, sorted by database then user.
+    pub fn entries(&self) -> Vec<PoolEntry> {
+        let mut out: Vec<PoolEntry> = lock(&self.map)
+            .iter()
+            .flat_map(|(db, users)| {
+                users.iter().map(|(user, pools)| PoolEntry {
+                    database: db.clone(),
+                    user: user.clone(),
+                    pools: pools.clone(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.database, &a.user).cmp(&(&b.database, &b.user)));
+        out
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {

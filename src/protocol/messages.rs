@@ -51,6 +51,15 @@ pub mod sqlstate {
     /// Canceled by a conflict with recovery on a standby.
     pub const SERIALIZATION_FAILURE: &str = "40001";
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
+    /// Admin console: a stats user ran a command that changes something.
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    /// Admin console: not a command it knows.
+    pub const SYNTAX_ERROR: &str = "42601";
+    /// Admin console: no such node or client.
+    pub const UNDEFINED_OBJECT: &str = "42704";
+    /// Admin console: e.g. RESUME of a database that is not paused; login to
+    /// a DISABLEd database.
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
 }
 
 /// Severity of an ErrorResponse we generate.

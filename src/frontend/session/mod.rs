@@ -62,6 +62,8 @@ enum Exit {
     Terminated,
     /// We told the client why and are closing it.
     Closed,
+    /// The admin console killed it (KILL, KILL_CLIENT).
+    Killed,
 }
 
 enum Step {
@@ -134,6 +136,8 @@ pub(super) struct Upstream {
     pub cluster: Option<Arc<Cluster>>,
     /// This client counted against its user's and database's limits.
     pub admitted: crate::proxy::Admitted,
+    /// This client in the admin console's registry.
+    pub client: crate::frontend::ClientHandle,
 }
 
 /// How an attempt to attach a server ended.
@@ -154,6 +158,10 @@ pub struct Session {
     /// Read/write routing (transaction and statement mode with replicas).
     route: Option<Box<ClientRoute>>,
     _admitted: crate::proxy::Admitted,
+    /// This client's state for the admin console, and its kill switch.
+    client: crate::frontend::ClientHandle,
+    /// Client bytes read since the last ReadyForQuery (stats).
+    received: u64,
     /// Counts this client on its node while a server is attached.
     on_node: Option<Attached>,
     /// The attached primary ran something that may have written.
@@ -225,6 +233,8 @@ impl Session {
             shared,
             pools: upstream.pools,
             _admitted: upstream.admitted,
+            client: upstream.client,
+            received: 0,
             node: 0,
             route: match upstream.cluster {
                 Some(c) if mode != PoolMode::Session && c.nodes().len() > 1 => {
@@ -279,6 +289,12 @@ impl Session {
             }
         };
         tracing::debug!(?exit, "client session ended");
+        if exit == Exit::Killed {
+            let why = self.client.kill_reason();
+            let _ = self
+                .close_with(&mut client, sqlstate::ADMIN_SHUTDOWN, &why)
+                .await;
+        }
         self.put_back_server().await;
         self.shared.cancels.unregister(self.pid);
         // Dropping the socket closes it (FIN); no separate shutdown call.
@@ -318,6 +334,7 @@ impl Session {
                     tokio::select! {
                         r = tcp.readable() => r?,
                         r = self.phase.changed() => return Ok(phase_step(r)),
+                        () = self.client.killed() => return Ok(Step::Exit(Exit::Killed)),
                     }
                     self.cbuf.reserve(CLIENT_FIRST_READ);
                     read_draining(tcp, &mut self.cbuf)
@@ -329,12 +346,13 @@ impl Session {
                     tokio::select! {
                         r = tls.read_buf(&mut self.cbuf) => r,
                         r = self.phase.changed() => return Ok(phase_step(r)),
+                        () = self.client.killed() => return Ok(Step::Exit(Exit::Killed)),
                     }
                 }
             };
             match read {
                 Ok(0) => return Ok(Step::Exit(Exit::ClientGone)),
-                Ok(_) => {}
+                Ok(n) => self.received += n as u64,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Step::Continue),
                 Err(e) => return Err(e),
             }
@@ -467,10 +485,13 @@ impl Session {
 
     async fn read_client(&mut self, client: &mut ClientStream) -> std::io::Result<Step> {
         self.cbuf.reserve(CLIENT_READ);
-        if client.read_buf(&mut self.cbuf).await? == 0 {
-            return Ok(Step::Exit(Exit::ClientGone));
+        match client.read_buf(&mut self.cbuf).await? {
+            0 => Ok(Step::Exit(Exit::ClientGone)),
+            n => {
+                self.received += n as u64;
+                Ok(Step::Continue)
+            }
         }
-        Ok(Step::Continue)
     }
 
     /// Checks a server out on `node` and makes its session parameters the
@@ -483,9 +504,17 @@ impl Session {
         deadline: Instant,
     ) -> std::io::Result<Attach> {
         self.node = node;
-        let mut server = match self.pools[node].checkout_by(started, deadline).await {
+        self.client.waiting(node, started);
+        let checkout = tokio::select! {
+            r = self.pools[node].checkout_by(started, deadline) => r,
+            () = self.client.killed() => return Ok(Attach::Exit(Step::Exit(Exit::Killed))),
+        };
+        let mut server = match checkout {
             Ok(s) => s,
-            Err(e) => return Ok(Attach::Failed(e)),
+            Err(e) => {
+                self.client.idle();
+                return Ok(Attach::Failed(e));
+            }
         };
         if let Some(sql) = self.params.sync_sql(&server.params, &server.set_by_pooler) {
             match server.run_internal(&sql, INTERNAL_QUERY_TIMEOUT).await {
@@ -513,6 +542,8 @@ impl Session {
             }
         }
         self.cancel.attach(server.cancel_key);
+        self.client
+            .attached(node, crate::frontend::Link::of(&server));
         self.server = Some(server);
         self.relay.reset();
         self.replies.reset();
@@ -536,6 +567,7 @@ impl Session {
     ) -> std::io::Result<()> {
         self.out.clear();
         protocol::error_response(&mut self.out, Severity::Error, code, message);
+        self.shared.stats.errors.count_code(code.as_bytes());
         client.write_all(&self.out).await?;
         let max = self.shared.config.general.max_packet_size;
         loop {
@@ -578,6 +610,7 @@ impl Session {
     ) -> std::io::Result<Step> {
         self.out.clear();
         protocol::error_response(&mut self.out, Severity::Fatal, code, message);
+        self.shared.stats.errors.count_code(code.as_bytes());
         let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&self.out)).await;
         Ok(Step::Exit(Exit::Closed))
     }
@@ -653,15 +686,18 @@ impl Session {
                 Client(std::io::Result<usize>),
                 Timer,
                 Phase(bool),
+                Killed,
             }
             let ev = tokio::select! {
                 r = server.stream.read_buf(&mut server.buf) => Ev::Server(r),
                 r = client.read_buf(&mut self.cbuf) => Ev::Client(r),
                 _ = timer => Ev::Timer,
                 r = self.phase.changed() => Ev::Phase(r.is_ok()),
+                () = self.client.killed() => Ev::Killed,
             };
             match ev {
                 Ev::Server(Ok(n)) if n > 0 => {
+                    self.pools[self.node].stats().sent(n);
                     if let ServerFlow::Lost = self.forward_server(client).await? {
                         return self.server_lost(client).await;
                     }
@@ -680,6 +716,7 @@ impl Session {
                     return self.server_lost(client).await;
                 }
                 Ev::Client(Ok(n)) if n > 0 => {
+                    self.received += n as u64;
                     if let Some(step) = self.pump_client(client).await? {
                         return Ok(step);
                     }
@@ -692,6 +729,7 @@ impl Session {
                 }
                 Ev::Phase(true) => {}
                 Ev::Phase(false) => return Ok(Step::Exit(Exit::Closed)),
+                Ev::Killed => return Ok(Step::Exit(Exit::Killed)),
             }
         }
     }
@@ -735,6 +773,7 @@ impl Session {
             server.release();
         }
         self.on_node = None;
+        self.client.idle();
         if self.node == 0 && self.primary_wrote {
             if let Some(route) = self.route.as_deref_mut() {
                 route.last_write = Some(Instant::now());
@@ -1044,6 +1083,18 @@ impl Session {
                     } else {
                         ServerEvent::None
                     };
+                    // Stats count what the client sees (not replies swallowed above).
+                    let shown = written != end;
+                    if shown && matches!(event, ServerEvent::Ready(_)) {
+                        let (query, xact) = self.relay.answered();
+                        let received = std::mem::take(&mut self.received);
+                        self.pools[self.node].stats().ready(query, xact, received);
+                    } else if shown && header.tag == b'E' {
+                        self.shared
+                            .stats
+                            .errors
+                            .count_message(&server.buf[pos..end]);
+                    }
                     match event {
                         ServerEvent::Parameter { name, value } => {
                             server.params.set(&name, &value);
@@ -1138,6 +1189,7 @@ impl Session {
         self.cancel.detach().await;
         self.server = None;
         self.on_node = None;
+        self.client.idle();
     }
 
     /// The server connection broke: tell the client and end the session.

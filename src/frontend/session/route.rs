@@ -308,6 +308,33 @@ pub(super) enum Why {
     Retry,
 }
 
+impl From<Why> for crate::stats::RouteReason {
+    fn from(w: Why) -> Self {
+        use crate::stats::RouteReason as R;
+        match w {
+            Why::Write => R::Write,
+            Why::Read => R::Read,
+            Why::Hint => R::Hint,
+            Why::Setting => R::Setting,
+            Why::NoReplica => R::NoReplica,
+            Why::ReadYourWrites => R::ReadYourWrites,
+            Why::Retry => R::Retry,
+        }
+    }
+}
+
+/// Where a lone statement would go for a client that just connected (no
+/// write of its own yet, the default route): the admin console's
+/// `SHOW ROUTE`. Returns its classification, the node and the reason.
+pub(crate) fn preview(
+    cluster: &Arc<Cluster>,
+    sql: &str,
+) -> (Class, usize, crate::stats::RouteReason) {
+    let class = cluster.classify(sql.as_bytes());
+    let (node, why) = ClientRoute::new(cluster.clone(), None).choose(class.access, class.hint);
+    (class, node, why.into())
+}
+
 /// One client's routing state.
 pub(super) struct ClientRoute {
     pub cluster: Arc<Cluster>,
@@ -345,8 +372,16 @@ impl ClientRoute {
         }
     }
 
-    /// The node for `req`: 0 is the primary.
+    /// The node for `req`: 0 is the primary. Counted for metrics.
     pub fn decide(&mut self, req: &Request) -> (usize, Why) {
+        let (node, why) = self.choose(req.access, req.hint);
+        self.cluster.decisions.count(node != 0, why.into());
+        (node, why)
+    }
+
+    /// Where a request of this access and hint would go now (nothing
+    /// counted: `SHOW ROUTE`).
+    pub fn choose(&mut self, access: Access, hint: Option<Hint>) -> (usize, Why) {
         let mut exclude = None;
         if let Some((node, primary_only)) = self.retry.take() {
             if primary_only {
@@ -354,7 +389,7 @@ impl ClientRoute {
             }
             exclude = Some(node);
         }
-        let want_replica = match (req.hint, self.mode) {
+        let want_replica = match (hint, self.mode) {
             (Some(Hint::Primary), _) => return (0, Why::Hint),
             (Some(Hint::Replica), _) => Some(Why::Hint),
             (None, RouteMode::Primary) => return (0, Why::Setting),
@@ -368,7 +403,7 @@ impl ClientRoute {
                 None => (0, Why::NoReplica),
             };
         }
-        if req.access == Access::Write {
+        if access == Access::Write {
             return (0, Why::Write);
         }
         let min_lsn = match self.last_write {
