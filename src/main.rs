@@ -12,6 +12,8 @@ use pgsluice::localpg::{ClusterOptions, LocalCluster};
 use pgsluice::proxy::{Proxy, ShutdownHandle};
 use tokio::signal::unix::{SignalKind, signal};
 
+mod health_check;
+
 #[derive(Parser)]
 #[command(
     name = "pgsluice",
@@ -50,6 +52,20 @@ enum Command {
     /// Read a password from stdin and print its SCRAM-SHA-256 secret, for
     /// `users.NAME.password` (or PostgreSQL's `ALTER ROLE … PASSWORD`).
     HashPassword,
+    /// Probe pgsluice's HTTP endpoint, for container HEALTHCHECKs in images
+    /// without curl: exit 0 on HTTP 200, 1 otherwise with the reason on stderr.
+    Health {
+        /// URL to GET (`[admin] http_listen_addr` of the instance).
+        #[arg(
+            long,
+            env = "PGSLUICE_HEALTH_URL",
+            default_value = "http://127.0.0.1:9930/ready"
+        )]
+        url: String,
+        /// Deadline for connecting, sending and reading the answer.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,6 +79,7 @@ fn main() -> ExitCode {
             max_connections,
         } => demo(port, max_connections),
         Command::HashPassword => hash_password(),
+        Command::Health { url, timeout } => return health(&url, timeout),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -125,6 +142,21 @@ fn hash_password() -> Result<()> {
     }
     println!("{}", pgsluice::auth::hash_password(password));
     Ok(())
+}
+
+/// Exit codes follow Docker's HEALTHCHECK: 0 healthy, 1 unhealthy (2 is
+/// reserved there, so a failed probe never returns it).
+fn health(url: &str, timeout: std::time::Duration) -> ExitCode {
+    match health_check::probe(url, timeout) {
+        Ok(body) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Err(reason) => {
+            eprintln!("pgsluice health: {reason}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn run(path: &std::path::Path) -> Result<()> {
