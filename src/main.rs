@@ -12,6 +12,8 @@ use pgsluice::localpg::{ClusterOptions, LocalCluster};
 use pgsluice::proxy::{Proxy, ShutdownHandle};
 use tokio::signal::unix::{SignalKind, signal};
 
+mod health_check;
+
 #[derive(Parser)]
 #[command(
     name = "pgsluice",
@@ -63,6 +65,20 @@ enum Command {
         #[arg(long = "type", default_value = "bigint")]
         key_type: String,
     },
+    /// Probe pgsluice's HTTP endpoint, for container HEALTHCHECKs in images
+    /// without curl: exit 0 on HTTP 200, 1 otherwise with the reason on stderr.
+    Health {
+        /// URL to GET (`[admin] http_listen_addr` of the instance).
+        #[arg(
+            long,
+            env = "PGSLUICE_HEALTH_URL",
+            default_value = "http://127.0.0.1:9930/ready"
+        )]
+        url: String,
+        /// Deadline for connecting, sending and reading the answer.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +97,7 @@ fn main() -> ExitCode {
             shards,
             key_type,
         } => shard_of(&key, shards, &key_type),
+        Command::Health { url, timeout } => return health(&url, timeout),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -158,6 +175,21 @@ fn shard_of(key: &str, shards: usize, key_type: &str) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("--key: {e}"))?;
     println!("{}", shard_of(ty, &value, shards));
     Ok(())
+}
+
+/// Exit codes follow Docker's HEALTHCHECK: 0 healthy, 1 unhealthy (2 is
+/// reserved there, so a failed probe never returns it).
+fn health(url: &str, timeout: std::time::Duration) -> ExitCode {
+    match health_check::probe(url, timeout) {
+        Ok(body) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Err(reason) => {
+            eprintln!("pgsluice health: {reason}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn run(path: &std::path::Path) -> Result<()> {

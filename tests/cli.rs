@@ -398,3 +398,104 @@ fn shard_of_prints_the_partition_remainder() {
         }
     }
 }
+
+/// Runs `pgsluice health --url URL --timeout 1s` off the runtime thread, so
+/// the in-process proxy keeps answering: (exit code, stdout, stderr).
+async fn health(url: &str) -> (i32, String, String) {
+    let url = url.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["health", "--url", &url, "--timeout", "1s"])
+            .env_remove("PGSLUICE_HEALTH_URL")
+            .output()
+            .expect("run pgsluice health")
+    })
+    .await
+    .expect("join");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `pgsluice health` (the container HEALTHCHECK): 0 while the endpoint
+/// answers 200; 1 with the reason on stderr when draining (503), refused,
+/// silent past the timeout, or not HTTP — never Docker's reserved 2.
+#[tokio::test]
+async fn health_subcommand_probes_the_http_endpoint() {
+    let proxy =
+        support::TestProxy::start_with("", "[admin]\nhttp_listen_addr = \"127.0.0.1:0\"\n").await;
+    let http = proxy.http_addr.expect("HTTP endpoint configured");
+    let ready = format!("http://{http}/ready");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, out, err) = health(&ready).await;
+        if code == 0 {
+            assert_eq!(out, "ready\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {code} {err}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(health(&format!("http://{http}/health")).await.0, 0);
+    let (code, _, err) = health(&format!("http://{http}/nope")).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
+
+    // Refused: a port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_url = format!("http://{}/ready", closed.local_addr().unwrap());
+    drop(closed);
+    let (code, _, err) = health(&closed_url).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&closed_url) && err.contains("cannot connect"),
+        "{err}"
+    );
+
+    // Silent: the kernel completes the handshake, nobody ever answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let started = Instant::now();
+    let (code, _, err) = health(&format!("http://{}/ready", silent.local_addr().unwrap())).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no answer within 1s"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Not HTTP.
+    let liar = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let liar_addr = liar.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = liar.accept() {
+            use std::io::{Read as _, Write as _};
+            let mut request = [0u8; 1024];
+            let _ = s.read(&mut request);
+            let _ = s.write_all(b"+OK redis here\r\n");
+        }
+    });
+    let (code, _, err) = health(&format!("http://{liar_addr}/ready")).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("not an HTTP answer"), "{err}");
+
+    let (code, _, err) = health("https://127.0.0.1:9930/ready").await;
+    assert_eq!(code, 1);
+    assert!(err.contains("only http://"), "{err}");
+
+    // Draining: /ready fails with the endpoint's reason, /health still passes.
+    proxy.handle.shutdown();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, _, err) = health(&ready).await;
+        if code == 1 {
+            assert!(err.contains("503") && err.contains("draining"), "{err}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready while draining");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(health(&format!("http://{http}/health")).await.0, 0);
+}
