@@ -204,7 +204,7 @@ impl Proxy {
         let clusters = config
             .databases
             .values()
-            .filter(|db| !db.replicas.is_empty())
+            .filter(|db| !db.replicas.is_empty() && db.sharding.is_none())
             .map(|db| (db.name.clone(), Cluster::new(db, &config.routing)))
             .collect();
         let auth_lookup = crate::backend::auth_query::AuthLookup::new(&config, tls.clone());

@@ -31,7 +31,7 @@ use crate::backend::{BackendError, LoginSpec, ServerConn, ServerParams};
 use crate::config::PoolSettings;
 use crate::protocol::sqlstate;
 
-pub use registry::{NodePools, Pools};
+pub use registry::{NodePools, Pools, shard_group};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PoolError {
