@@ -436,6 +436,25 @@ fn number(b: &[u8], mut i: usize) -> usize {
 /// The routing hint in the comments that open `sql`: the first `/* pgsluice: primary */` or
 /// `/* pgsluice: replica */` before any token (case-insensitive, any whitespace).
 pub(crate) fn leading_hint(sql: &str) -> Option<Hint> {
+    leading_pgsluice_comment(sql, |value| {
+        if value.eq_ignore_ascii_case("primary") {
+            Some(Hint::Primary)
+        } else if value.eq_ignore_ascii_case("replica") {
+            Some(Hint::Replica)
+        } else {
+            None
+        }
+    })
+}
+
+/// The one hint syntax: block comments before the first token whose body is
+/// `pgsluice: <value>` (`pgsluice` case-insensitive, whitespace anywhere around the colon).
+/// `read` gets each such value, trimmed, in order; the first it accepts is returned. Other
+/// comments are skipped; a token ends the search.
+pub(crate) fn leading_pgsluice_comment<T>(
+    sql: &str,
+    mut read: impl FnMut(&str) -> Option<T>,
+) -> Option<T> {
     let b = sql.as_bytes();
     let mut i = 0;
     loop {
@@ -447,8 +466,8 @@ pub(crate) fn leading_hint(sql: &str) -> Option<Hint> {
             (Some(b'/'), Some(b'*')) => {
                 let end = skip_block_comment(b, i).ok()?;
                 let body = sql.get(i + 2..end - 2)?;
-                if let Some(hint) = hint_in_comment(body) {
-                    return Some(hint);
+                if let Some(found) = pgsluice_value(body).and_then(&mut read) {
+                    return Some(found);
                 }
                 i = end;
             }
@@ -457,21 +476,14 @@ pub(crate) fn leading_hint(sql: &str) -> Option<Hint> {
     }
 }
 
-/// `pgsluice: primary` / `pgsluice : replica` (case-insensitive), alone in a comment body.
-fn hint_in_comment(body: &str) -> Option<Hint> {
-    let body = body.trim_matches(|c: char| c.is_ascii() && is_space(c as u8));
+/// `pgsluice: value` / `PGSLUICE : value` alone in a comment body: the value, trimmed.
+fn pgsluice_value(body: &str) -> Option<&str> {
+    let trim = |c: char| c.is_ascii() && is_space(c as u8);
     let (name, value) = body.split_once(':')?;
-    if !name.trim_end().eq_ignore_ascii_case("pgsluice") {
+    if !name.trim_matches(trim).eq_ignore_ascii_case("pgsluice") {
         return None;
     }
-    let value = value.trim_start();
-    if value.eq_ignore_ascii_case("primary") {
-        Some(Hint::Primary)
-    } else if value.eq_ignore_ascii_case("replica") {
-        Some(Hint::Replica)
-    } else {
-        None
-    }
+    Some(value.trim_matches(trim))
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ mod classify;
 mod functions;
 pub(crate) mod lexer;
 mod parse;
+pub mod shard;
 
 pub use cache::ClassCache;
 pub use functions::FunctionCatalog;
