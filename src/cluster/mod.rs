@@ -8,6 +8,7 @@
 
 pub mod history;
 mod monitor;
+pub mod shards;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ use crate::router::{Class, ClassCache, FunctionCatalog};
 use history::WalHistory;
 
 pub use monitor::{MonitorLogin, spawn_monitor};
+pub use shards::{SHARDS_COLUMNS, ShardedDatabase, shards_report};
 
 /// A node's part in its replication group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,6 +8,7 @@
 
 mod cancel;
 mod effects;
+pub mod fanout;
 mod negotiate;
 mod params;
 mod relay;
