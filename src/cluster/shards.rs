@@ -2,12 +2,17 @@
 //! shard, each with its own monitor, lag measurements and read rotation,
 //! plus per-shard counters for metrics and `SHOW SHARDS`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::{Availability, Cluster, Role};
-use crate::config::{Database, Routing, Sharding};
+use crate::config::{Database, MultiShardInsert, Routing, ShardKeyType, Sharding, UnshardedWrites};
+use crate::router::shard::{self, Analysis, BoundParams, KeyType, Placement, ShardingRules};
+
+/// Statement texts whose placement analysis is remembered, per database.
+const ANALYSIS_CACHE_CAPACITY: usize = 10_000;
 
 /// One shard of a sharded database.
 pub struct Shard {
@@ -63,7 +68,12 @@ impl Shard {
 pub struct ShardedDatabase {
     pub database: String,
     pub settings: Sharding,
+    /// The placement rules derived from `settings`.
+    pub rules: ShardingRules,
     pub shards: Vec<Shard>,
+    /// Placement analyses by statement text (the parse is the expensive
+    /// part; bound parameters are applied per execution).
+    analyses: Mutex<HashMap<Box<str>, Arc<Analysis>>>,
     /// Key-less reads run on every shard.
     fanouts: AtomicU64,
     /// Statements refused because they cannot be placed or merged.
@@ -92,9 +102,30 @@ impl ShardedDatabase {
                 text_order: AtomicU8::new(0),
             })
             .collect();
+        let rules = ShardingRules {
+            key_column: settings.key_column.clone(),
+            key_type: match settings.key_type {
+                ShardKeyType::BigInt => KeyType::BigInt,
+                ShardKeyType::Integer => KeyType::Integer,
+                ShardKeyType::Text => KeyType::Text,
+                ShardKeyType::Uuid => KeyType::Uuid,
+            },
+            shards: settings.shards.len(),
+            unsharded_tables: settings.unsharded_tables.clone(),
+            unsharded_writes: match settings.unsharded_writes {
+                UnshardedWrites::All => shard::UnshardedWrites::AllShards,
+                UnshardedWrites::Refuse => shard::UnshardedWrites::Refuse,
+            },
+            multi_shard_insert: match settings.multi_shard_insert {
+                MultiShardInsert::Split => shard::MultiShardInsert::Split,
+                MultiShardInsert::Refuse => shard::MultiShardInsert::Refuse,
+            },
+        };
         Some(Arc::new(Self {
             database: db.name.clone(),
             settings,
+            rules,
+            analyses: Mutex::new(HashMap::new()),
             shards,
             fanouts: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -115,6 +146,51 @@ impl ShardedDatabase {
 
     pub fn count_refused(&self) {
         self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Places one statement text with its bound parameters (the text's
+    /// analysis is cached).
+    pub fn place(&self, sql: &str, params: Option<&BoundParams<'_>>) -> Placement {
+        let analysis = {
+            let mut cache = self.analyses.lock().unwrap_or_else(|e| e.into_inner());
+            match cache.get(sql) {
+                Some(a) => a.clone(),
+                None => {
+                    let a = Arc::new(shard::analyze(sql, &self.rules));
+                    if cache.len() >= ANALYSIS_CACHE_CAPACITY {
+                        cache.clear();
+                    }
+                    cache.insert(sql.into(), a.clone());
+                    a
+                }
+            }
+        };
+        analysis.place(params, &self.rules)
+    }
+
+    /// For `SHOW ROUTE <sql>`: where a statement would go and why, as
+    /// (target, reason): target is `shard N`, `any shard`, `all shards`
+    /// (a merged read), `all primaries` (a write to an unsharded table),
+    /// `split: shards 0, 2` or `refused (SQLSTATE)`.
+    pub fn explain(&self, sql: &str) -> (String, String) {
+        match self.place(sql, None) {
+            Placement::Shard { shard, reason } => (format!("shard {shard}"), reason),
+            Placement::AnyShard { reason } => ("any shard".to_owned(), reason),
+            Placement::AllShards { reason, .. } => ("all shards".to_owned(), reason),
+            Placement::AllShardsWrite { reason } => ("all primaries".to_owned(), reason),
+            Placement::Split { parts, reason } => (
+                format!(
+                    "split: shards {}",
+                    parts
+                        .iter()
+                        .map(|(s, _)| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                reason,
+            ),
+            Placement::Refuse { code, message } => (format!("refused ({code})"), message),
+        }
     }
 }
 
