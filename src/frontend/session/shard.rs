@@ -378,11 +378,29 @@ impl Session {
         self.shard.as_deref()
     }
 
-    /// Places the request in `buf` (one request, through its Sync/Query).
+    /// Places the request in `buf` (one request, through its Sync/Query),
+    /// then applies the client's `SET pgsluice.shard[_key]`: every
+    /// statement goes to that shard, except one whose own key is elsewhere.
     fn decide(&self, buf: &[u8]) -> Decision {
         let Some(sr) = self.sharding() else {
             return Decision::Any;
         };
+        match (sr.pin(), self.place_request(sr, buf)) {
+            (Some(pin), Decision::Shard(s, reason)) if s != pin.shard => Decision::Refuse(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "the statement belongs on shard {s} ({reason}) but pgsluice.{} sends this \
+                     client to shard {}",
+                    pin.what, pin.shard
+                ),
+            ),
+            (Some(_), d @ Decision::Shard(..)) => d,
+            (Some(pin), _) => Decision::Shard(pin.shard, format!("SET pgsluice.{}", pin.what)),
+            (None, d) => d,
+        }
+    }
+
+    fn place_request(&self, sr: &ShardRoute, buf: &[u8]) -> Decision {
         let db = &sr.db;
         let mut parses: Vec<(&[u8], &[u8])> = Vec::new();
         let mut placed: Vec<Placement> = Vec::new();
@@ -477,19 +495,7 @@ impl Session {
                 }
             };
         }
-        match (sr.pin(), decision) {
-            (Some(pin), Decision::Shard(s, reason)) if s != pin.shard => Decision::Refuse(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "the statement belongs on shard {s} ({reason}) but pgsluice.{} sends this \
-                     client to shard {}",
-                    pin.what, pin.shard
-                ),
-            ),
-            (Some(_), d @ Decision::Shard(..)) => d,
-            (Some(pin), _) => Decision::Shard(pin.shard, format!("SET pgsluice.{}", pin.what)),
-            (None, d) => d,
-        }
+        decision
     }
 
     /// Moves the session onto shard `s`: its pools and replication group.
