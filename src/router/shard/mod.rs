@@ -17,9 +17,18 @@
 //!
 //! See `docs/sharding.md` for what routes where.
 
+mod aggregates;
 mod extract;
 pub mod hash;
 mod key;
+mod merge;
+mod params;
+mod scope;
+mod split;
+mod values;
+
+#[cfg(test)]
+mod tests;
 
 pub use extract::{Analysis, analyze};
 pub use key::KeyError;
