@@ -836,6 +836,28 @@ async fn a_stopped_shard_primary_fails_only_that_shards_writes() {
         .await
         .expect("join")
         .expect("stop shard 3's primary");
+    // Started again whatever happens below (the other tests need it).
+    struct Restart(usize);
+    impl Drop for Restart {
+        fn drop(&mut self) {
+            let _ = shards()[self.0].start_node(0);
+        }
+    }
+    let restart = Restart(down);
+    let monitored = db.clone();
+    eventually(
+        "the monitor sees shard 3's primary down",
+        Duration::from_secs(10),
+        || {
+            let db = monitored.clone();
+            async move {
+                !db.shards[down]
+                    .cluster
+                    .primary_reachable(std::time::Instant::now())
+            }
+        },
+    )
+    .await;
     let e = c
         .execute(
             "INSERT INTO events (user_id, note) VALUES ($1, 'down')",
@@ -861,9 +883,8 @@ async fn a_stopped_shard_primary_fails_only_that_shards_writes() {
             .get(0);
         assert_eq!(n, 1);
     }
-    tokio::task::spawn_blocking(move || shards()[down].start_node(0))
+    tokio::task::spawn_blocking(move || drop(restart))
         .await
-        .expect("join")
         .expect("restart");
     eventually("shard 3 writable again", Duration::from_secs(20), || {
         let c = &c;

@@ -670,7 +670,22 @@ impl Session {
             return Ok(None);
         };
         match decision {
-            Decision::Any => Ok(None),
+            Decision::Any => {
+                // Any shard will do: stay, unless the monitor sees this
+                // shard's primary down and another's up.
+                let now = Instant::now();
+                let current = self.sharding().map_or(0, |s| s.current);
+                let down = db
+                    .shards
+                    .get(current)
+                    .is_some_and(|s| !s.cluster.primary_reachable(now));
+                if down {
+                    if let Some(up) = db.shards.iter().find(|s| s.cluster.primary_reachable(now)) {
+                        self.switch_shard(up.index);
+                    }
+                }
+                Ok(None)
+            }
             Decision::Shard(s, reason) => {
                 tracing::trace!(shard = s, %reason, "placed");
                 if let Some(shard) = db.shards.get(s) {
@@ -764,6 +779,11 @@ impl Session {
                     "current transaction is aborted, commands ignored until end of transaction block",
                 )
                 .await;
+        }
+        if self.describe_only(req.len) {
+            // A statement prepared (not run) inside the transaction does
+            // not choose its shard: answered from any shard, outside it.
+            return self.describe_aside(client, req.len, status).await.map(Some);
         }
         let decision = match self.decide(&self.cbuf[..req.len]) {
             // The transaction opens on the current shard.
@@ -878,7 +898,7 @@ impl Session {
         };
         match server.run_internal(&begin, INTERNAL_QUERY_TIMEOUT).await {
             Ok(QueryOutcome::Done(TxStatus::InTransaction)) => {
-                // The relay learns the status from the next ReadyForQuery.
+                self.relay.force_in_transaction();
                 Ok(None)
             }
             Ok(QueryOutcome::Failed { error, .. }) => {
@@ -1056,6 +1076,130 @@ impl Session {
         req.new_names.clear();
         req.replayable = false;
         Ok(Relay::Go)
+    }
+
+    /// Whether the request only prepares and describes statements
+    /// (Parse, Describe of a statement, Close, Sync): it runs nothing.
+    fn describe_only(&self, len: usize) -> bool {
+        let msgs = messages(&self.cbuf[..len.min(self.cbuf.len())]);
+        msgs.last().is_some_and(|m| m.tag == b'S')
+            && msgs.iter().any(|m| m.tag == b'D')
+            && msgs.iter().all(|m| match m.tag {
+                b'P' | b'S' | b'H' | b'C' => true,
+                b'D' => statements::parse_target(m.bytes).is_some_and(|(k, _)| k == b'S'),
+                _ => false,
+            })
+    }
+
+    /// Answers a [`Self::describe_only`] request from the current shard
+    /// (unnamed there), ending with ReadyForQuery in `status`; the client's
+    /// statement names are recorded as if a server had prepared them.
+    async fn describe_aside(
+        &mut self,
+        client: &mut ClientStream,
+        len: usize,
+        status: TxStatus,
+    ) -> std::io::Result<Step> {
+        let len = len.min(self.cbuf.len());
+        let msgs: Vec<(u8, Bytes)> = messages(&self.cbuf[..len])
+            .iter()
+            .map(|m| (m.tag, Bytes::copy_from_slice(m.bytes)))
+            .collect();
+        // The statement described: parsed here or earlier.
+        let mut parsed: Vec<(Vec<u8>, Bytes)> = Vec::new();
+        let mut described = None;
+        for (tag, m) in &msgs {
+            match tag {
+                b'P' => {
+                    if let Some((name, tail)) = statements::parse_parse(m) {
+                        parsed.push((name.to_vec(), Bytes::copy_from_slice(tail)));
+                    }
+                }
+                b'D' => {
+                    let Some((_, name)) = statements::parse_target(m) else {
+                        continue;
+                    };
+                    described = parsed
+                        .iter()
+                        .rev()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, t)| t.clone())
+                        .or_else(|| {
+                            if name.is_empty() {
+                                self.unnamed.as_ref().map(|(_, t)| t.clone())
+                            } else {
+                                self.statements
+                                    .get(name)
+                                    .map(|s| Bytes::copy_from_slice(s.tail()))
+                            }
+                        });
+                }
+                _ => {}
+            }
+        }
+        let Some(tail) = described else {
+            self.refuse_with_status(
+                client,
+                sqlstate::INVALID_SQL_STATEMENT_NAME,
+                "prepared statement does not exist",
+                status,
+            )
+            .await?;
+            return Ok(Step::Continue);
+        };
+        let mut request = Vec::new();
+        request.extend(cstr_message(b'P', &[b"\0", &tail]));
+        request.extend(cstr_message(b'D', &[b"S\0"]));
+        request.extend(cstr_message(b'S', &[]));
+        let current = self.sharding().map_or(0, |s| s.current);
+        let Some(servers) = self.checkout_each(client, &[current], true).await? else {
+            return Ok(Step::Continue);
+        };
+        let mut answers = self.run_parallel(servers, vec![Bytes::from(request)]).await;
+        let answer = match answers.pop() {
+            Some((_, Ok(a))) => a,
+            _ => {
+                self.cbuf.advance(len);
+                self.out.clear();
+                protocol::error_response(
+                    &mut self.out,
+                    Severity::Error,
+                    sqlstate::CONNECTION_FAILURE,
+                    &format!(
+                        "shard {current}: server connection failed while describing a statement"
+                    ),
+                );
+                protocol::ready_for_query(&mut self.out, status);
+                client.write_all(&self.out).await?;
+                return Ok(Step::Continue);
+            }
+        };
+        self.cbuf.advance(len);
+        self.out.clear();
+        if let Some(e) = &answer.error {
+            self.out.extend_from_slice(e);
+        } else {
+            self.remember_statements(&msgs);
+            for (tag, _) in &msgs {
+                match tag {
+                    b'P' => self.out.extend_from_slice(statements::PARSE_COMPLETE),
+                    b'D' => {
+                        if let Some(p) = &answer.parameter_description {
+                            self.out.extend_from_slice(p);
+                        }
+                        match &answer.row_description {
+                            Some(d) => self.out.extend_from_slice(d),
+                            None => self.out.extend_from_slice(&[b'n', 0, 0, 0, 4]),
+                        }
+                    }
+                    b'C' => self.out.extend_from_slice(statements::CLOSE_COMPLETE),
+                    _ => {}
+                }
+            }
+        }
+        protocol::ready_for_query(&mut self.out, status);
+        client.write_all(&self.out).await?;
+        Ok(Step::Continue)
     }
 
     // ----- every shard --------------------------------------------------------
