@@ -312,6 +312,25 @@ async fn keyed_statements_go_to_their_shard_with_literals_and_bound_parameters()
         .expect("bound bigint");
     assert_eq!(rows.len(), ACCOUNTS as usize);
     assert_eq!(rows[0].get::<_, String>(0), format!("user{u:02}-1"));
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM accounts a JOIN orders o ON o.user_id = a.user_id \
+             WHERE a.user_id = $1 AND o.user_id = $1",
+            &[&u],
+        )
+        .await
+        .expect("join with a bound key")
+        .get(0);
+    assert_eq!(n, ACCOUNTS * 2);
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM accounts WHERE user_id IN ($1, $2)",
+            &[&u, &same[0]],
+        )
+        .await
+        .expect("IN with bound keys on one shard")
+        .get(0);
+    assert_eq!(n, if same[0] == u { ACCOUNTS } else { 2 * ACCOUNTS });
     let stmt = c
         .prepare("SELECT count(*) FROM accounts WHERE id = $2 AND user_id = $1")
         .await
@@ -632,6 +651,13 @@ async fn what_cannot_be_placed_or_merged_is_refused_with_its_sqlstate() {
             message(&e)
         );
     }
+    // A shard's own error is the answer of a fan-out (division by zero on
+    // the shard holding user 5 only), and every server comes back clean.
+    let e = simple(&c, "SELECT 1 / (user_id - 5) FROM accounts")
+        .await
+        .expect_err("error on one shard");
+    assert_eq!(sqlstate(&e).as_deref(), Some("22012"), "{}", message(&e));
+    assert_eq!(count(&c, "SELECT count(*) FROM accounts").await, USERS * ACCOUNTS);
     // Extended protocol too, and the connection stays usable.
     let e = c
         .execute("UPDATE accounts SET balance = $1", &[&1i64])

@@ -850,6 +850,7 @@ impl Session {
                         return Ok(None);
                     }
                     shard::Relay::Answered => continue,
+                    shard::Relay::NeedMore => return Ok(None),
                     shard::Relay::Exit(step) => return Ok(Some(step)),
                 }
             }

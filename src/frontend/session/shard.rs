@@ -27,6 +27,7 @@ use super::route::{ClientRoute, Request};
 use super::{INTERNAL_QUERY_TIMEOUT, Session, Step};
 use crate::backend::QueryOutcome;
 use crate::cluster::ShardedDatabase;
+use crate::config::PoolMode;
 use crate::frontend::fanout::{self, FanoutError, ShardAnswer};
 use crate::frontend::statements;
 use crate::pool::{NodePools, Pooled};
@@ -36,6 +37,10 @@ use crate::router::{Access, TxControl};
 use crate::tls::ClientStream;
 
 const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
+/// A request must end (Query or Sync) within this many bytes to be placed.
+const SHARD_DECIDE_LIMIT: usize = 64 * 1024 * 1024;
+const TOO_BIG: &str =
+    "pgsluice cannot place a request of more than 64 MiB without a Sync on a shard";
 
 /// `SET pgsluice.shard_key` / `SET pgsluice.shard`: the shard every
 /// statement goes to, and how the client named it.
@@ -123,6 +128,8 @@ pub(super) enum Relay {
     Hold(super::Held),
     /// pgsluice answered it.
     Answered,
+    /// The rest of the request must arrive before it can be placed.
+    NeedMore,
     Exit(Step),
 }
 
@@ -589,6 +596,12 @@ impl Session {
             // Past the routing decision limit: sharding needs it whole.
             match whole_request(&self.cbuf, max) {
                 Some(len) => req.len = len,
+                None if self.cbuf.len() > SHARD_DECIDE_LIMIT => {
+                    return self
+                        .close_with(client, sqlstate::FEATURE_NOT_SUPPORTED, TOO_BIG)
+                        .await
+                        .map(Some);
+                }
                 None => return self.read_client(client).await.map(Some),
             }
         }
@@ -636,6 +649,7 @@ impl Session {
             let pinned = self.sharding().is_some_and(|s| s.session_pin.is_some());
             let first = lone_statement(text);
             if !pinned
+                && self.mode == PoolMode::Transaction
                 && matches!(first.as_deref(), Some("begin" | "start"))
                 && matches!(self.tx_control(text), TxControl::Begin { .. })
             {
@@ -940,7 +954,13 @@ impl Session {
             let max = self.shared.config.general.max_packet_size;
             match whole_request(&self.cbuf, max) {
                 Some(len) => req.len = len,
-                None => return Ok(Relay::Go),
+                None if self.cbuf.len() > SHARD_DECIDE_LIMIT => {
+                    return self
+                        .close_with(client, sqlstate::FEATURE_NOT_SUPPORTED, TOO_BIG)
+                        .await
+                        .map(Relay::Exit);
+                }
+                None => return Ok(Relay::NeedMore),
             }
         }
         let status = self.relay.tx_status();
@@ -981,6 +1001,9 @@ impl Session {
             let pinned = self.sharding().is_some_and(|s| s.session_pin.is_some());
             if status == TxStatus::Idle
                 && !pinned
+                && self.mode == PoolMode::Transaction
+                && self.state.pinned.is_none()
+                && !self.relay.server_unusable
                 && matches!(lone_statement(text).as_deref(), Some("begin" | "start"))
                 && matches!(self.tx_control(text), TxControl::Begin { .. })
             {
@@ -1019,6 +1042,16 @@ impl Session {
             return Ok(Relay::Go);
         }
         if status == TxStatus::Idle && self.state.pinned.is_none() {
+            if self.relay.server_unusable {
+                return self
+                    .close_with(
+                        client,
+                        sqlstate::CONNECTION_FAILURE,
+                        "the server connection became unusable; reconnect",
+                    )
+                    .await
+                    .map(Relay::Exit);
+            }
             return Ok(Relay::Hold(super::Held::Reroute));
         }
         let message = match (&decision, status) {
