@@ -50,6 +50,19 @@ enum Command {
     /// Read a password from stdin and print its SCRAM-SHA-256 secret, for
     /// `users.NAME.password` (or PostgreSQL's `ALTER ROLE … PASSWORD`).
     HashPassword,
+    /// Print the shard of a key: the REMAINDER of PostgreSQL's hash
+    /// partition (`PARTITION BY HASH`) holding it among `--shards`.
+    ShardOf {
+        /// The key, as written in SQL (42, -7, 'abc', a uuid).
+        #[arg(long, allow_hyphen_values = true)]
+        key: String,
+        /// Number of shards (the partitions' MODULUS).
+        #[arg(long)]
+        shards: usize,
+        /// The key column's type: bigint, integer, text or uuid.
+        #[arg(long = "type", default_value = "bigint")]
+        key_type: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,6 +76,11 @@ fn main() -> ExitCode {
             max_connections,
         } => demo(port, max_connections),
         Command::HashPassword => hash_password(),
+        Command::ShardOf {
+            key,
+            shards,
+            key_type,
+        } => shard_of(&key, shards, &key_type),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -124,6 +142,25 @@ fn hash_password() -> Result<()> {
         anyhow::bail!("the password contains a NUL byte, which PostgreSQL cannot use");
     }
     println!("{}", pgsluice::auth::hash_password(password));
+    Ok(())
+}
+
+fn shard_of(key: &str, shards: usize, key_type: &str) -> Result<()> {
+    use pgsluice::router::shard::{self, KeyType};
+    let ty = KeyType::parse(key_type).with_context(|| {
+        format!("--type `{key_type}` is not one of bigint, integer, text, uuid")
+    })?;
+    if shards == 0 {
+        anyhow::bail!("--shards must be at least 1");
+    }
+    let key = key
+        .strip_prefix('\'')
+        .and_then(|k| k.strip_suffix('\''))
+        .map_or_else(|| key.to_owned(), |k| k.replace("''", "'"));
+    let value = ty
+        .parse_text(&key)
+        .map_err(|e| anyhow::anyhow!("--key: {e}"))?;
+    println!("{}", shard::shard_of(ty, &value, shards));
     Ok(())
 }
 

@@ -325,3 +325,41 @@ fn hash_password_secret_works_in_postgres_and_pgsluice() {
         assert_eq!(row.get::<_, String>(0), "hashed_user");
     });
 }
+
+#[test]
+fn shard_of_prints_postgresql_s_hash_partition_remainder() {
+    use pgsluice::router::shard::{KeyType, KeyValue, shard_of};
+    for key in [1i64, 42, -7, 1_000_000_007] {
+        let out = Command::new(BIN)
+            .args(["shard-of", "--key", &key.to_string(), "--shards", "4"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want = shard_of(KeyType::BigInt, &KeyValue::Int(key), 4);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            want.to_string()
+        );
+    }
+    let out = Command::new(BIN)
+        .args([
+            "shard-of", "--key", "'abc'", "--shards", "8", "--type", "text",
+        ])
+        .output()
+        .unwrap();
+    let want = shard_of(KeyType::Text, &KeyValue::Text("abc".into()), 8);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        want.to_string()
+    );
+    let out = Command::new(BIN)
+        .args(["shard-of", "--key", "abc", "--shards", "4"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--key"));
+}

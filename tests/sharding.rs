@@ -657,7 +657,10 @@ async fn what_cannot_be_placed_or_merged_is_refused_with_its_sqlstate() {
         .await
         .expect_err("error on one shard");
     assert_eq!(sqlstate(&e).as_deref(), Some("22012"), "{}", message(&e));
-    assert_eq!(count(&c, "SELECT count(*) FROM accounts").await, USERS * ACCOUNTS);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM accounts").await,
+        USERS * ACCOUNTS
+    );
     // Extended protocol too, and the connection stays usable.
     let e = c
         .execute("UPDATE accounts SET balance = $1", &[&1i64])
