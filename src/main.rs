@@ -50,16 +50,16 @@ enum Command {
     /// Read a password from stdin and print its SCRAM-SHA-256 secret, for
     /// `users.NAME.password` (or PostgreSQL's `ALTER ROLE … PASSWORD`).
     HashPassword,
-    /// Print the shard of a key: the REMAINDER of PostgreSQL's hash
-    /// partition (`PARTITION BY HASH`) holding it among `--shards`.
+    /// Print the shard that owns a key: the REMAINDER of the `PARTITION BY HASH` partition
+    /// PostgreSQL would put it in with MODULUS = --shards.
     ShardOf {
-        /// The key, as written in SQL (42, -7, 'abc', a uuid).
+        /// The key, as SQL text (`42`, `alice`, `a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11`).
         #[arg(long, allow_hyphen_values = true)]
         key: String,
         /// Number of shards (the partitions' MODULUS).
         #[arg(long)]
         shards: usize,
-        /// The key column's type: bigint, integer, text or uuid.
+        /// Key type: bigint, integer, text or uuid.
         #[arg(long = "type", default_value = "bigint")]
         key_type: String,
     },
@@ -146,21 +146,17 @@ fn hash_password() -> Result<()> {
 }
 
 fn shard_of(key: &str, shards: usize, key_type: &str) -> Result<()> {
-    use pgsluice::router::shard::{self, KeyType};
+    use pgsluice::router::shard::{KeyType, shard_of};
     let ty = KeyType::parse(key_type).with_context(|| {
-        format!("--type `{key_type}` is not one of bigint, integer, text, uuid")
+        format!("--type {key_type:?} is not a shard key type (bigint, integer, text, uuid)")
     })?;
     if shards == 0 {
         anyhow::bail!("--shards must be at least 1");
     }
-    let key = key
-        .strip_prefix('\'')
-        .and_then(|k| k.strip_suffix('\''))
-        .map_or_else(|| key.to_owned(), |k| k.replace("''", "'"));
     let value = ty
-        .parse_text(&key)
+        .parse_text(key)
         .map_err(|e| anyhow::anyhow!("--key: {e}"))?;
-    println!("{}", shard::shard_of(ty, &value, shards));
+    println!("{}", shard_of(ty, &value, shards));
     Ok(())
 }
 

@@ -326,40 +326,79 @@ fn hash_password_secret_works_in_postgres_and_pgsluice() {
     });
 }
 
+/// `pgsluice shard-of` prints the remainder of the hash partition PostgreSQL picks (values
+/// read from tables `PARTITION BY HASH … MODULUS 4`), and nothing else on stdout.
 #[test]
-fn shard_of_prints_postgresql_s_hash_partition_remainder() {
-    use pgsluice::router::shard::{KeyType, KeyValue, shard_of};
-    for key in [1i64, 42, -7, 1_000_000_007] {
-        let out = Command::new(BIN)
-            .args(["shard-of", "--key", &key.to_string(), "--shards", "4"])
+fn shard_of_prints_the_partition_remainder() {
+    let shard_of = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("shard-of")
+            .args(args)
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    for (args, want) in [
+        (&["--key", "42", "--shards", "4"][..], "2\n"),
+        (&["--key", "-1", "--shards", "4"][..], "1\n"),
+        (
+            &["--key", "-9223372036854775808", "--shards", "4"][..],
+            "3\n",
+        ),
+        (
+            &["--key", "2147483647", "--shards", "4", "--type", "integer"][..],
+            "3\n",
+        ),
+        (
+            &["--key", "héllo", "--shards", "4", "--type", "text"][..],
+            "3\n",
+        ),
+        (
+            &[
+                "--type",
+                "uuid",
+                "--shards",
+                "4",
+                "--key",
+                "{A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11}",
+            ][..],
+            "0\n",
+        ),
+        (&["--key", "42", "--shards", "1"][..], "0\n"),
+    ] {
+        let out = shard_of(args);
         assert!(
             out.status.success(),
-            "{}",
+            "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let want = shard_of(KeyType::BigInt, &KeyValue::Int(key), 4);
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            want.to_string()
-        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{args:?}");
     }
-    let out = Command::new(BIN)
-        .args([
-            "shard-of", "--key", "'abc'", "--shards", "8", "--type", "text",
-        ])
-        .output()
-        .unwrap();
-    let want = shard_of(KeyType::Text, &KeyValue::Text("abc".into()), 8);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        want.to_string()
-    );
-    let out = Command::new(BIN)
-        .args(["shard-of", "--key", "abc", "--shards", "4"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--key"));
+    for (args, words) in [
+        (
+            &["--key", "abc", "--shards", "4"][..],
+            &["bigint", "abc"][..],
+        ),
+        (
+            &["--key", "3000000000", "--shards", "4", "--type", "integer"][..],
+            &["out of range", "integer"][..],
+        ),
+        (
+            &["--key", "nope", "--shards", "4", "--type", "uuid"][..],
+            &["uuid"][..],
+        ),
+        (
+            &["--key", "1", "--shards", "4", "--type", "float"][..],
+            &["--type", "float", "bigint, integer, text, uuid"][..],
+        ),
+        (&["--key", "1", "--shards", "0"][..], &["--shards"][..]),
+        (&["--shards", "4"][..], &["--key"][..]),
+    ] {
+        let out = shard_of(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for w in words {
+            assert!(err.contains(w), "{args:?}: {err:?} lacks {w:?}");
+        }
+    }
 }

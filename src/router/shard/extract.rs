@@ -69,7 +69,15 @@ pub fn analyze(sql: &str, rules: &ShardingRules) -> Analysis {
             inner: Inner::Hint(hint),
         };
     }
-    let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+    let parsed = Parser::parse_sql(&PostgreSqlDialect {}, sql).or_else(|e| {
+        // sqlparser does not know `FOR NO KEY UPDATE` / `FOR KEY SHARE`; the lock strength
+        // does not change the placement, so parse it as `FOR UPDATE` / `FOR SHARE`.
+        match weaker_locks_blanked(sql) {
+            Some(text) => Parser::parse_sql(&PostgreSqlDialect {}, &text).map_err(|_| e),
+            None => Err(e),
+        }
+    });
+    let statements = match parsed {
         Ok(statements) => statements,
         Err(e) => {
             return fixed(Placement::refuse(format!(
@@ -102,6 +110,36 @@ pub fn analyze(sql: &str, rules: &ShardingRules) -> Analysis {
     Analysis {
         inner: Inner::Statements(stmts),
     }
+}
+
+/// `sql` with the `NO KEY` of `FOR NO KEY UPDATE` and the `KEY` of `FOR KEY SHARE` replaced
+/// by spaces (so every other byte keeps its offset); `None` if there is neither.
+fn weaker_locks_blanked(sql: &str) -> Option<String> {
+    use crate::router::lexer::{self, Kw, Tok};
+    let mut tokens = Vec::new();
+    lexer::tokenize(sql, &mut tokens).ok()?;
+    let mut bytes = sql.as_bytes().to_vec();
+    let mut changed = false;
+    for (i, t) in tokens.iter().enumerate() {
+        if t.tok != Tok::Word(Kw::For) {
+            continue;
+        }
+        let kw = |j: usize| tokens.get(i + j).map(|t| t.kw());
+        let blank = match (kw(1), kw(2), kw(3)) {
+            (Some(Kw::No), Some(Kw::Key), Some(Kw::Update)) => 1..3,
+            (Some(Kw::Key), Some(Kw::Share), _) => 1..2,
+            _ => continue,
+        };
+        for j in blank {
+            let t = &tokens[i + j];
+            bytes[t.start..t.end].fill(b' ');
+        }
+        changed = true;
+    }
+    if !changed {
+        return None;
+    }
+    String::from_utf8(bytes).ok()
 }
 
 fn fixed(p: Placement) -> Analysis {
@@ -676,20 +714,25 @@ impl Placed {
 }
 
 fn pinned(pins: &[usize], pin_shards: &[Option<Vec<usize>>]) -> Pinned {
+    let mut usable = pins
+        .iter()
+        .filter_map(|&p| pin_shards.get(p).and_then(Option::as_ref));
+    let Some(first) = usable.next() else {
+        return Pinned::Free;
+    };
     let mut set: Option<Vec<usize>> = None;
-    for &p in pins {
-        let Some(Some(shards)) = pin_shards.get(p) else {
-            continue;
-        };
-        set = Some(match set {
-            None => shards.clone(),
-            Some(prev) => prev.into_iter().filter(|s| shards.contains(s)).collect(),
-        });
+    for shards in usable {
+        let prev = set.as_ref().unwrap_or(first);
+        set = Some(
+            prev.iter()
+                .copied()
+                .filter(|s| shards.contains(s))
+                .collect(),
+        );
     }
-    match set {
-        None => Pinned::Free,
-        Some(s) if s.len() == 1 => Pinned::One(s[0]),
-        Some(s) => Pinned::Several(s),
+    match set.as_ref().unwrap_or(first).as_slice() {
+        [one] => Pinned::One(*one),
+        many => Pinned::Several(many.to_vec()),
     }
 }
 

@@ -89,13 +89,17 @@ pub enum MultiShardInsert {
 /// The sharding settings of one database.
 #[derive(Debug, Clone)]
 pub struct ShardingRules {
-    /// Default `"user_id"`; compared case-insensitively with unquoted names and exactly with
-    /// quoted ones, as PostgreSQL folds identifiers.
+    /// Default `"user_id"`: the column's name as PostgreSQL stores it (lower case unless
+    /// it was created quoted). SQL names are folded as PostgreSQL folds them (unquoted to
+    /// lower case) before they are compared with it.
     pub key_column: String,
+    /// The key column's type. A text key must use a deterministic collation (the default):
+    /// PostgreSQL hashes nondeterministic collations by sort key, which pgsluice does not.
     pub key_type: KeyType,
     pub shards: usize,
     /// Lower-case, optionally schema-qualified (`"countries"`, `"ref.countries"`). An
-    /// unqualified entry matches the table in any schema.
+    /// unqualified entry matches the table in any schema. System catalogs (`pg_catalog.*`,
+    /// `information_schema.*`, unqualified `pg_*`) are always unsharded.
     pub unsharded_tables: Vec<String>,
     pub unsharded_writes: UnshardedWrites,
     pub multi_shard_insert: MultiShardInsert,

@@ -238,7 +238,7 @@ fn resolve_param(
                 code: codes::INVALID_TEXT_REPRESENTATION,
                 message: format!("parameter ${} is not valid UTF-8 (shard key)", index + 1),
             })?;
-            cast(Scalar::Text(text.to_string()), ty)?
+            from_text(text, ty)?
         }
         1 => binary_scalar(bytes, ty, index)?,
         other => {
@@ -259,6 +259,18 @@ fn resolve_param(
         },
         None => Resolved::NotAKey,
     })
+}
+
+/// A text-format value of type `ty` (only a text key allocates).
+fn from_text(s: &str, ty: SqlType) -> Result<Scalar, KeyError> {
+    match ty {
+        SqlType::Text => Ok(Scalar::Text(s.to_string())),
+        SqlType::Uuid => parse_uuid(s).map(Scalar::Uuid),
+        _ => {
+            let (min, max) = range_of(ty);
+            parse_int(s, ty.name(), min, max).map(Scalar::Int)
+        }
+    }
 }
 
 fn binary_scalar(b: &[u8], ty: SqlType, index: usize) -> Result<Scalar, KeyError> {

@@ -118,18 +118,15 @@ enum KeyCol {
 }
 
 /// Which tables a conjunct may pin.
+///
+/// A conjunct pins only tables of its own block: `u.user_id = 42` inside `NOT EXISTS (…)`
+/// says nothing about the outer `u`'s rows.
 #[derive(Debug, Clone)]
-enum Pinnable {
-    All,
-    Only(Vec<usize>),
-}
+struct Pinnable(Vec<usize>);
 
 impl Pinnable {
     fn allows(&self, t: usize) -> bool {
-        match self {
-            Pinnable::All => true,
-            Pinnable::Only(ts) => ts.contains(&t),
-        }
+        self.0.contains(&t)
     }
 }
 
@@ -177,6 +174,15 @@ impl<'r> Walker<'r> {
 
     fn key(&self) -> &str {
         &self.rules.key_column
+    }
+
+    /// The tables of block `b` registered so far.
+    fn block_tables(&self, b: usize) -> Pinnable {
+        Pinnable(
+            (0..self.w.tables.len())
+                .filter(|&t| self.w.tables[t].block == b)
+                .collect(),
+        )
     }
 
     fn new_block(&mut self, parent: Option<usize>, kind: BlockKind) -> usize {
@@ -339,7 +345,7 @@ impl<'r> Walker<'r> {
             from_tables.extend(ts);
         }
         if let Some(selection) = &s.selection {
-            self.conjuncts(selection, b, &Pinnable::All);
+            self.conjuncts(selection, b, &self.block_tables(b));
             self.scan(selection, b);
         }
         for item in &s.projection {
@@ -391,16 +397,10 @@ impl<'r> Walker<'r> {
 
     fn join(&mut self, join: &Join, left: &[usize], right: &[usize], b: usize) {
         let (constraint, pinnable) = match &join.join_operator {
-            JoinOperator::Join(c) | JoinOperator::Inner(c) => (c, Pinnable::All),
-            JoinOperator::Left(c) | JoinOperator::LeftOuter(c) => {
-                (c, Pinnable::Only(right.to_vec()))
-            }
-            JoinOperator::Right(c) | JoinOperator::RightOuter(c) => {
-                (c, Pinnable::Only(left.to_vec()))
-            }
-            JoinOperator::FullOuter(c) | JoinOperator::CrossJoin(c) => {
-                (c, Pinnable::Only(Vec::new()))
-            }
+            JoinOperator::Join(c) | JoinOperator::Inner(c) => (c, self.block_tables(b)),
+            JoinOperator::Left(c) | JoinOperator::LeftOuter(c) => (c, Pinnable(right.to_vec())),
+            JoinOperator::Right(c) | JoinOperator::RightOuter(c) => (c, Pinnable(left.to_vec())),
+            JoinOperator::FullOuter(c) | JoinOperator::CrossJoin(c) => (c, Pinnable(Vec::new())),
             other => {
                 self.refuse(format!(
                     "pgsluice cannot place a statement with this kind of join ({other:?})"
@@ -691,7 +691,7 @@ impl<'r> Walker<'r> {
             }
         }
         if let Some(selection) = &up.selection {
-            self.conjuncts(selection, b, &Pinnable::All);
+            self.conjuncts(selection, b, &self.block_tables(b));
             self.scan(selection, b);
         }
         for a in &up.assignments {
@@ -748,7 +748,7 @@ impl<'r> Walker<'r> {
             }
         }
         if let Some(selection) = &del.selection {
-            self.conjuncts(selection, b, &Pinnable::All);
+            self.conjuncts(selection, b, &self.block_tables(b));
             self.scan(selection, b);
         }
         if let Some(returning) = &del.returning {
@@ -798,19 +798,32 @@ impl<'r> Walker<'r> {
                 target: InTarget::List(list),
                 negated: false,
                 ..
+            } => self.in_list(expr, list, b, pinnable),
+            // `key = ANY (ARRAY[…])`
+            Expr::AnyOp {
+                left,
+                compare_op: BinaryOperator::Eq,
+                right,
+                ..
             } => {
-                let Some(col) = self.key_col(expr, b) else {
-                    return;
-                };
-                let values: Option<Vec<KeyExpr>> =
-                    list.iter().map(|v| self.key_value(v, false)).collect();
-                if let Some(values) = values {
-                    if !values.is_empty() {
-                        self.pin(col, values, pinnable);
-                    }
+                if let Expr::Array(array) = strip_nested(right) {
+                    self.in_list(left, &array.elem, b, pinnable);
                 }
             }
             _ => {}
+        }
+    }
+
+    /// `key IN (v1, v2, …)`: pinned to the values' shards when every value is readable.
+    fn in_list(&mut self, key: &Expr, list: &[Expr], b: usize, pinnable: &Pinnable) {
+        let Some(col) = self.key_col(key, b) else {
+            return;
+        };
+        let values: Option<Vec<KeyExpr>> = list.iter().map(|v| self.key_value(v, false)).collect();
+        if let Some(values) = values {
+            if !values.is_empty() {
+                self.pin(col, values, pinnable);
+            }
         }
     }
 
@@ -1031,6 +1044,13 @@ impl<'r> Walker<'r> {
             return None;
         }
         let key = self.key();
+        if w.locks {
+            return Some(
+                "pgsluice refuses SELECT … FOR UPDATE/SHARE without the shard key: it would \
+                 lock rows on every shard"
+                    .to_string(),
+            );
+        }
         if !connected(&sharded, |a, b| {
             w.links.contains(&(a, b)) || w.links.contains(&(b, a))
         }) {
@@ -1084,6 +1104,13 @@ impl<'r> Walker<'r> {
             at = self.w.blocks[i].parent;
         }
         false
+    }
+}
+
+fn strip_nested(e: &Expr) -> &Expr {
+    match e {
+        Expr::Nested(inner) => strip_nested(inner),
+        other => other,
     }
 }
 

@@ -205,6 +205,23 @@ fn in_lists() {
         &format!("DELETE FROM orders WHERE user_id IN ({a}, {b})"),
         &["DELETE on orders touches rows on shards"],
     );
+    assert_shard(
+        &format!("SELECT * FROM orders WHERE user_id = ANY (ARRAY[{a}, {c}])"),
+        s(a),
+    );
+    assert!(matches!(
+        p(&format!(
+            "SELECT * FROM orders WHERE user_id = ANY (ARRAY[{a}, {b}])"
+        )),
+        Placement::AllShards { .. }
+    ));
+    let (va, vc) = (a.to_string(), c.to_string());
+    let values = [Some(va.as_str()), Some(vc.as_str())];
+    let params = text_params(&values, &[]);
+    assert!(matches!(
+        place_params("SELECT * FROM orders WHERE user_id IN ($1, $2)", &params),
+        Placement::Shard { shard, .. } if shard == s(a)
+    ));
     // NOT IN pins nothing.
     assert!(matches!(
         p(&format!("SELECT * FROM orders WHERE user_id NOT IN ({a})")),
@@ -344,6 +361,16 @@ fn subqueries_and_ctes() {
         "SELECT * FROM (SELECT * FROM orders WHERE user_id = 42) sub WHERE sub.total > 1",
         s(42),
     );
+    // A pin inside a subquery says nothing about the outer table's rows.
+    let (plan, _) = fan_out(
+        "SELECT o.id FROM orders o WHERE NOT EXISTS \
+         (SELECT 1 FROM users u WHERE u.user_id = o.user_id AND u.user_id = 42)",
+    );
+    assert_eq!(plan, concat());
+    assert!(matches!(
+        p("SELECT o.id FROM orders o WHERE EXISTS (SELECT 1 FROM users u WHERE o.user_id = 42)"),
+        Placement::Refuse { .. }
+    ));
     // A subquery on another sharded table without the key.
     refuses(
         "SELECT * FROM users WHERE user_id = 42 AND id IN (SELECT x FROM orders)",
@@ -604,6 +631,15 @@ fn updates_and_deletes() {
         "SELECT * FROM orders WHERE user_id = 42 FOR UPDATE SKIP LOCKED",
         s(42),
     );
+    // Lock strengths sqlparser does not know.
+    assert_shard(
+        "SELECT id FROM jobs WHERE user_id = 42 ORDER BY id LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED",
+        s(42),
+    );
+    assert_shard(
+        "SELECT * FROM orders o WHERE o.user_id = 42 FOR KEY SHARE OF o NOWAIT",
+        s(42),
+    );
 }
 
 #[test]
@@ -634,6 +670,14 @@ fn write_refusals() {
     );
     refuses(
         "SELECT * FROM orders FOR UPDATE",
+        &["FOR UPDATE/SHARE", "every shard"],
+    );
+    refuses(
+        "SELECT * FROM (SELECT * FROM orders FOR SHARE) o",
+        &["FOR UPDATE/SHARE", "every shard"],
+    );
+    refuses(
+        "SELECT id FROM jobs ORDER BY id LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED",
         &["FOR UPDATE/SHARE", "every shard"],
     );
     refuses(
@@ -1197,5 +1241,80 @@ fn text_uuid_and_integer_keys() {
     match place("INSERT INTO t (user_id) VALUES (3000000000)", None, &r) {
         Placement::Refuse { code, .. } => assert_eq!(code, "22003"),
         other => panic!("{other:?}"),
+    }
+}
+
+// ------------------------------------------------------------------ properties
+
+mod props {
+    use super::{
+        BoundParams, KeyType, KeyValue, MultiShardInsert, Placement, assert_shard, p_with,
+        place_params, rules, s, text_params,
+    };
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn literal_text_and_binary_keys_agree(k in any::<i64>()) {
+            let want = s(k);
+            assert_shard(&format!("SELECT * FROM orders WHERE user_id = {k}"), want);
+            assert_shard(&format!("DELETE FROM orders WHERE user_id = '{k}'"), want);
+            let text = k.to_string();
+            let values = [Some(text.as_str())];
+            let params = text_params(&values, &[]);
+            let placed = place_params("UPDATE orders SET x = 1 WHERE user_id = $1", &params);
+            prop_assert!(matches!(placed, Placement::Shard { shard, .. } if shard == want), "{:?}", placed);
+            let bytes = k.to_be_bytes();
+            let params = BoundParams { formats: vec![1], values: vec![Some(&bytes[..])], types: vec![20] };
+            let placed = place_params("INSERT INTO orders (user_id) VALUES ($1)", &params);
+            prop_assert!(matches!(placed, Placement::Shard { shard, .. } if shard == want), "{:?}", placed);
+        }
+
+        #[test]
+        fn uuid_text_forms_round_trip(b in any::<[u8; 16]>()) {
+            let v = KeyValue::Uuid(b);
+            let text = v.to_string();
+            prop_assert_eq!(KeyType::Uuid.parse_text(&text), Ok(v.clone()));
+            prop_assert_eq!(KeyType::Uuid.parse_text(&text.to_uppercase().replace('-', "")), Ok(v.clone()));
+            prop_assert_eq!(KeyType::Uuid.parse_text(&format!("{{{text}}}")), Ok(v));
+        }
+
+        /// A split INSERT keeps every row exactly once, each on the shard it belongs to.
+        #[test]
+        fn split_insert_parts_hold_their_rows(keys in proptest::collection::vec(-50i64..50, 1..12)) {
+            let mut r = rules();
+            r.multi_shard_insert = MultiShardInsert::Split;
+            let rows: Vec<String> = keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| format!("('n{i}, ''x''', {k})"))
+                .collect();
+            let sql = format!("INSERT INTO orders (note, user_id) VALUES {} RETURNING id", rows.join(", "));
+            match p_with(&sql, &r) {
+                Placement::Shard { shard, .. } => {
+                    prop_assert!(keys.iter().all(|&k| s(k) == shard));
+                }
+                Placement::Split { parts, .. } => {
+                    let mut seen = Vec::new();
+                    for (shard, text) in &parts {
+                        let placed = p_with(text, &r);
+                        prop_assert!(
+                            matches!(placed, Placement::Shard { shard: x, .. } if x == *shard),
+                            "{:?}: {:?}", text, placed
+                        );
+                        for (i, row) in rows.iter().enumerate() {
+                            if text.contains(&format!("'n{i}, ")) {
+                                prop_assert!(text.contains(row.as_str()));
+                                prop_assert_eq!(s(keys[i]), *shard);
+                                seen.push(i);
+                            }
+                        }
+                    }
+                    seen.sort_unstable();
+                    prop_assert_eq!(seen, (0..keys.len()).collect::<Vec<_>>());
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
     }
 }
