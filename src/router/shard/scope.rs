@@ -97,12 +97,12 @@ pub(super) struct Table {
     parts: Vec<String>,
 }
 
-/// A sharded table being written.
+/// A table being written.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Write {
-    /// UPDATE or DELETE of table `table` (an index into `tables`).
+    /// UPDATE or DELETE of sharded table `table` (an index into `tables`).
     Modify { verb: &'static str, table: usize },
-    /// INSERT into a sharded table: the key of each row, and the index of its key column.
+    /// INSERT into sharded table `table`: the key of each row.
     Insert { table: usize, rows: Vec<KeyExpr> },
     /// Any write to an unsharded table.
     Unsharded { verb: &'static str, name: String },
@@ -137,7 +137,9 @@ pub(super) struct Walk {
     pub blocks: Vec<Block>,
     /// Each pin: the key is one of these values.
     pub pins: Vec<Vec<KeyExpr>>,
+    /// `(table, pin)`: a conjunct of the table's block pins its key.
     direct: Vec<(usize, usize)>,
+    /// `(block, pin, pinnable)`: an unqualified key in a block of several sharded tables.
     unqualified: Vec<(usize, usize, Pinnable)>,
     /// `(from, to)`: `to` is pinned wherever `from` is.
     edges: Vec<(usize, usize)>,
