@@ -156,6 +156,23 @@ async fn replies(c: &mut Raw) -> Vec<(char, Option<String>)> {
     got
 }
 
+/// The reply tags up to ReadyForQuery, and the column count of the first
+/// DataRow among them.
+async fn row_width(c: &mut Raw) -> (String, Option<i16>) {
+    let mut tags = String::new();
+    let mut width = None;
+    while let Some(m) = c.recv(Duration::from_secs(5)).await {
+        tags.push(m.tag as char);
+        if m.tag == b'D' && width.is_none() {
+            width = Some(i16::from_be_bytes([m.body[0], m.body[1]]));
+        }
+        if m.tag == b'Z' {
+            break;
+        }
+    }
+    (tags, width)
+}
+
 fn tags(r: &[(char, Option<String>)]) -> String {
     r.iter().map(|(t, _)| *t).collect()
 }
@@ -472,40 +489,139 @@ async fn sql_level_prepare_runs_on_any_server() {
     b.batch_execute("COMMIT").await.unwrap();
 }
 
-/// DDL changes the result type of a table a pooled statement reads:
-/// PostgreSQL's 0A000 reaches the client once, and the statement is
-/// prepared afresh on its next use.
+/// DDL changes the result type of a table a pooled statement reads. In an
+/// implicit transaction, the request is sent again once the server
+/// prepared the statement afresh, wherever the client cannot be misled:
+/// the column types are unchanged (a widened varchar), or the request
+/// describes what it runs (a Describe; SQL `EXECUTE` in a simple Query).
+/// A client whose driver holds a now-wrong row description gets
+/// PostgreSQL's own 0A000, once, as it would without a pooler; so does a
+/// client inside a transaction.
 #[tokio::test]
-async fn stale_cached_plan_is_prepared_again() {
+async fn stale_cached_plan_is_recovered_where_the_client_cannot_be_misled() {
     let proxy = TestProxy::start("pool_size = 1\nmax_pool_size = 1").await;
     let setup = proxy.connect().await;
     setup
         .batch_execute(
-            "DROP TABLE IF EXISTS cp_t; CREATE TABLE cp_t (a int); INSERT INTO cp_t VALUES (1)",
+            "DROP TABLE IF EXISTS cp_t; CREATE TABLE cp_t (a int, v varchar(50)); \
+             INSERT INTO cp_t VALUES (1, 'x')",
         )
         .await
         .unwrap();
+    let replans = || {
+        proxy
+            .shared
+            .stats
+            .prepared
+            .replans
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // Prepared and described as drivers do; later runs only bind.
     let mut c = Raw::login(proxy.addr).await;
     let mut batch = parse("cp", "SELECT * FROM cp_t");
+    batch.extend(describe_statement("cp"));
     batch.extend(bind("cp"));
     batch.extend(execute());
     batch.extend(sync());
     c.send(&batch).await;
-    assert_eq!(tags(&replies(&mut c).await), "12DCZ");
+    assert_eq!(tags(&replies(&mut c).await), "1tT2DCZ");
+    let mut again = bind("cp");
+    again.extend(execute());
+    again.extend(sync());
+
+    // Same column types: transparent.
+    setup
+        .batch_execute("ALTER TABLE cp_t ALTER COLUMN v TYPE varchar(75)")
+        .await
+        .unwrap();
+    c.send(&again).await;
+    assert_eq!(row_width(&mut c).await, ("2DCZ".into(), Some(2)));
+    assert_eq!(replans(), 1);
+
+    // A new column, and the client described the old shape: PostgreSQL's
+    // error once, then the statement works with the new shape.
     setup
         .batch_execute("ALTER TABLE cp_t ADD COLUMN b int")
         .await
         .unwrap();
-    let mut again = bind("cp");
-    again.extend(execute());
-    again.extend(sync());
     c.send(&again).await;
     let r = replies(&mut c).await;
     assert_eq!(tags(&r), "EZ", "{r:?}");
     assert_eq!(r[0].1.as_deref(), Some("0A000"));
+    assert_eq!(replans(), 1);
+    c.send(&again).await;
+    assert_eq!(row_width(&mut c).await, ("2DCZ".into(), Some(3)));
+
+    // A second client prepares the same text after another DDL: the
+    // shared server statement is stale, but this client describes it, so
+    // it learns the new shape and never sees the error.
+    setup
+        .batch_execute("ALTER TABLE cp_t ADD COLUMN c int")
+        .await
+        .unwrap();
+    let mut d = Raw::login(proxy.addr).await;
+    let mut prep = parse("mine", "SELECT * FROM cp_t");
+    prep.extend(describe_statement("mine"));
+    prep.extend(sync());
+    d.send(&prep).await;
+    let r = replies(&mut d).await;
+    assert_eq!(tags(&r), "1tTZ", "{r:?}");
+    assert_eq!(replans(), 2);
+    let mut run = bind("mine");
+    run.extend(execute());
+    run.extend(sync());
+    d.send(&run).await;
+    assert_eq!(row_width(&mut d).await, ("2DCZ".into(), Some(4)));
+
+    // SQL-level PREPARE / EXECUTE through a simple Query (which always
+    // carries its row description).
+    let a = proxy.connect().await;
+    a.batch_execute("PREPARE sq AS SELECT * FROM cp_t")
+        .await
+        .unwrap();
+    first_value(&a, "EXECUTE sq").await.unwrap();
+    setup
+        .batch_execute("ALTER TABLE cp_t DROP COLUMN c")
+        .await
+        .unwrap();
+    let rows = a.simple_query("EXECUTE sq").await.unwrap();
+    let widths: Vec<usize> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(widths, [3], "{rows:?}");
+    assert_eq!(replans(), 3);
+
+    // Inside a transaction: PostgreSQL's error, once.
+    c.send(&again).await;
+    replies(&mut c).await;
+    setup
+        .batch_execute("ALTER TABLE cp_t ALTER COLUMN v TYPE varchar(99)")
+        .await
+        .unwrap();
+    let mut begin = message(b'Q', &cstr("BEGIN"));
+    begin.extend(&again);
+    c.send(&begin).await;
+    let r = replies(&mut c).await;
+    assert_eq!(tags(&r), "CZ", "{r:?}");
+    let r = replies(&mut c).await;
+    assert_eq!(tags(&r), "EZ", "{r:?}");
+    assert_eq!(r[0].1.as_deref(), Some("0A000"));
+    c.send(&message(b'Q', &cstr("ROLLBACK"))).await;
+    assert_eq!(tags(&replies(&mut c).await), "CZ");
+    assert_eq!(replans(), 3, "no resend inside a transaction");
     for _ in 0..2 {
         c.send(&again).await;
         assert_eq!(tags(&replies(&mut c).await), "2DCZ");
     }
     setup.batch_execute("DROP TABLE cp_t").await.unwrap();
+}
+
+fn describe_statement(name: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    b.extend(cstr(name));
+    message(b'D', &b)
 }

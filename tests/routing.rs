@@ -537,3 +537,70 @@ async fn a_pinned_client_stays_on_its_node() {
         "unpinned reads spread: {seen:?}"
     );
 }
+
+/// A prepared read served by replicas whose cached plan DDL made stale
+/// without changing its column types (a widened varchar): the replica
+/// prepares it again and the read is resent there, so the client never
+/// sees 0A000.
+#[tokio::test]
+async fn stale_plans_on_replicas_are_prepared_again() {
+    let _serial = SERIAL.lock().await;
+    let proxy = start("").await;
+    let c = proxy.connect().await;
+    c.batch_execute(
+        "DROP TABLE IF EXISTS routing_cp; CREATE TABLE routing_cp (v varchar(50)); \
+         INSERT INTO routing_cp VALUES ('x')",
+    )
+    .await
+    .expect("schema");
+    let stmt = c
+        .prepare("SELECT inet_server_port(), v FROM routing_cp")
+        .await
+        .expect("prepare");
+    let replicas = [port(1), port(2)];
+    // Reads reach replicas once they replayed the table (read-your-writes).
+    let mut served = BTreeSet::new();
+    for _ in 0..200 {
+        let row = c.query_one(&stmt, &[]).await.expect("read");
+        let p = row.get::<_, i32>(0) as u16;
+        if replicas.contains(&p) {
+            served.insert(p);
+        }
+        if served.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(served.len(), 2, "both replicas ran the statement");
+    let replans = || {
+        proxy
+            .shared
+            .stats
+            .prepared
+            .replans
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = replans();
+    c.batch_execute("ALTER TABLE routing_cp ALTER COLUMN v TYPE varchar(75)")
+        .await
+        .expect("ddl");
+    // Read-your-writes: the primary until a replica replayed the DDL.
+    let mut on_replicas = BTreeSet::new();
+    for _ in 0..200 {
+        let row = c.query_one(&stmt, &[]).await.expect("read after DDL");
+        assert_eq!(row.get::<_, String>(1), "x");
+        let p = row.get::<_, i32>(0) as u16;
+        if replicas.contains(&p) {
+            on_replicas.insert(p);
+        }
+        if on_replicas.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(on_replicas.len(), 2, "both replicas served after the DDL");
+    assert!(replans() > before, "the stale plan was met and recovered");
+    c.batch_execute("DROP TABLE routing_cp")
+        .await
+        .expect("drop");
+}

@@ -235,7 +235,7 @@ impl ServerConn {
     async fn run_internal_inner(
         &mut self,
         sql: &str,
-        mut rows: Option<&mut Vec<Vec<Option<String>>>>,
+        rows: Option<&mut Vec<Vec<Option<String>>>>,
     ) -> Result<QueryOutcome, BackendError> {
         // A simple Query destroys the unnamed prepared statement.
         self.unnamed_owner = None;
@@ -244,7 +244,31 @@ impl ServerConn {
         out.put_i32((sql.len() + 5) as i32);
         out.put_slice(sql.as_bytes());
         out.put_u8(0);
-        self.stream.write_all(&out).await?;
+        self.exchange(&out, rows, None).await
+    }
+
+    /// Sends extended-protocol messages of the pooler's own, ending with
+    /// Sync, and consumes the answer up to ReadyForQuery; the column type
+    /// OIDs of every RowDescription (NoData: none) go into `shapes`, in
+    /// order. Nothing reaches any client.
+    pub async fn describe_internal(
+        &mut self,
+        messages: &[u8],
+        timeout: Duration,
+        shapes: &mut Vec<Vec<u32>>,
+    ) -> Result<QueryOutcome, BackendError> {
+        tokio::time::timeout(timeout, self.exchange(messages, None, Some(shapes)))
+            .await
+            .map_err(|_| BackendError::Io(format!("internal query timed out after {timeout:?}")))?
+    }
+
+    async fn exchange(
+        &mut self,
+        out: &[u8],
+        mut rows: Option<&mut Vec<Vec<Option<String>>>>,
+        mut shapes: Option<&mut Vec<Vec<u32>>>,
+    ) -> Result<QueryOutcome, BackendError> {
+        self.stream.write_all(out).await?;
         let mut error = None;
         loop {
             let Some(header) = protocol::peek_header(&self.buf, protocol::PG_MAX_MESSAGE_LEN)
@@ -279,6 +303,13 @@ impl ServerConn {
                         let row = parse_data_row(&msg)
                             .ok_or_else(|| BackendError::Io("malformed DataRow".into()))?;
                         rows.push(row);
+                    }
+                }
+                b'T' | b'n' => {
+                    if let Some(shapes) = shapes.as_deref_mut() {
+                        let types = protocol::row_types(&msg)
+                            .ok_or_else(|| BackendError::Io("malformed RowDescription".into()))?;
+                        shapes.push(types);
                     }
                 }
                 b'G' | b'H' | b'W' => {

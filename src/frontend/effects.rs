@@ -193,6 +193,49 @@ pub fn scan(text: &[u8]) -> Effects {
     lex_scan(text)
 }
 
+/// How a failed implicit transaction running `text` can be sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replan {
+    /// Not safe to resend: several statements, transaction control (the
+    /// failure may not have undone everything before it), or unlexable.
+    No,
+    /// One statement that is not transaction control.
+    Yes,
+    /// One `EXECUTE` of an SQL-level prepared statement.
+    Execute,
+}
+
+/// Decides [`Replan`] for a Query or Parse text (lexes it: call only off
+/// the per-query path, or once per statement text).
+pub fn replan(text: &[u8]) -> Replan {
+    let Ok(sql) = std::str::from_utf8(text) else {
+        return Replan::No;
+    };
+    let mut tokens = Vec::new();
+    if lexer::tokenize(sql, &mut tokens).is_err() {
+        return Replan::No;
+    }
+    let mut statements = tokens
+        .split(|t| t.tok == Tok::Semicolon)
+        .filter(|s| !s.is_empty());
+    let (Some(statement), None) = (statements.next(), statements.next()) else {
+        return Replan::No;
+    };
+    match statement[0].kw() {
+        Kw::Begin
+        | Kw::Start
+        | Kw::Commit
+        | Kw::End
+        | Kw::Rollback
+        | Kw::Abort
+        | Kw::Savepoint
+        | Kw::Release
+        | Kw::Prepare => Replan::No,
+        Kw::Execute => Replan::Execute,
+        _ => Replan::Yes,
+    }
+}
+
 /// The scan proper, without the prefilter.
 fn lex_scan(text: &[u8]) -> Effects {
     let Ok(sql) = std::str::from_utf8(text) else {

@@ -41,6 +41,9 @@ pub struct PreparedStats {
     pub evictions: AtomicU64,
     /// Times a client was pinned to its server by a session-only feature.
     pub pins: AtomicU64,
+    /// Requests sent again, after their stale pooled statements were
+    /// prepared afresh, because PostgreSQL reported a stale cached plan.
+    pub replans: AtomicU64,
 }
 
 impl PreparedStats {
@@ -58,6 +61,9 @@ pub struct Statement {
     tail: Bytes,
     /// What running it may do to session state (scanned once per text).
     pub effects: Effects,
+    /// A stale cached plan met while running it alone in an implicit
+    /// transaction can be recovered by preparing it again and resending.
+    pub replannable: bool,
 }
 
 impl Statement {
@@ -115,6 +121,7 @@ impl StatementRegistry {
             id,
             server_name: format!("PGSLUICE_{id}"),
             effects: effects::scan(&tail[..end]),
+            replannable: effects::replan(&tail[..end]) == effects::Replan::Yes,
             tail: tail.clone(),
         });
         map.insert(tail, Arc::downgrade(&stmt));
@@ -260,6 +267,9 @@ enum Reply {
         /// failure of the client's own message behind it).
         hidden: bool,
         undo: Undos,
+        /// A Describe of this client statement name (or of a portal bound
+        /// to it): its RowDescription is what the client knows of it.
+        describes: Option<Vec<u8>>,
     },
     Synthetic {
         msg: Bytes,
@@ -287,6 +297,9 @@ pub struct Replies {
     /// Undo records of messages that never took effect; drained by the
     /// session.
     pub undone: Vec<Undo>,
+    /// The client statement name whose description the message just
+    /// accounted for completed; taken by the session.
+    pub described: Option<Vec<u8>>,
 }
 
 impl Replies {
@@ -302,6 +315,7 @@ impl Replies {
         self.queue.clear();
         self.skipping = false;
         self.undone.clear();
+        self.described = None;
     }
 
     /// A message forwarded to the server.
@@ -315,7 +329,23 @@ impl Replies {
                 return;
             }
         }
-        self.queue.push_back(Reply::Server { kind, hidden, undo });
+        self.queue.push_back(Reply::Server {
+            kind,
+            hidden,
+            undo,
+            describes: None,
+        });
+    }
+
+    /// A Describe forwarded to the server, of the client statement `name`
+    /// (or a portal bound to it) when known.
+    pub fn push_describe(&mut self, name: Option<Vec<u8>>) {
+        self.push_server(Kind::Describe, false, Undos::default());
+        if let (Some(Reply::Server { describes, .. }), false) =
+            (self.queue.back_mut(), self.skipping)
+        {
+            *describes = name;
+        }
     }
 
     /// A reply pgsluice gives itself, in order.
@@ -393,7 +423,11 @@ impl Replies {
             _ => return Verdict::Desync,
         };
         if completes {
-            self.queue.pop_front();
+            if let Some(Reply::Server { describes, .. }) = self.queue.pop_front() {
+                if tag != b'E' {
+                    self.described = describes;
+                }
+            }
             if kind == Kind::Sync {
                 self.skipping = false;
             }
@@ -432,6 +466,9 @@ impl Replies {
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     by_name: HashMap<Vec<u8>, Arc<Statement>>,
+    /// Column type OIDs of the last RowDescription the client was sent for
+    /// a name (what its driver may decode rows with).
+    shapes: HashMap<Vec<u8>, Vec<u32>>,
 }
 
 impl ClientStatements {
@@ -440,15 +477,34 @@ impl ClientStatements {
     }
 
     pub fn insert(&mut self, name: &[u8], stmt: Arc<Statement>) -> Option<Arc<Statement>> {
+        self.shapes.remove(name);
         self.by_name.insert(name.to_vec(), stmt)
     }
 
     pub fn remove(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
+        self.shapes.remove(name);
         self.by_name.remove(name)
     }
 
     pub fn clear(&mut self) {
         self.by_name.clear();
+        self.shapes.clear();
+    }
+
+    /// Records the row shape the client was just told for `name`.
+    pub fn set_shape(&mut self, name: &[u8], types: Vec<u32>) {
+        if self.by_name.contains_key(name) {
+            self.shapes.insert(name.to_vec(), types);
+        }
+    }
+
+    /// The row shape the client was last told for `name`, if any.
+    pub fn shape(&self, name: &[u8]) -> Option<&[u32]> {
+        self.shapes.get(name).map(Vec::as_slice)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
     }
 }
 

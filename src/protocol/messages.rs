@@ -252,6 +252,8 @@ pub struct ErrorFields {
     pub severity: String,
     pub code: String,
     pub message: String,
+    /// Source routine (`R`): not translated, unlike the message.
+    pub routine: String,
 }
 
 impl ErrorFields {
@@ -272,6 +274,7 @@ impl ErrorFields {
                 b'V' => fields.severity = value,
                 b'C' => fields.code = value,
                 b'M' => fields.message = value,
+                b'R' => fields.routine = value,
                 _ => {}
             }
             rest = next;
@@ -285,6 +288,36 @@ impl ErrorFields {
     pub fn is_fatal(&self) -> bool {
         self.severity == "FATAL" || self.severity == "PANIC"
     }
+
+    /// "cached plan must not change result type": DDL changed what a
+    /// prepared statement returns since it was planned (recognised by the
+    /// routine, so a translated message is recognised too).
+    pub fn is_stale_plan(&self) -> bool {
+        self.code == sqlstate::FEATURE_NOT_SUPPORTED
+            && (self.routine == "RevalidateCachedQuery"
+                || self.message.starts_with("cached plan must not change"))
+    }
+}
+
+/// The column type OIDs of a RowDescription ('T'; none for NoData 'n');
+/// `None` if malformed.
+pub fn row_types(msg: &[u8]) -> Option<Vec<u32>> {
+    if msg.first() == Some(&b'n') {
+        return Some(Vec::new());
+    }
+    let b = body(msg);
+    let count = u16::from_be_bytes([*b.first()?, *b.get(1)?]);
+    let mut rest = b.get(2..)?;
+    let mut types = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let name_end = rest.iter().position(|&b| b == 0)?;
+        // Name, NUL, table OID (4), column number (2), type OID (4), type
+        // size (2), type modifier (4), format (2).
+        let field = rest.get(name_end + 1..name_end + 19)?;
+        types.push(u32::from_be_bytes(field[6..10].try_into().ok()?));
+        rest = &rest[name_end + 19..];
+    }
+    Some(types)
 }
 
 /// Text of a simple Query ('Q') message, without its terminator.

@@ -23,6 +23,7 @@ pub(super) mod shard;
 mod sql_prepared;
 mod state;
 mod tracked;
+mod window;
 
 use super::cancel::CancelSlot;
 use super::params::ClientParams;
@@ -35,6 +36,7 @@ use crate::pool::{NodePools, Pool, PoolError, Pooled};
 use crate::protocol::{self, ErrorFields, Scanner, Segment, Severity, TxStatus, sqlstate};
 use crate::proxy::{Phase, Shared};
 use route::{ClientRoute, Scan, Why};
+use window::{Window, send};
 
 /// First read of a client's next request: most fit, and an allocation this
 /// small is served from the allocator's thread cache (the buffer is freed
@@ -71,24 +73,6 @@ enum Step {
 enum ServerFlow {
     Ok,
     Lost,
-}
-
-/// Sends server output on to the client, or into the retry window while
-/// one is open (and drops it once the window's read has failed).
-async fn send(
-    client: &mut ClientStream,
-    window: &mut Option<route::Window>,
-    bytes: &[u8],
-) -> std::io::Result<()> {
-    match window {
-        _ if bytes.is_empty() => Ok(()),
-        Some(w) if w.failed.is_some() => Ok(()),
-        Some(w) => {
-            w.held.extend_from_slice(bytes);
-            Ok(())
-        }
-        None => client.write_all(bytes).await,
-    }
 }
 
 /// CommandComplete of `DISCARD ALL` / `DEALLOCATE ALL`: the server dropped
@@ -217,6 +201,14 @@ pub struct Session {
     /// The extended-protocol batch was already open before the message
     /// being rewritten (nothing can be injected in front of it).
     batch_was_open: bool,
+    /// The request sent last, kept until the client sees its first row so
+    /// it can be sent again (see `window.rs`).
+    window: Option<Box<Window>>,
+    /// The request at the front of `cbuf` is a resend: no second one.
+    replanned: bool,
+    /// The client statement name bound to the unnamed portal (empty: the
+    /// unnamed statement).
+    portal_statement: Vec<u8>,
 }
 
 impl Session {
@@ -274,6 +266,9 @@ impl Session {
             batch_was_open: false,
             unnamed: None,
             unnamed_generation: 0,
+            window: None,
+            replanned: false,
+            portal_statement: Vec::new(),
         }
     }
 
@@ -408,10 +403,13 @@ impl Session {
         let req = match route::scan_request(
             &self.cbuf,
             max,
-            &route.cluster,
+            route::judge(
+                Some(&route.cluster),
+                route.mode == crate::router::RouteMode::Primary,
+            ),
             &self.statements,
             unnamed,
-            route.mode == crate::router::RouteMode::Primary,
+            !self.sql_prepared.is_empty(),
         ) {
             Ok(Scan::Ready(req)) => req,
             Ok(Scan::NeedMore) => return self.read_client(client).await,
@@ -448,11 +446,7 @@ impl Session {
                     tracing::trace!(node, ?why, "routed");
                     self.primary_wrote = node == 0
                         && !matches!(why, Why::NoReplica | Why::ReadYourWrites | Why::Read);
-                    if node != 0 && req.replayable {
-                        if let Some(route) = self.route.as_deref_mut() {
-                            route.open_window(&self.cbuf[..req.len], req.new_names.clone());
-                        }
-                    }
+                    self.open_window(&req);
                     return Ok(Step::Continue);
                 }
                 // A replica that cannot be reached: the primary serves
@@ -691,7 +685,7 @@ impl Session {
                     if let ServerFlow::Lost = self.forward_server(client).await? {
                         return self.server_lost(client).await;
                     }
-                    if !self.cbuf.is_empty() && self.route.is_some() {
+                    if !self.cbuf.is_empty() {
                         // Client bytes that waited for a retry window to
                         // close may go now.
                         if let Some(step) = self.pump_client(client).await? {
@@ -775,27 +769,24 @@ impl Session {
     /// back (see [`Held`]).
     async fn pump_client(&mut self, client: &mut ClientStream) -> std::io::Result<Option<Step>> {
         if self.route.is_none() {
-            return self.forward_client(client, usize::MAX).await;
+            if self.window.is_some() {
+                // Later requests wait until the windowed one is done.
+                return Ok(None);
+            }
+            let limit = self.open_plan_window().unwrap_or(usize::MAX);
+            return self.forward_client(client, limit).await;
         }
         loop {
-            let window_sent = self
-                .route
-                .as_ref()
-                .and_then(|r| r.window.as_ref())
-                .map(|w| w.sent);
+            let window_sent = self.window.as_ref().map(|w| w.sent);
             if self.cbuf.is_empty() || self.held.is_some() || window_sent == Some(true) {
                 return Ok(None);
             }
             if window_sent == Some(false) {
                 // The windowed request itself, exactly as it was scanned.
-                let len = self
-                    .route
-                    .as_deref_mut()
-                    .and_then(|r| r.window.as_mut())
-                    .map_or(0, |w| {
-                        w.sent = true;
-                        w.request.len()
-                    });
+                let len = self.window.as_mut().map_or(0, |w| {
+                    w.sent = true;
+                    w.request.len()
+                });
                 if let Some(step) = self.forward_client(client, len).await? {
                     return Ok(Some(step));
                 }
@@ -823,10 +814,13 @@ impl Session {
             let req = match route::scan_request(
                 &self.cbuf,
                 max,
-                &route.cluster,
+                route::judge(
+                    Some(&route.cluster),
+                    route.mode == crate::router::RouteMode::Primary,
+                ),
                 &self.statements,
                 unnamed,
-                route.mode == crate::router::RouteMode::Primary,
+                !self.sql_prepared.is_empty(),
             ) {
                 Ok(Scan::Ready(req)) => req,
                 Ok(Scan::NeedMore) => return Ok(None),
@@ -883,20 +877,20 @@ impl Session {
             if self.node == 0 && req.access == crate::router::Access::Write {
                 self.primary_wrote = true;
             }
-            if self.node != 0
-                && request_start
-                && req.replayable
-                && self.state.pinned.is_none()
-                && self.relay.tx_status() == TxStatus::Idle
-            {
-                // A read that can still be retried if this replica fails it:
-                // it goes out alone, once what came before is answered.
-                if !quiet {
-                    self.held = Some(Held::UntilQuiet);
-                    return Ok(None);
+            if request_start && req.replayable && self.relay.tx_status() == TxStatus::Idle {
+                if self.node != 0 && self.state.pinned.is_none() {
+                    // A read that can still be retried if this replica fails
+                    // it: it goes out alone, once what came before is
+                    // answered.
+                    if !quiet {
+                        self.held = Some(Held::UntilQuiet);
+                        return Ok(None);
+                    }
+                    self.open_window(&req);
+                } else if quiet {
+                    self.open_window(&req);
                 }
-                route.open_window(&self.cbuf[..req.len], req.new_names);
-                if let Some(w) = route.window.as_mut() {
+                if let Some(w) = self.window.as_mut() {
                     w.sent = true;
                 }
             }
@@ -985,7 +979,7 @@ impl Session {
         let Some(server) = self.server.as_deref_mut() else {
             return Ok(ServerFlow::Ok);
         };
-        let mut window = self.route.as_deref_mut().and_then(|r| r.window.take());
+        let mut window = self.window.take();
         let now = Instant::now();
         let mut pos = 0;
         let mut written = 0;
@@ -1001,9 +995,7 @@ impl Session {
                     self.relay.server_unusable = true;
                     send(client, &mut window, &server.buf[written..pos]).await?;
                     server.buf.clear();
-                    if let Some(route) = self.route.as_deref_mut() {
-                        route.window = window;
-                    }
+                    self.window = window;
                     return Ok(ServerFlow::Lost);
                 }
             };
@@ -1019,14 +1011,9 @@ impl Session {
                         client.write_all(&w.held).await?;
                     }
                 } else if header.tag == b'E' && *whole && w.failed.is_none() {
-                    let fields = ErrorFields::parse(&server.buf[pos..pos + header.total_len]);
-                    w.failed = match fields.code.as_str() {
-                        // The classifier (or a hint) sent a write here.
-                        sqlstate::READ_ONLY_SQL_TRANSACTION => Some(true),
-                        // Canceled by a conflict with recovery.
-                        sqlstate::SERIALIZATION_FAILURE if !fields.is_fatal() => Some(false),
-                        _ => None,
-                    };
+                    w.on_error(&ErrorFields::parse(
+                        &server.buf[pos..pos + header.total_len],
+                    ));
                 }
             }
             match seg {
@@ -1042,16 +1029,17 @@ impl Session {
                     let end = pos + header.total_len;
                     if tracked {
                         let msg = &server.buf[pos..end];
-                        if header.tag == b'E' {
-                            let fields = ErrorFields::parse(msg);
-                            if fields.code == sqlstate::FEATURE_NOT_SUPPORTED
-                                && fields.message.starts_with("cached plan must not change")
-                            {
-                                // Dropped at the release point (state.rs).
-                                self.state.stale_plans = true;
+                        if header.tag == b'E' && ErrorFields::parse(msg).is_stale_plan() {
+                            // Dropped at the release point (state.rs).
+                            self.state.stale_plans = true;
+                        }
+                        let verdict = self.replies.on_server(header.tag);
+                        if let Some(name) = self.replies.described.take() {
+                            if let Some(types) = protocol::row_types(msg) {
+                                self.statements.set_shape(&name, types);
                             }
                         }
-                        match self.replies.on_server(header.tag) {
+                        match verdict {
                             Verdict::Forward => {}
                             Verdict::Swallow => {
                                 send(client, &mut window, &server.buf[written..pos]).await?;
@@ -1147,9 +1135,7 @@ impl Session {
         }
         send(client, &mut window, &server.buf[written..pos]).await?;
         server.buf.advance(pos);
-        if let Some(route) = self.route.as_deref_mut() {
-            route.window = window;
-        }
+        self.window = window;
         if self.rollback_pending && self.relay.quiet() {
             self.rollback_pending = false;
             match server
@@ -1163,27 +1149,6 @@ impl Session {
         Ok(ServerFlow::Ok)
     }
 
-    /// A read on a replica failed before the client saw a row, and the
-    /// replica has answered in full: send the request again elsewhere.
-    async fn after_window(&mut self, _client: &mut ClientStream) -> std::io::Result<Option<Step>> {
-        let failed = self
-            .route
-            .as_deref()
-            .and_then(|r| r.window.as_ref())
-            .and_then(|w| w.failed);
-        let Some(primary_only) = failed else {
-            return Ok(None);
-        };
-        if !self.server_quiet() {
-            return Ok(None);
-        }
-        if !(self.relay.at_boundary() && self.release().await) {
-            self.drop_server().await;
-        }
-        self.retry_elsewhere(primary_only);
-        Ok(Some(Step::Continue))
-    }
-
     /// Closes the attached server without returning it to its pool.
     async fn drop_server(&mut self) {
         self.cancel.detach().await;
@@ -1191,42 +1156,12 @@ impl Session {
         self.on_node = None;
     }
 
-    /// Puts the windowed request back in front of the client's input, to be
-    /// routed again avoiding the node that failed it.
-    fn retry_elsewhere(&mut self, primary_only: bool) {
-        let node = self.node;
-        let Some(route) = self.route.as_deref_mut() else {
-            return;
-        };
-        let Some(window) = route.window.take() else {
-            return;
-        };
-        route.retry = Some((node, primary_only));
-        route.cluster.count_retry();
-        for name in &window.new_names {
-            self.statements.remove(name);
-        }
-        // SQL-level PREPAREs of the request are made again with it.
-        for name in self.state.take_sql_pending() {
-            self.sql_prepared.remove(&name);
-        }
-        tracing::info!(
-            node = %route.cluster.nodes()[node].name,
-            to_primary = primary_only,
-            "read failed on a replica before any row was sent; retrying it"
-        );
-        let mut again = BytesMut::with_capacity(window.request.len() + self.cbuf.len());
-        again.extend_from_slice(&window.request);
-        again.extend_from_slice(&self.cbuf);
-        self.cbuf = again;
-    }
-
     /// The server connection broke: tell the client and end the session.
     async fn server_lost(&mut self, client: &mut ClientStream) -> std::io::Result<Step> {
-        if self.route.as_deref().is_some_and(|r| r.window.is_some()) {
+        if self.window.as_ref().is_some_and(|w| w.on_replica) {
             // A replica went away before the client saw a row.
             self.drop_server().await;
-            self.retry_elsewhere(false);
+            self.resend(Some(false));
             return Ok(Step::Continue);
         }
         let label = self.pool().label().to_owned();

@@ -24,6 +24,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 
 use crate::cluster::Cluster;
+use crate::frontend::effects::{self, Replan};
 use crate::frontend::statements::ClientStatements;
 use crate::protocol::{self, ProtocolError};
 use crate::router::{Access, Class, Command, Hint, RouteMode};
@@ -50,6 +51,10 @@ pub(super) struct Request {
     /// Client statement names this request creates: forgotten before it is
     /// sent again, so the repeat creates them afresh.
     pub new_names: Vec<Bytes>,
+    /// It runs a pooled prepared statement (Bind of a named statement, or
+    /// a lone SQL `EXECUTE`) and no transaction control: a stale cached
+    /// plan can be recovered by preparing again and resending it.
+    pub replans: bool,
 }
 
 pub(super) enum Scan {
@@ -66,31 +71,44 @@ fn mentions_pgsluice(text: &[u8]) -> bool {
     })
 }
 
-/// Classifies the request at the start of `buf`. With `fixed_primary` (the
-/// client's route is `primary`), only texts that mention pgsluice are
-/// classified: nothing else can change where the request goes, so the
-/// rest count as writes without the cost of a classification per query.
+/// How a request's texts are classified. With `fixed_primary` (the
+/// client's route is `primary`), only texts that mention pgsluice are:
+/// nothing else can change where the request goes, so the rest count as
+/// writes without the cost of a classification per query. Without a
+/// cluster nothing is classified (only the request's extent and
+/// statements matter).
+pub(super) fn judge(
+    cluster: Option<&Cluster>,
+    fixed_primary: bool,
+) -> impl Fn(&[u8]) -> Option<Class> + '_ {
+    move |text: &[u8]| match cluster {
+        Some(cluster) if !fixed_primary || mentions_pgsluice(text) => Some(cluster.classify(text)),
+        _ => None,
+    }
+}
+
+/// Scans the request at the start of `buf`, classifying its texts with
+/// `judge` (see [`judge`]); `sql_prepared` says whether the client has
+/// SQL-level prepared statements.
 pub(super) fn scan_request(
     buf: &[u8],
     max: usize,
-    cluster: &Cluster,
+    judge: impl Fn(&[u8]) -> Option<Class>,
     statements: &ClientStatements,
     unnamed: Option<&[u8]>,
-    fixed_primary: bool,
+    sql_prepared: bool,
 ) -> Result<Scan, ProtocolError> {
-    let judge = |text: &[u8]| {
-        if fixed_primary && !mentions_pgsluice(text) {
-            None
-        } else {
-            Some(cluster.classify(text))
-        }
-    };
     let mut pos = 0;
     let mut access = Access::Read;
     let mut hint = None;
     let mut command = None;
     let mut replayable = true;
     let mut new_names = Vec::new();
+    // Named statements bound, and whether each is safe to resend.
+    let mut binds_named = false;
+    let mut replannable = true;
+    let mut parses = false;
+    let mut parsed_unnamed = false;
     let mut first = true;
     let mut note = |class: &Option<Class>, access: &mut Access| {
         let Some(class) = class else {
@@ -120,6 +138,7 @@ pub(super) fn scan_request(
                         len: usize::MAX,
                         replayable: false,
                         new_names: Vec::new(),
+                        replans: false,
                     }));
                 }
                 return Ok(Scan::NeedMore);
@@ -133,9 +152,13 @@ pub(super) fn scan_request(
         last = header.tag;
         match header.tag {
             b'Q' => {
-                let class = judge(protocol::query_text(msg));
+                let text = protocol::query_text(msg);
+                let class = judge(text);
                 if pos == header.total_len {
                     command = class.as_ref().and_then(|c| c.command.clone());
+                    binds_named = sql_prepared
+                        && starts_with_execute(text)
+                        && effects::replan(text) == Replan::Execute;
                 }
                 note(&class, &mut access);
                 break;
@@ -145,6 +168,8 @@ pub(super) fn scan_request(
                     Some(text) => (statement_name(msg), text),
                     None => (b"".as_slice(), b"".as_slice()),
                 };
+                parses = true;
+                parsed_unnamed |= name.is_empty();
                 if !name.is_empty() {
                     if statements.get(name).is_some() || new_names.len() >= 8 {
                         // A duplicate name fails (42P05): not worth a repeat.
@@ -157,8 +182,18 @@ pub(super) fn scan_request(
             }
             b'B' => {
                 let text = match crate::frontend::statements::parse_bind(msg) {
+                    // Parsed in this request: judged with its Parse.
+                    Some((_, b"", _)) if parsed_unnamed => continue,
+                    Some((_, name, _)) if new_names.iter().any(|n| n == name) => {
+                        binds_named = true;
+                        continue;
+                    }
                     Some((_, b"", _)) => unnamed,
-                    Some((_, name, _)) => statements.get(name).map(|s| s.text()),
+                    Some((_, name, _)) => statements.get(name).map(|s| {
+                        binds_named = true;
+                        replannable &= s.replannable;
+                        s.text()
+                    }),
                     None => None,
                 };
                 match text {
@@ -168,6 +203,18 @@ pub(super) fn scan_request(
                     None => access = Access::Write,
                 }
             }
+            // Describing a pooled statement can meet a stale plan too.
+            b'D' => match crate::frontend::statements::parse_target(msg) {
+                Some((b'S', name)) if !name.is_empty() => {
+                    if let Some(s) = statements.get(name) {
+                        binds_named = true;
+                        replannable &= s.replannable;
+                    } else if new_names.iter().any(|n| n == name) {
+                        binds_named = true;
+                    }
+                }
+                _ => {}
+            },
             // Close is answered by pgsluice (named statements) or
             // harmless to repeat (portals, the unnamed statement).
             // A function call may do anything.
@@ -183,6 +230,10 @@ pub(super) fn scan_request(
     if buf.first() != Some(&b'Q') {
         command = None;
     }
+    // Statements parsed in the request count too (lexed only here, when a
+    // pooled statement is bound: the rare case).
+    let replans =
+        binds_named && replannable && (!parses || parsed_texts_replannable(&buf[..pos], max));
     Ok(Scan::Ready(Request {
         access,
         hint,
@@ -192,7 +243,38 @@ pub(super) fn scan_request(
         // (ReadyForQuery) can be held back and sent again.
         replayable: replayable && matches!(last, b'Q' | b'S'),
         new_names,
+        replans,
     }))
+}
+
+/// Whether every Parse in the (whole, scanned) request is one statement
+/// that is not transaction control.
+fn parsed_texts_replannable(request: &[u8], max: usize) -> bool {
+    let mut pos = 0;
+    while let Ok(Some(h)) = protocol::peek_header(&request[pos..], max) {
+        let msg = &request[pos..pos + h.total_len];
+        pos += h.total_len;
+        if h.tag == b'P' {
+            match protocol::parse_statement_text(msg) {
+                Some(text) if effects::replan(text) == Replan::Yes => {}
+                _ => return false,
+            }
+        }
+        if pos >= request.len() {
+            break;
+        }
+    }
+    true
+}
+
+/// Cheap prefilter for SQL `EXECUTE`: the text's first word.
+fn starts_with_execute(text: &[u8]) -> bool {
+    let start = text
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(text.len());
+    text.get(start..start + 7)
+        .is_some_and(|w| w.eq_ignore_ascii_case(b"execute"))
 }
 
 fn statement_name(msg: &[u8]) -> &[u8] {
@@ -223,21 +305,6 @@ pub(super) struct ClientRoute {
     /// The next decision must avoid this node (a failed read's retry), and
     /// use the primary if `primary_only`.
     pub retry: Option<(usize, bool)>,
-    /// The request on its way to a replica, kept until the first row
-    /// reaches the client, to be sent elsewhere if the replica fails it.
-    pub window: Option<Window>,
-}
-
-pub(super) struct Window {
-    /// The request has been sent (later requests wait until it is done).
-    pub sent: bool,
-    pub request: Bytes,
-    pub new_names: Vec<Bytes>,
-    /// Server output not yet shown to the client.
-    pub held: BytesMut,
-    /// The replica failed the request with an error worth a retry
-    /// (`true` = go to the primary).
-    pub failed: Option<bool>,
 }
 
 /// A `pgsluice.route` value.
@@ -262,7 +329,6 @@ impl ClientRoute {
             mode,
             last_write: None,
             retry: None,
-            window: None,
         }
     }
 
@@ -315,18 +381,6 @@ impl ClientRoute {
             (Some(Hint::Replica), _) | (None, RouteMode::Replica) => true,
             (None, RouteMode::Auto) => req.access == Access::Read,
         }
-    }
-
-    /// Keeps `request` (just sent to a replica) until the client sees a
-    /// row, so it can be sent elsewhere if the replica fails it.
-    pub fn open_window(&mut self, request: &[u8], new_names: Vec<Bytes>) {
-        self.window = Some(Window {
-            sent: false,
-            request: Bytes::copy_from_slice(request),
-            new_names,
-            held: BytesMut::new(),
-            failed: None,
-        });
     }
 
     /// Answers pgsluice's own command into `out` (ending with

@@ -1108,6 +1108,7 @@ impl Session {
         req.len = raise.len();
         req.new_names.clear();
         req.replayable = false;
+        req.replans = false;
         Ok(Relay::Go)
     }
 
@@ -1264,6 +1265,7 @@ impl Session {
             len: 0,
             replayable: false,
             new_names: Vec::new(),
+            replans: false,
         };
         let mut servers = Vec::with_capacity(shards.len());
         for &s in shards {

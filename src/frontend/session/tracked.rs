@@ -177,8 +177,9 @@ impl Session {
         self.out.clear();
         self.replies.take_ready(&mut self.out);
         if !self.out.is_empty() {
-            match self.route.as_deref_mut().and_then(|r| r.window.as_mut()) {
-                Some(w) if w.failed.is_some() => {}
+            match self.window.as_mut() {
+                Some(w) if w.failed.is_some() && w.failed != Some(super::window::Retry::Replan) => {
+                }
                 Some(w) => w.held.extend_from_slice(&self.out),
                 None => client.write_all(&self.out).await?,
             }
@@ -219,13 +220,20 @@ impl Session {
             b'B' => {
                 let kind = Kind::Bind;
                 match statements::parse_bind(msg) {
-                    Some((_, b"", _)) => {
+                    Some((portal, b"", _)) => {
+                        if portal.is_empty() {
+                            self.portal_statement.clear();
+                        }
                         if !self.ensure_unnamed() {
                             return;
                         }
                         self.sout.extend_from_slice(msg);
                     }
                     Some((portal, name, rest)) => {
+                        if portal.is_empty() {
+                            self.portal_statement.clear();
+                            self.portal_statement.extend_from_slice(name);
+                        }
                         match self.statements.get(name).cloned() {
                             Some(stmt) => {
                                 if !stmt.effects.is_none() {
@@ -273,8 +281,15 @@ impl Session {
                     },
                     _ => self.sout.extend_from_slice(msg),
                 }
-                self.replies
-                    .push_server(Kind::Describe, false, Undos::default());
+                // What the client will know of a statement's rows.
+                let describes = match statements::parse_target(msg) {
+                    Some((b'S', name)) if !name.is_empty() => Some(name.to_vec()),
+                    Some((b'P', b"")) if !self.portal_statement.is_empty() => {
+                        Some(self.portal_statement.clone())
+                    }
+                    _ => None,
+                };
+                self.replies.push_describe(describes);
             }
             b'C' => match statements::parse_target(msg) {
                 Some((b'S', name)) if !name.is_empty() => {

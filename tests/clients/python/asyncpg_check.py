@@ -248,6 +248,27 @@ async def check_cancel_task(conn, w):
     expect(elapsed < 15, f"cancel took {elapsed:.1f}s")
 
 
+async def check_schema_change(conn, w):
+    """DDL under a cached prepared statement: same column types (a widened
+    varchar) must be invisible; a new column reaches asyncpg as PostgreSQL's
+    InvalidCachedStatementError, which asyncpg handles by preparing again."""
+    t = f"{T}_ddl_{w}"
+    await conn.execute(f"DROP TABLE IF EXISTS {t}")
+    await conn.execute(f"CREATE TABLE {t} (a int, v varchar(50))")
+    await conn.execute(f"INSERT INTO {t} VALUES (1, 'x')")
+    q = f"SELECT * FROM {t} WHERE a = $1"
+    for _ in range(3):
+        expect(tuple(await conn.fetchrow(q, 1)) == (1, "x"), "before DDL")
+    await conn.execute(f"ALTER TABLE {t} ALTER COLUMN v TYPE varchar(75)")
+    for _ in range(3):
+        expect(tuple(await conn.fetchrow(q, 1)) == (1, "x"), "after widening v")
+    await conn.execute(f"ALTER TABLE {t} ADD COLUMN b int")
+    for _ in range(3):
+        got = tuple(await conn.fetchrow(q, 1))
+        expect(got == (1, "x", None), f"after ADD COLUMN: {got!r}")
+    await conn.execute(f"DROP TABLE {t}")
+
+
 WORKER_CHECKS = [
     ("prepared", check_prepared),
     ("explicit-prepare", check_explicit_prepare),
@@ -260,6 +281,7 @@ WORKER_CHECKS = [
     ("error-recovery", check_error_recovery),
     ("cancel-timeout", check_cancel_timeout),
     ("cancel-task", check_cancel_task),
+    ("schema-change", check_schema_change),
     ("prepared-again", check_prepared),
 ]
 
