@@ -418,6 +418,11 @@ with conn.cursor() as cur:
     cur.execute("INSERT INTO events (user_id, note) VALUES (%s, %s)", (u, "py"), prepare=True)
     cur.execute("INSERT INTO events (user_id, note) VALUES (%b, %b)", (v, "pyb"))
 assert one("SELECT note FROM events WHERE user_id = %s", (u,)) == [("py",)]
+# key-less reads fan out (unnamed statements; text and binary results)
+assert one("SELECT count(*) FROM accounts")[0][0] == {total}
+assert one("SELECT count(*), sum(balance) FROM accounts WHERE balance > %s", (0,), binary=True)[0][0] > 0
+top = one("SELECT user_id, id, balance FROM accounts ORDER BY balance DESC, user_id, id LIMIT 3", binary=True)
+assert len(top) == 3, top
 # hints and SET
 assert one("/* pgsluice: shard_key=%s */ SELECT count(*) FROM events" % u)[0][0] >= 1
 conn.execute("SET pgsluice.shard_key = '%s'" % u)
@@ -431,7 +436,26 @@ conn.execute("DELETE FROM events WHERE user_id = %s", (u,))
 conn.execute("DELETE FROM events WHERE user_id = %s", (v,))
 print("ok")
 "#,
-        v = same.iter().find(|&&x| x != u).copied().unwrap_or(u)
+        v = same.iter().find(|&&x| x != u).copied().unwrap_or(u),
+        total = USERS * ACCOUNTS
+    );
+    let copy = copy().await;
+    let want = simple(
+        &copy,
+        "SELECT user_id, id, balance FROM accounts ORDER BY balance DESC, user_id, id LIMIT 3",
+    )
+    .await
+    .expect("copy");
+    let top: Vec<String> = want
+        .iter()
+        .map(|r| {
+            let v: Vec<&str> = r.iter().map(|c| c.as_deref().unwrap_or("")).collect();
+            format!("({})", v.join(", "))
+        })
+        .collect();
+    let script = script.replace(
+        "assert len(top) == 3, top",
+        &format!("assert top == [{}], top", top.join(", ")),
     );
     let conninfo = proxy.conninfo();
     let out = tokio::task::spawn_blocking(move || {
