@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
 use crate::admin::HttpEndpoint;
-use crate::cluster::{Cluster, MonitorLogin, spawn_monitor};
+use crate::cluster::{Cluster, MonitorLogin, ShardedDatabase, spawn_monitor};
 use crate::config::{Config, Database, User};
 use crate::frontend::{self, CancelRegistry, ClientRegistry, StatementRegistry};
 use crate::pool::Pools;
@@ -34,6 +34,9 @@ pub struct Shared {
     pub pools: Pools,
     /// Databases with replicas, by name: topology and monitor state.
     pub clusters: std::collections::BTreeMap<String, Arc<Cluster>>,
+    /// Sharded databases, by name: each shard's replication group and
+    /// counters (`cluster/shards.rs`).
+    pub shards: std::collections::BTreeMap<String, Arc<ShardedDatabase>>,
     pub cancels: CancelRegistry,
     /// Prepared statements deduplicated across clients and servers.
     pub statements: StatementRegistry,
@@ -217,8 +220,13 @@ impl Proxy {
         let clusters = config
             .databases
             .values()
-            .filter(|db| !db.replicas.is_empty())
+            .filter(|db| !db.replicas.is_empty() && db.sharding.is_none())
             .map(|db| (db.name.clone(), Cluster::new(db, &config.routing)))
+            .collect();
+        let shards = config
+            .databases
+            .values()
+            .filter_map(|db| Some((db.name.clone(), ShardedDatabase::new(db, &config.routing)?)))
             .collect();
         let auth_lookup = crate::backend::auth_query::AuthLookup::new(&config, tls.clone());
         let shared = Arc::new(Shared {
@@ -226,6 +234,7 @@ impl Proxy {
             config: Arc::new(config),
             pools: Pools::new(tls.clone()),
             clusters,
+            shards,
             cancels: CancelRegistry::new(),
             statements: StatementRegistry::new(),
             stats: Stats::default(),
@@ -323,7 +332,18 @@ impl Proxy {
 /// clears its pools' remembered login failure, so clients need not wait out
 /// `server_login_retry` (writes resume as soon as a primary is back).
 fn start_monitors(shared: &Arc<Shared>) {
-    for (name, cluster) in &shared.clusters {
+    // Each shard of a sharded database is a replication group of its own.
+    let shard_groups = shared.shards.iter().flat_map(|(name, db)| {
+        db.shards
+            .iter()
+            .map(move |s| (name, crate::pool::shard_group(name, s.index), &s.cluster))
+    });
+    let groups = shared
+        .clusters
+        .iter()
+        .map(|(name, cluster)| (name, name.clone(), cluster))
+        .chain(shard_groups);
+    for (name, group, cluster) in groups {
         let Some(db) = shared.config.databases.get(name) else {
             continue;
         };
@@ -342,7 +362,7 @@ fn start_monitors(shared: &Arc<Shared>) {
             tls: shared.tls.clone(),
         };
         let weak = Arc::downgrade(shared);
-        let database = name.clone();
+        let database = group;
         spawn_monitor(
             cluster,
             login,

@@ -31,7 +31,11 @@ fn version_and_check_of_the_example_configs() {
     let out = Command::new(BIN).arg("--version").output().unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("pgsluice "));
-    for file in ["config/minimal.toml", "config/primary-replicas.toml"] {
+    for file in [
+        "config/minimal.toml",
+        "config/primary-replicas.toml",
+        "config/sharded.toml",
+    ] {
         let out = Command::new(BIN)
             .args(["check", "--config", file])
             .output()

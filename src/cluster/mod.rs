@@ -8,6 +8,7 @@
 
 pub mod history;
 mod monitor;
+pub mod shards;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ use crate::router::{Class, ClassCache, FunctionCatalog};
 use history::WalHistory;
 
 pub use monitor::{MonitorLogin, spawn_monitor};
+pub use shards::{SHARDS_COLUMNS, ShardedDatabase, shards_report};
 
 /// A node's part in its replication group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,24 +183,42 @@ fn decode(v: u64) -> Option<Duration> {
 
 impl Cluster {
     pub fn new(db: &Database, settings: &Routing) -> Arc<Self> {
-        let nodes = std::iter::once(db.primary.clone())
-            .chain(db.replicas.iter().cloned())
+        Self::of_nodes(
+            &db.name,
+            &db.primary,
+            &db.replicas,
+            &db.replica_weights,
+            settings,
+        )
+    }
+
+    /// A replication group named `database` (a database's name, or
+    /// `NAME.shardN` for one shard of a sharded database).
+    pub fn of_nodes(
+        database: &str,
+        primary: &ServerAddr,
+        replicas: &[ServerAddr],
+        replica_weights: &[u32],
+        settings: &Routing,
+    ) -> Arc<Self> {
+        let nodes = std::iter::once(primary.clone())
+            .chain(replicas.iter().cloned())
             .enumerate()
             .map(|(i, addr)| {
                 let weight = i
                     .checked_sub(1)
-                    .and_then(|r| db.replica_weights.get(r))
+                    .and_then(|r| replica_weights.get(r))
                     .copied()
                     .unwrap_or(1);
                 Node::new(i, addr, weight)
             })
             .collect();
-        let weight_total = db.replica_weights.iter().map(|&w| w.max(1) as usize).sum();
+        let weight_total = replica_weights.iter().map(|&w| w.max(1) as usize).sum();
         // Keep a minute, or ten lag limits if that is longer: a replica
         // further behind than the oldest sample is out either way.
         let retention = Duration::from_secs(60).max(settings.max_replica_lag * 10);
         Arc::new(Self {
-            database: db.name.clone(),
+            database: database.to_owned(),
             nodes,
             epoch: Instant::now(),
             history: Mutex::new(WalHistory::new(retention)),

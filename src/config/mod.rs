@@ -6,6 +6,7 @@ mod admin;
 mod auth_query;
 mod raw;
 mod routing;
+mod sharding;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -17,6 +18,7 @@ pub use auth_query::AuthQuery;
 use raw::RawPool;
 pub use raw::{RawConfig, apply_env_overlay};
 pub use routing::{DefaultRoute, ReadBalance, Routing};
+pub use sharding::{MultiShardInsert, ShardKeyType, ShardNodes, Sharding, UnshardedWrites};
 
 use crate::auth::{HbaRule, Method, Secret};
 use crate::protocol::PG_MAX_MESSAGE_LEN;
@@ -238,6 +240,9 @@ pub struct Database {
     pub replica_weights: Vec<u32>,
     /// Client connections to this database at once.
     pub max_client_conn: Option<usize>,
+    /// A sharded database: its shards and placement settings. `primary`,
+    /// `replicas` and `replica_weights` above are then shard 0's.
+    pub sharding: Option<Sharding>,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -440,6 +445,17 @@ impl Config {
         let mut databases = BTreeMap::new();
         for (name, db) in &raw.databases {
             let key = |field: &str| format!("databases.{name}.{field}");
+            let db_pool_mode = match &db.pool_mode {
+                Some(m) => PoolMode::parse(&key("pool_mode"), m)?,
+                None => pool_mode,
+            };
+            if let Some(sharding) = Sharding::validate(name, db, db_pool_mode)? {
+                databases.insert(
+                    name.clone(),
+                    sharded_database(name, db, sharding, &raw, &general)?,
+                );
+                continue;
+            }
             let primary = db
                 .primary
                 .as_deref()
@@ -453,10 +469,7 @@ impl Config {
                     .iter()
                     .map(|r| ServerAddr::parse(&key("replicas"), r))
                     .collect::<Result<_, _>>()?,
-                pool_mode: match &db.pool_mode {
-                    Some(m) => PoolMode::parse(&key("pool_mode"), m)?,
-                    None => pool_mode,
-                },
+                pool_mode: db_pool_mode,
                 pool: pool_settings(&format!("databases.{name}"), &db.pool().or(&default_pool))?,
                 max_client_conn: match db.max_client_conn {
                     None | Some(0) => None,
@@ -489,16 +502,8 @@ impl Config {
                         ));
                     }
                 },
-                monitor_user: db
-                    .monitor_user
-                    .clone()
-                    .or_else(|| raw.routing.monitor_user.clone())
-                    .or_else(|| {
-                        // With a single user there is nothing to choose.
-                        (raw.users.len() == 1)
-                            .then(|| raw.users.keys().next().cloned())
-                            .flatten()
-                    }),
+                monitor_user: monitor_user(db, &raw),
+                sharding: None,
             };
             databases.insert(name.clone(), database);
         }
@@ -557,7 +562,11 @@ impl Config {
             );
         }
         for db in databases.values() {
-            if db.replicas.is_empty() {
+            let any_replicas = match &db.sharding {
+                Some(s) => s.shards.iter().any(|s| !s.replicas.is_empty()),
+                None => !db.replicas.is_empty(),
+            };
+            if !any_replicas {
                 continue;
             }
             let key = format!("databases.{}.monitor_user", db.name);
@@ -673,14 +682,19 @@ impl Config {
         for db in self.databases.values() {
             let _ = writeln!(out, "\n[databases.{}]", toml_key(&db.name));
             let _ = writeln!(out, "dbname = \"{}\"", db.dbname);
-            let _ = writeln!(out, "primary = \"{}\"", db.primary);
-            let replicas: Vec<String> = db.replicas.iter().map(|r| format!("\"{r}\"")).collect();
-            let _ = writeln!(out, "replicas = [{}]", replicas.join(", "));
+            if let Some(s) = &db.sharding {
+                s.render(&mut out);
+            } else {
+                let _ = writeln!(out, "primary = \"{}\"", db.primary);
+                let replicas: Vec<String> =
+                    db.replicas.iter().map(|r| format!("\"{r}\"")).collect();
+                let _ = writeln!(out, "replicas = [{}]", replicas.join(", "));
+            }
             let _ = writeln!(out, "pool_mode = \"{}\"", db.pool_mode.as_str());
             if let Some(u) = &db.monitor_user {
                 let _ = writeln!(out, "monitor_user = \"{u}\"");
             }
-            if !db.replicas.is_empty() {
+            if !db.replicas.is_empty() && db.sharding.is_none() {
                 let w: Vec<String> = db.replica_weights.iter().map(u32::to_string).collect();
                 let _ = writeln!(out, "replica_weights = [{}]", w.join(", "));
             }
@@ -718,6 +732,54 @@ impl Config {
         }
         out
     }
+}
+
+/// The monitor's user: the database's, else `routing.monitor_user`, else
+/// the only configured user.
+fn monitor_user(db: &raw::RawDatabase, raw: &RawConfig) -> Option<String> {
+    db.monitor_user
+        .clone()
+        .or_else(|| raw.routing.monitor_user.clone())
+        .or_else(|| {
+            // With a single user there is nothing to choose.
+            (raw.users.len() == 1)
+                .then(|| raw.users.keys().next().cloned())
+                .flatten()
+        })
+}
+
+/// A sharded `[databases.NAME]`: shard 0's nodes stand in `primary` and
+/// `replicas` (the welcome and auth_query lookups use them).
+fn sharded_database(
+    name: &str,
+    db: &raw::RawDatabase,
+    sharding: Sharding,
+    raw: &RawConfig,
+    general: &General,
+) -> Result<Database, ConfigError> {
+    let key = |field: &str| format!("databases.{name}.{field}");
+    let shard0 = sharding.shards[0].clone();
+    Ok(Database {
+        name: name.to_owned(),
+        dbname: db.dbname.clone().unwrap_or_else(|| name.to_owned()),
+        primary: shard0.primary,
+        replicas: shard0.replicas,
+        replica_weights: shard0.replica_weights,
+        pool_mode: match &db.pool_mode {
+            Some(m) => PoolMode::parse(&key("pool_mode"), m)?,
+            None => general.pool_mode,
+        },
+        pool: pool_settings(
+            &format!("databases.{name}"),
+            &db.pool().or(&raw.general.pool()),
+        )?,
+        max_client_conn: match db.max_client_conn {
+            None | Some(0) => None,
+            Some(n) => Some(count(&key("max_client_conn"), Some(n), 0, 1)?),
+        },
+        monitor_user: monitor_user(db, raw),
+        sharding: Some(sharding),
+    })
 }
 
 fn render_tls(out: &mut String, t: &TlsSettings) {

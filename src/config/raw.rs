@@ -177,6 +177,15 @@ pub struct RawDatabase {
     /// Share of reads per replica, in `replicas` order (default all 1).
     #[serde(default)]
     pub replica_weights: Vec<u64>,
+    // Sharding (see `sharding.rs`): the shards in order, instead of
+    // `primary`/`replicas`.
+    pub shards: Option<Vec<super::sharding::RawShard>>,
+    pub shard_key: Option<String>,
+    pub shard_key_type: Option<String>,
+    pub unsharded_tables: Option<Vec<String>>,
+    pub unsharded_writes: Option<String>,
+    pub multi_shard_insert: Option<String>,
+    pub max_fanout_rows: Option<u64>,
     // Pool settings for every pool (see `RawPool`). Listed inline rather
     // than flattened: serde cannot deny unknown fields through `flatten`.
     pub pool_size: Option<u64>,

@@ -275,3 +275,131 @@ fn session_features_default_to_pin_and_are_checked() {
     let e = load(MINIMAL, &[("PGSLUICE_GENERAL__SESSION_FEATURES", "allow")]).unwrap_err();
     assert!(e.to_string().contains("general.session_features"), "{e}");
 }
+
+const SHARDED: &str = r#"
+[databases.app]
+shards = [
+  { primary = "10.0.0.1:5432", replicas = ["10.0.0.2:5432"], replica_weights = [2] },
+  { primary = "10.0.1.1:5432" },
+]
+shard_key = "account_id"
+shard_key_type = "text"
+unsharded_tables = ["Countries", "ref.plans"]
+unsharded_writes = "all"
+multi_shard_insert = "split"
+[users.app]
+password = "secret"
+"#;
+
+#[test]
+fn sharded_database_is_typed_and_shard_zero_stands_in_for_primary() {
+    let c = load(SHARDED, &[]).unwrap();
+    let db = &c.databases["app"];
+    let s = db.sharding.as_ref().expect("sharded");
+    assert_eq!(s.shards.len(), 2);
+    assert_eq!(s.shards[0].replica_weights, vec![2]);
+    assert_eq!(s.shards[1].primary.host, "10.0.1.1");
+    assert_eq!(s.key_column, "account_id");
+    assert_eq!(s.key_type, ShardKeyType::Text);
+    assert_eq!(s.unsharded_tables, vec!["countries", "ref.plans"]);
+    assert_eq!(s.unsharded_writes, UnshardedWrites::All);
+    assert_eq!(s.multi_shard_insert, MultiShardInsert::Split);
+    assert_eq!(s.max_fanout_rows, 100_000);
+    assert_eq!(db.primary.host, "10.0.0.1");
+    assert_eq!(db.replicas.len(), 1);
+    // The rendering reads back as the same configuration.
+    let again = load(&c.render(), &[]).unwrap();
+    assert_eq!(again.databases["app"].sharding, db.sharding);
+}
+
+#[test]
+fn sharding_defaults_are_user_id_bigint_and_refusals() {
+    let c = load(
+        "[databases.app]\nshards = [{ primary = \"h:1\" }]\n[users.app]\npassword = \"p\"\n",
+        &[],
+    )
+    .unwrap();
+    let s = c.databases["app"].sharding.clone().expect("sharded");
+    assert_eq!(s.key_column, "user_id");
+    assert_eq!(s.key_type, ShardKeyType::BigInt);
+    assert_eq!(s.unsharded_writes, UnshardedWrites::Refuse);
+    assert_eq!(s.multi_shard_insert, MultiShardInsert::Refuse);
+}
+
+#[test]
+fn sharding_errors_name_the_setting() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "[databases.app]\nprimary = \"h:1\"\nshards = [{ primary = \"h:2\" }]\n",
+            "databases.app.primary",
+        ),
+        (
+            "[databases.app]\nreplicas = [\"h:1\"]\nshards = [{ primary = \"h:2\" }]\n",
+            "databases.app.replicas",
+        ),
+        ("[databases.app]\nshards = []\n", "databases.app.shards"),
+        (
+            "[databases.app]\nshards = [{ replicas = [\"h:1\"] }]\n",
+            "databases.app.shards[0].primary",
+        ),
+        (
+            "[databases.app]\nshards = [{ primary = \"h:1\" }, { primary = \"nope\" }]\n",
+            "databases.app.shards[1].primary",
+        ),
+        (
+            "[databases.app]\nshards = [{ primary = \"h:1\", replicas = [\"h:2\"], replica_weights = [1, 2] }]\n",
+            "databases.app.shards[0].replica_weights",
+        ),
+        (
+            "[databases.app]\nshards = [{ primary = \"h:1\" }]\nshard_key_type = \"float\"\n",
+            "databases.app.shard_key_type",
+        ),
+        (
+            "[databases.app]\nshards = [{ primary = \"h:1\" }]\nshard_key = \"a b\"\n",
+            "databases.app.shard_key",
+        ),
+        (
+            "[databases.app]\nshards = [{ primary = \"h:1\" }]\nunsharded_writes = \"some\"\n",
+            "databases.app.unsharded_writes",
+        ),
+        (
+            "[databases.app]\nshards = [{ primary = \"h:1\" }]\nmulti_shard_insert = \"maybe\"\n",
+            "databases.app.multi_shard_insert",
+        ),
+        (
+            "[databases.app]\nshards = [{ primary = \"h:1\" }]\nunsharded_tables = [\"a..b\"]\n",
+            "databases.app.unsharded_tables",
+        ),
+        (
+            "[databases.app]\nshards = [{ primary = \"h:1\" }]\npool_mode = \"session\"\n",
+            "databases.app.pool_mode",
+        ),
+        (
+            "[databases.app]\nprimary = \"h:1\"\nshard_key = \"user_id\"\n",
+            "databases.app.shard_key",
+        ),
+        (
+            "[databases.app]\nshards = [{ primary = \"h:1\" }]\nmax_fanout_rows = 0\n",
+            "databases.app.max_fanout_rows",
+        ),
+    ];
+    for (db, key) in cases {
+        let text = format!("{db}[users.app]\npassword = \"p\"\n");
+        match load(&text, &[]) {
+            Err(ConfigError::Invalid { key: k, reason }) => {
+                assert_eq!(&k, key, "{text}: {reason}")
+            }
+            other => panic!("{text}: expected an error naming {key}, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_shard_with_replicas_needs_a_monitor_user() {
+    let text = "[databases.app]\nshards = [{ primary = \"h:1\" }, { primary = \"h:2\", replicas = [\"h:3\"] }]\n\
+                [users.a]\npassword = \"p\"\n[users.b]\npassword = \"p\"\n";
+    match load(text, &[]) {
+        Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "databases.app.monitor_user"),
+        other => panic!("expected a monitor_user error, got {other:?}"),
+    }
+}

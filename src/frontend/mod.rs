@@ -9,6 +9,7 @@
 mod cancel;
 mod clients;
 mod effects;
+pub mod fanout;
 mod negotiate;
 mod params;
 mod relay;
@@ -305,10 +306,22 @@ async fn login(
         .admit(user, db)
         .map_err(|m| refused(sqlstate::TOO_MANY_CONNECTIONS, m))?;
     let pools = shared.pools.for_user(db, user);
+    let sharded = shared.shards.get(&db.name).map(|set| {
+        let shard_pools = (0..set.shards.len())
+            .map(|i| shared.pools.for_shard(db, i, user))
+            .collect();
+        session::shard::ShardRoute::new(set.clone(), shard_pools)
+    });
     if let Some(c) = learned {
         // Every node of the database logs this user in the same way.
         for pool in pools.iter() {
             pool.learn_credential(c.clone());
+        }
+        let shards = shared.shards.get(&db.name).map_or(0, |s| s.shards.len());
+        for i in 1..shards {
+            for pool in shared.pools.for_shard(db, i, user).iter() {
+                pool.learn_credential(c.clone());
+            }
         }
     }
     let defaults = welcome_params(&pools).await?;
@@ -342,7 +355,13 @@ async fn login(
         session::Upstream {
             admitted,
             pools,
-            cluster: shared.clusters.get(&db.name).cloned(),
+            cluster: shared.clusters.get(&db.name).cloned().or_else(|| {
+                sharded
+                    .as_ref()
+                    .and_then(|s| s.db.shards.first())
+                    .map(|s| s.cluster.clone())
+            }),
+            sharded,
             client: shared.registry.register(pid, identity),
         },
         db.pool_mode,

@@ -132,6 +132,12 @@ impl RelayState {
         self.tx = TxStatus::Idle;
     }
 
+    /// The pooler itself opened a transaction on the server (a client's
+    /// `BEGIN` it answered earlier; see `session/shard.rs`).
+    pub fn force_in_transaction(&mut self) {
+        self.tx = TxStatus::InTransaction;
+    }
+
     /// Account for a client message about to be forwarded.
     pub fn on_client_tag(&mut self, tag: u8, now: Instant) {
         match tag {

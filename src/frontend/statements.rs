@@ -88,6 +88,12 @@ impl Statement {
         }
     }
 
+    /// The Parse body after the statement name: query, NUL, parameter
+    /// types (sharding reads the types to decode bound keys).
+    pub fn tail(&self) -> &[u8] {
+        &self.tail
+    }
+
     /// A Parse of this statement under its server-side name.
     pub fn write_parse(&self, out: &mut BytesMut) {
         let len = 4 + self.server_name.len() + 1 + self.tail.len();

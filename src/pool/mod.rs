@@ -33,7 +33,7 @@ use crate::config::PoolSettings;
 use crate::protocol::sqlstate;
 
 pub use gate::Gate;
-pub use registry::{NodePools, PoolEntry, Pools, node_name};
+pub use registry::{NodePools, PoolEntry, Pools, node_name, shard_group};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PoolError {

@@ -58,15 +58,48 @@ impl Pools {
         }
     }
 
-    /// The pools of `user` on every node of `db`, created on first use.
+    /// The pools of `user` on every node of `db`, created on first use
+    /// (shard 0's for a sharded database).
     pub fn for_user(&self, db: &Database, user: &User) -> NodePools {
+        if db.sharding.is_some() {
+            return self.for_shard(db, 0, user);
+        }
+        self.for_group(db, &db.name, None, &db.primary, &db.replicas, user)
+    }
+
+    /// The pools of `user` on every node of shard `shard` of a sharded
+    /// database (labels `NAME/USER@shardN.primary`), created on first use.
+    /// An unsharded database has one shard, its own nodes.
+    pub fn for_shard(&self, db: &Database, shard: usize, user: &User) -> NodePools {
+        match db.sharding.as_ref().and_then(|s| s.shards.get(shard)) {
+            Some(nodes) => self.for_group(
+                db,
+                &shard_group(&db.name, shard),
+                Some(shard),
+                &nodes.primary,
+                &nodes.replicas,
+                user,
+            ),
+            None => self.for_group(db, &db.name, None, &db.primary, &db.replicas, user),
+        }
+    }
+
+    fn for_group(
+        &self,
+        db: &Database,
+        group: &str,
+        shard: Option<usize>,
+        primary: &crate::config::ServerAddr,
+        replicas: &[crate::config::ServerAddr],
+        user: &User,
+    ) -> NodePools {
         let mut map = lock(&self.map);
-        if let Some(p) = map.get(&db.name).and_then(|users| users.get(&user.name)) {
+        if let Some(p) = map.get(group).and_then(|users| users.get(&user.name)) {
             return p.clone();
         }
         let gate = self.gate(&db.name);
-        let pools: NodePools = std::iter::once(&db.primary)
-            .chain(db.replicas.iter())
+        let pools: NodePools = std::iter::once(primary)
+            .chain(replicas.iter())
             .enumerate()
             .map(|(i, addr)| {
                 let spec = LoginSpec {
@@ -79,7 +112,10 @@ impl Pools {
                     connect_timeout: db.pool.server_connect_timeout,
                     tls: self.tls.clone(),
                 };
-                let node = node_name(i);
+                let node = match shard {
+                    None => node_name(i),
+                    Some(s) => format!("shard{s}.{}", node_name(i)),
+                };
                 let label = format!("{}/{}@{node}", db.name, user.name);
                 Pool::new(
                     label,
@@ -90,7 +126,7 @@ impl Pools {
                 )
             })
             .collect();
-        map.entry(db.name.clone())
+        map.entry(group.to_owned())
             .or_default()
             .insert(user.name.clone(), pools.clone());
         pools
@@ -101,7 +137,8 @@ impl Pools {
         self.for_user(db, user)[0].clone()
     }
 
-    /// Node `index` of `database` answers again: let its pools try logging
+    /// Node `index` of `database` (or of a shard's group, see
+    /// [`shard_group`]) answers again: let its pools try logging
     /// in at once instead of waiting out `server_login_retry`.
     pub fn node_reachable(&self, database: &str, index: usize) {
         let map = lock(&self.map);
@@ -148,4 +185,10 @@ impl Pools {
             p.close();
         }
     }
+}
+
+/// The name of shard `shard` of database `database` as a replication group
+/// (its pools' key and its cluster's name): `NAME.shardN`.
+pub fn shard_group(database: &str, shard: usize) -> String {
+    format!("{database}.shard{shard}")
 }

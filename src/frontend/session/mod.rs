@@ -20,6 +20,7 @@ use crate::tls::ClientStream;
 
 pub(crate) mod route;
 mod shapes;
+pub(super) mod shard;
 mod sql_prepared;
 mod state;
 mod tracked;
@@ -138,6 +139,9 @@ pub(super) struct Upstream {
     pub admitted: crate::proxy::Admitted,
     /// This client in the admin console's registry.
     pub client: crate::frontend::ClientHandle,
+    /// A sharded database: every shard's pools (`pools` and `cluster` are
+    /// shard 0's until a request is placed elsewhere; see `shard.rs`).
+    pub sharded: Option<Box<shard::ShardRoute>>,
 }
 
 /// How an attempt to attach a server ended.
@@ -155,8 +159,11 @@ pub struct Session {
     pools: NodePools,
     /// Node of the attached (or last attached) server.
     node: usize,
-    /// Read/write routing (transaction and statement mode with replicas).
+    /// Read/write routing (transaction and statement mode with replicas,
+    /// or a sharded database).
     route: Option<Box<ClientRoute>>,
+    /// Shard placement (a sharded database).
+    shard: Option<Box<shard::ShardRoute>>,
     _admitted: crate::proxy::Admitted,
     /// This client's state for the admin console, and its kill switch.
     client: crate::frontend::ClientHandle,
@@ -237,7 +244,10 @@ impl Session {
             received: 0,
             node: 0,
             route: match upstream.cluster {
-                Some(c) if mode != PoolMode::Session && c.nodes().len() > 1 => {
+                Some(c)
+                    if mode != PoolMode::Session
+                        && (c.nodes().len() > 1 || upstream.sharded.is_some()) =>
+                {
                     let startup = params
                         .own("pgsluice.route")
                         .and_then(route::parse_route_mode);
@@ -245,6 +255,7 @@ impl Session {
                 }
                 _ => None,
             },
+            shard: upstream.sharded,
             on_node: None,
             primary_wrote: false,
             held: None,
@@ -427,6 +438,15 @@ impl Session {
             Ok(Scan::NeedMore) => return self.read_client(client).await,
             Err(e) => return self.close_with(client, e.sqlstate(), &e.to_string()).await,
         };
+        let mut req = req;
+        if self.shard.is_some() {
+            if let Some(step) = self.shard_idle(client, &mut req).await? {
+                return Ok(step);
+            }
+        }
+        let Some(route) = self.route.as_deref_mut() else {
+            return Ok(Step::Continue);
+        };
         if let Some(command) = &req.command {
             self.out.clear();
             route.answer(command, &mut self.out, TxStatus::Idle);
@@ -441,6 +461,11 @@ impl Session {
             let (node, why) = route.decide(&req);
             match self.attach(client, node, started, deadline).await? {
                 Attach::Attached => {
+                    if self.shard.is_some() {
+                        if let Some(step) = self.shard_after_attach(client).await? {
+                            return Ok(step);
+                        }
+                    }
                     tracing::trace!(node, ?why, "routed");
                     self.primary_wrote = node == 0
                         && !matches!(why, Why::NoReplica | Why::ReadYourWrites | Why::Read);
@@ -851,6 +876,25 @@ impl Session {
                 }
             };
             let quiet = self.relay.quiet() && self.replies.is_empty();
+            let mut req = req;
+            if self.shard.is_some() {
+                match self
+                    .shard_relay(client, &mut req, request_start, quiet)
+                    .await?
+                {
+                    shard::Relay::Go => {}
+                    shard::Relay::Hold(held) => {
+                        self.held = Some(held);
+                        return Ok(None);
+                    }
+                    shard::Relay::Answered => continue,
+                    shard::Relay::NeedMore => return Ok(None),
+                    shard::Relay::Exit(step) => return Ok(Some(step)),
+                }
+            }
+            let Some(route) = self.route.as_deref_mut() else {
+                return Ok(None);
+            };
             if let Some(command) = req.command.as_ref().filter(|_| request_start) {
                 if !quiet {
                     self.held = Some(Held::UntilQuiet);
