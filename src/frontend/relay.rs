@@ -44,6 +44,9 @@ pub struct RelayState {
     pending: VecDeque<u8>,
     /// Extended-protocol messages sent since the last Sync.
     batch_open: bool,
+    /// The open batch ran something (Bind, Execute): it is more than
+    /// statements being prepared and described.
+    batch_ran: bool,
     copy_in: bool,
     tx: TxStatus,
     /// When the oldest unanswered request was sent (query_timeout).
@@ -65,6 +68,7 @@ impl RelayState {
         Self {
             pending: VecDeque::new(),
             batch_open: false,
+            batch_ran: false,
             copy_in: false,
             tx: TxStatus::Idle,
             request_since: None,
@@ -87,6 +91,12 @@ impl RelayState {
         self.batch_open
     }
 
+    /// An extended batch is open that only prepared, described or closed
+    /// statements (asyncpg's Parse, Describe, Flush): nothing ran in it.
+    pub fn batch_only_prepares(&self) -> bool {
+        self.batch_open && !self.batch_ran && !self.copy_in
+    }
+
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
@@ -95,6 +105,7 @@ impl RelayState {
     pub fn reset(&mut self) {
         self.pending.clear();
         self.batch_open = false;
+        self.batch_ran = false;
         self.copy_in = false;
         self.tx = TxStatus::Idle;
         self.request_since = None;
@@ -125,9 +136,14 @@ impl RelayState {
             // The server ignores Sync and Flush during COPY IN.
             b'S' if !self.copy_in => {
                 self.batch_open = false;
+                self.batch_ran = false;
                 self.request(tag, now);
             }
-            b'P' | b'B' | b'D' | b'E' | b'C' => self.batch_open = true,
+            b'P' | b'D' | b'C' => self.batch_open = true,
+            b'B' | b'E' => {
+                self.batch_open = true;
+                self.batch_ran = true;
+            }
             b'c' | b'f' => self.copy_in = false,
             _ => {}
         }
