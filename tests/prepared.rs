@@ -775,3 +775,44 @@ async fn a_prepare_ending_with_flush_is_answered_and_recovered() {
     assert_eq!(row_width(&mut a).await, ("2DCZ".into(), Some(2)));
     setup.batch_execute("DROP TABLE cp_flush").await.unwrap();
 }
+
+/// While a request's output is held (it may be recovered from a stale
+/// plan), a NOTICE still reaches the client at once: a long statement's
+/// progress is what drivers wait for before, say, cancelling it.
+#[tokio::test]
+async fn notices_are_not_held_back() {
+    let proxy = TestProxy::start("pool_size = 1\nmax_pool_size = 1").await;
+    let setup = proxy.connect().await;
+    setup
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION cp_notice() RETURNS int LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE NOTICE 'started'; PERFORM pg_sleep(3); RETURN 1; END $$",
+        )
+        .await
+        .unwrap();
+    let mut a = Raw::login(proxy.addr).await;
+    let mut prep = parse("slow", "SELECT cp_notice()");
+    prep.extend(describe_statement("slow"));
+    prep.extend(sync());
+    a.send(&prep).await;
+    assert_eq!(tags(&replies(&mut a).await), "1tTZ");
+    let mut run = bind("slow");
+    run.extend(execute());
+    run.extend(sync());
+    let sent = std::time::Instant::now();
+    a.send(&run).await;
+    let first = a.recv(Duration::from_secs(10)).await.expect("a reply");
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "first reply after {:?}",
+        sent.elapsed()
+    );
+    let mut got = vec![first.tag as char];
+    while let Some(m) = a.recv(Duration::from_secs(10)).await {
+        got.push(m.tag as char);
+        if m.tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(got.iter().collect::<String>(), "2NDCZ");
+}

@@ -604,3 +604,93 @@ async fn stale_plans_on_replicas_are_prepared_again() {
         .await
         .expect("drop");
 }
+
+/// asyncpg prepares with Parse, Describe and Flush (a read: it lands on a
+/// replica), then may send a write as a simple Query before any Sync (its
+/// COPY ... FROM STDIN after preparing the table's introspection query).
+/// Nothing ran in that batch, so pgsluice ends it and the write moves to
+/// the primary instead of failing with 25006 on the replica.
+#[tokio::test]
+async fn a_write_after_a_prepare_only_batch_on_a_replica_goes_to_the_primary() {
+    use support::raw::{Raw, message};
+    let _serial = SERIAL.lock().await;
+    let proxy = start("").await;
+    let c = proxy.connect().await;
+    c.batch_execute("DROP TABLE IF EXISTS routing_pf; CREATE TABLE routing_pf (v int)")
+        .await
+        .expect("schema");
+    wait_in_rotation(&proxy, &[1, 2]).await;
+    let cstr = |s: &str| {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        v
+    };
+    for round in 0..5 {
+        let mut raw = Raw::login(proxy.addr).await;
+        let mut prep = cstr(&format!("intro{round}"));
+        prep.extend(cstr("SELECT inet_server_port()"));
+        prep.extend(0i16.to_be_bytes());
+        let mut batch = message(b'P', &prep);
+        let mut d = vec![b'S'];
+        d.extend(cstr(&format!("intro{round}")));
+        batch.extend(message(b'D', &d));
+        batch.extend(message(b'H', &[]));
+        raw.send(&batch).await;
+        let mut tags = String::new();
+        while let Some(m) = raw.recv(Duration::from_secs(5)).await {
+            tags.push(m.tag as char);
+            if m.tag == b'T' {
+                break;
+            }
+        }
+        assert_eq!(tags, "1tT");
+        raw.send(&message(
+            b'Q',
+            &cstr(&format!("INSERT INTO routing_pf VALUES ({round})")),
+        ))
+        .await;
+        let mut reply = Vec::new();
+        while let Some(m) = raw.recv(Duration::from_secs(10)).await {
+            reply.push((m.tag as char, m.sqlstate()));
+            if m.tag == b'Z' {
+                break;
+            }
+        }
+        assert_eq!(
+            reply,
+            [('C', None), ('Z', None)],
+            "round {round}: {reply:?}"
+        );
+        // The statement prepared before the move is still the client's.
+        let mut run = Vec::new();
+        let mut b = cstr("");
+        b.extend(cstr(&format!("intro{round}")));
+        b.extend([0u8; 6]);
+        run.extend(message(b'B', &b));
+        let mut e = cstr("");
+        e.extend(0i32.to_be_bytes());
+        run.extend(message(b'E', &e));
+        run.extend(message(b'S', &[]));
+        raw.send(&run).await;
+        let mut tags = String::new();
+        while let Some(m) = raw.recv(Duration::from_secs(5)).await {
+            tags.push(m.tag as char);
+            if m.tag == b'Z' {
+                break;
+            }
+        }
+        assert_eq!(tags, "2DCZ");
+    }
+    let rows = c
+        .simple_query("SELECT count(*) FROM routing_pf")
+        .await
+        .expect("count");
+    let n = rows.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(n.as_deref(), Some("5"));
+    c.batch_execute("DROP TABLE routing_pf")
+        .await
+        .expect("drop");
+}

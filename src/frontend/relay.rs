@@ -44,6 +44,9 @@ pub struct RelayState {
     pending: VecDeque<u8>,
     /// Extended-protocol messages sent since the last Sync.
     batch_open: bool,
+    /// The open batch ran something (Bind, Execute): it is more than
+    /// statements being prepared and described.
+    batch_ran: bool,
     copy_in: bool,
     tx: TxStatus,
     /// When the oldest unanswered request was sent (query_timeout).
@@ -70,6 +73,7 @@ impl RelayState {
         Self {
             pending: VecDeque::new(),
             batch_open: false,
+            batch_ran: false,
             copy_in: false,
             tx: TxStatus::Idle,
             request_since: None,
@@ -100,6 +104,12 @@ impl RelayState {
         self.batch_open
     }
 
+    /// An extended batch is open that only prepared, described or closed
+    /// statements (asyncpg's Parse, Describe, Flush): nothing ran in it.
+    pub fn batch_only_prepares(&self) -> bool {
+        self.batch_open && !self.batch_ran && !self.copy_in
+    }
+
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
@@ -108,6 +118,7 @@ impl RelayState {
     pub fn reset(&mut self) {
         self.pending.clear();
         self.batch_open = false;
+        self.batch_ran = false;
         self.copy_in = false;
         self.tx = TxStatus::Idle;
         self.request_since = None;
@@ -145,10 +156,16 @@ impl RelayState {
             // The server ignores Sync and Flush during COPY IN.
             b'S' if !self.copy_in => {
                 self.batch_open = false;
+                self.batch_ran = false;
                 self.request(tag, now);
             }
-            b'P' | b'B' | b'D' | b'E' | b'C' => {
+            b'P' | b'D' | b'C' => {
                 self.batch_open = true;
+                self.xact_since.get_or_insert(now);
+            }
+            b'B' | b'E' => {
+                self.batch_open = true;
+                self.batch_ran = true;
                 self.xact_since.get_or_insert(now);
             }
             b'c' | b'f' => self.copy_in = false,

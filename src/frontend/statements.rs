@@ -335,6 +335,11 @@ impl Replies {
         self.queue.is_empty()
     }
 
+    /// The server reported an error and skips messages until a Sync.
+    pub fn skipping(&self) -> bool {
+        self.skipping
+    }
+
     pub fn reset(&mut self) {
         self.queue.clear();
         self.skipping = false;

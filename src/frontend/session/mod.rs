@@ -655,6 +655,15 @@ impl Session {
                 return Ok(step);
             }
             if let Some(held) = self.held {
+                if held == Held::Reroute
+                    && self.relay.batch_only_prepares()
+                    && !self.replies.skipping()
+                {
+                    // Only statements were prepared on this replica (a
+                    // Parse/Describe/Flush): pgsluice ends that batch, so
+                    // the request that needs another node can move.
+                    self.end_batch().await;
+                }
                 if self.server_quiet() {
                     self.held = None;
                     if held == Held::Reroute
@@ -909,8 +918,15 @@ impl Session {
             // Inside a transaction on this replica, or inside an open
             // extended batch (an implicit transaction), the request stays
             // here: PostgreSQL refuses a write with 25006 as it would.
+            // A batch on this replica that only prepared statements (and
+            // was answered without error) can still be left.
+            let prepares_only = !request_start
+                && self.tracked
+                && self.relay.batch_only_prepares()
+                && self.replies.is_empty()
+                && !self.replies.skipping();
             if self.node != 0
-                && request_start
+                && (request_start || prepares_only)
                 && self.state.pinned.is_none()
                 && !route.replica_may_run(&req)
                 && (!quiet || self.relay.tx_status() == TxStatus::Idle)
@@ -1044,7 +1060,10 @@ impl Session {
                 }
             };
             if let (Segment::Start { header, whole }, Some(w)) = (&seg, window.as_mut()) {
-                let shows_rows = matches!(header.tag, b'D' | b'G' | b'H' | b'W' | b'd');
+                // Rows, COPY, and notices (a long statement's progress the client may
+                // be waiting for) end the window.
+                let shows_rows =
+                    matches!(header.tag, b'D' | b'G' | b'H' | b'W' | b'd' | b'N' | b'A');
                 if w.failed.is_none()
                     && (shows_rows || w.held.len() + (pos - written) > route::RETRY_HOLD_LIMIT)
                 {

@@ -200,26 +200,32 @@ impl Session {
     /// the server has answered all it was sent, pgsluice sends that Sync
     /// itself (its ReadyForQuery is swallowed).
     async fn end_failed_batch(&mut self) -> std::io::Result<Option<Step>> {
+        if self.end_batch().await {
+            if let Some(w) = self.window.as_mut() {
+                w.synced = true;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Ends the server's open extended batch with a Sync of pgsluice's own
+    /// (its ReadyForQuery is swallowed), once the server has answered
+    /// everything it was sent. False if it cannot yet.
+    pub(super) async fn end_batch(&mut self) -> bool {
         let answered = self.replies.is_empty()
             && self.sscan.at_boundary()
             && self.cscan.at_boundary()
             && self.server.as_ref().is_some_and(|s| s.buf.is_empty());
-        if !answered {
-            return Ok(None);
-        }
-        let Some(server) = self.server.as_deref_mut() else {
-            return Ok(None);
+        let Some(server) = self.server.as_deref_mut().filter(|_| answered) else {
+            return false;
         };
-        if let Some(w) = self.window.as_mut() {
-            w.synced = true;
-        }
         self.relay.on_client_tag(b'S', std::time::Instant::now());
         self.replies
             .push_server(statements::Kind::Sync, true, statements::Undos::default());
         if server.stream.write_all(super::shapes::SYNC).await.is_err() {
             self.relay.server_unusable = true;
         }
-        Ok(None)
+        true
     }
 
     /// Whether `request` shows the client the row shape of what it runs (a
