@@ -139,6 +139,10 @@ async fn dashboard_alerts_and_runbook_use_only_exported_metrics() {
     c.batch_execute("CREATE TEMP TABLE deploy_probe (v int)")
         .await
         .expect("write");
+    // An error, so the per-class error counter has a series.
+    c.batch_execute("SELECT 1/0")
+        .await
+        .expect_err("division by zero");
     let exposition = get(http, "/metrics").await;
     let exported = exported_names(&exposition);
     assert!(

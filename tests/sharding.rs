@@ -134,7 +134,7 @@ impl Sharded {
             })
             .collect();
         let toml = format!(
-            "[general]\nlisten_addr = \"127.0.0.1:0\"\npool_size = 4\n\
+            "[general]\nlisten_addr = \"127.0.0.1:0\"\npool_size = 4\nadmin_users = [\"app\"]\n\
              [databases.app]\nshards = [{}]\nshard_key = \"user_id\"\n\
              unsharded_tables = [\"countries\"]\n{extra}\n\
              [routing]\nmonitor_user = \"app\"\nmonitor_interval = \"25ms\"\n\
@@ -958,4 +958,63 @@ async fn a_stopped_shard_primary_fails_only_that_shards_writes() {
             .await
             .expect("clean");
     }
+}
+
+/// The admin console shows every shard's nodes and where a statement goes.
+#[tokio::test]
+async fn the_admin_console_shows_shards_and_routes() {
+    let _serial = SERIAL.lock().await;
+    let proxy = Sharded::start("").await;
+    let admin = connect(&proxy.conninfo().replace("dbname=app", "dbname=pgsluice")).await;
+    let rows: Vec<Vec<String>> = admin
+        .simple_query("SHOW SHARDS")
+        .await
+        .expect("SHOW SHARDS")
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("").to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows.len(), SHARDS + 1, "{rows:?}");
+    for s in 0..SHARDS {
+        assert!(
+            rows.iter()
+                .any(|r| r[1] == s.to_string() && r[3] == "primary"),
+            "shard {s} has a primary row: {rows:?}"
+        );
+    }
+    let user = users_on(2)[0];
+    let route = admin
+        .simple_query(&format!(
+            "SHOW ROUTE SELECT * FROM accounts WHERE user_id = {user}"
+        ))
+        .await
+        .expect("SHOW ROUTE");
+    let row = route
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some((
+                r.get(3).unwrap_or("").to_owned(),
+                r.get(5).unwrap_or("").to_owned(),
+            )),
+            _ => None,
+        })
+        .expect("a row");
+    assert_eq!(row.0, "shard 2", "{row:?}");
+    assert!(row.1.contains(&user.to_string()), "{row:?}");
+    let fanout = admin
+        .simple_query("SHOW ROUTE SELECT count(*) FROM accounts")
+        .await
+        .expect("SHOW ROUTE");
+    assert!(
+        fanout
+            .iter()
+            .any(|m| matches!(m, SimpleQueryMessage::Row(r) if r.get(3) == Some("all shards"))),
+        "{fanout:?}"
+    );
 }

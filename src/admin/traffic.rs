@@ -113,11 +113,72 @@ pub fn register(registry: &mut Registry, shared: &Shared) {
             "Clients pinned to their server by a session-only feature",
             &p.pins,
         ),
+        (
+            "prepared_replans",
+            "Requests sent again after a stale cached plan, once the statement was prepared afresh",
+            &p.replans,
+        ),
     ] {
         let c = Counter::<u64>::default();
         c.inc_by(counter.load(std::sync::atomic::Ordering::Relaxed));
         registry.register(name, help, c);
     }
+    shards(registry, shared);
+}
+
+/// Sharded databases: statements placed and fan-outs per shard, refusals
+/// per database, and each shard node's availability.
+fn shards(registry: &mut Registry, shared: &Shared) {
+    let statements = Family::<Labels, Counter>::default();
+    let fanouts = Family::<Labels, Counter>::default();
+    let refused = Family::<Labels, Counter>::default();
+    let up = Family::<Labels, Gauge>::default();
+    let now = std::time::Instant::now();
+    for (name, db) in &shared.shards {
+        refused
+            .get_or_create(&vec![("database", name.clone())])
+            .inc_by(db.refused());
+        for shard in &db.shards {
+            let labels = vec![
+                ("database", name.clone()),
+                ("shard", shard.index.to_string()),
+            ];
+            statements.get_or_create(&labels).inc_by(shard.statements());
+            fanouts.get_or_create(&labels).inc_by(shard.fanouts());
+            for node in shard.cluster.nodes() {
+                let serving = match node.role {
+                    crate::cluster::Role::Primary => shard.cluster.primary_reachable(now),
+                    crate::cluster::Role::Replica => matches!(
+                        shard.cluster.availability(node.index, now),
+                        crate::cluster::Availability::InRotation { .. }
+                    ),
+                };
+                let mut l = labels.clone();
+                l.push(("node", node.name.clone()));
+                up.get_or_create(&l).set(i64::from(serving));
+            }
+        }
+    }
+    registry.register(
+        "shard_statements",
+        "Statements placed on one shard, per shard",
+        statements,
+    );
+    registry.register(
+        "shard_fanouts",
+        "Key-less reads run on every shard and merged (counted per shard)",
+        fanouts,
+    );
+    registry.register(
+        "shard_refused",
+        "Statements refused because they cannot be placed or merged exactly",
+        refused,
+    );
+    registry.register(
+        "shard_node_serving",
+        "1 when a shard's primary is reachable, or its replica is in read rotation",
+        up,
+    );
 }
 
 /// `clients{database,user,state}`: every (database, user) with pools gets

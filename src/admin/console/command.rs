@@ -30,6 +30,8 @@ pub enum Command {
     ShowRoute(String),
     /// pgsluice: the prepared statements shared across clients.
     ShowPrepared,
+    /// pgsluice: every node of every shard of the sharded databases.
+    ShowShards,
     Pause(Option<String>),
     Resume(Option<String>),
     Reconnect(Option<String>),
@@ -79,6 +81,7 @@ impl Command {
                 | Self::ShowReplicas
                 | Self::ShowRoute(_)
                 | Self::ShowPrepared
+                | Self::ShowShards
         )
     }
 
@@ -185,6 +188,7 @@ pub fn parse(text: &str) -> Result<Command, ConsoleError> {
             "HELP" => Command::ShowHelp,
             "REPLICAS" => Command::ShowReplicas,
             "PREPARED" => Command::ShowPrepared,
+            "SHARDS" => Command::ShowShards,
             _ => return Err(unknown()),
         };
         if !rest.is_empty() {

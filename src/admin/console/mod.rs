@@ -20,6 +20,7 @@ mod prepared;
 mod replicas;
 mod result;
 mod route;
+mod shards;
 mod show_clients;
 mod show_pools;
 mod show_stats;
@@ -175,6 +176,7 @@ pub async fn dispatch(command: Command, access: Access, ctx: &Ctx<'_>) -> Outcom
         Command::ShowReplicas => replicas::show(ctx),
         Command::ShowRoute(sql) => route::show(ctx, &sql),
         Command::ShowPrepared => prepared::show(ctx),
+        Command::ShowShards => shards::show(ctx),
         Command::Pause(db) => control::pause(ctx, db.as_deref()).await,
         Command::Resume(db) => control::resume(ctx, db.as_deref()),
         Command::Reconnect(db) => control::reconnect(ctx, db.as_deref()),

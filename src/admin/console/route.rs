@@ -24,6 +24,24 @@ pub fn show(ctx: &Ctx<'_>, sql: &str) -> Outcome {
             Access::Read => "read",
             Access::Write => "write",
         };
+        if let Some(sharded) = ctx.shared.shards.get(&db.name) {
+            // Sharded: the shard and why; the node within the shard follows
+            // the replication rules above.
+            let (target, reason) = sharded.explain(sql);
+            let class = match sharded.shards.first() {
+                Some(shard) => shard.cluster.classify(sql.as_bytes()),
+                None => crate::router::classify(sql, &crate::router::FunctionCatalog::builtin()),
+            };
+            rs.push(vec![
+                v(&db.name),
+                v(access(class.access)),
+                v(class.reason.as_str()),
+                v(target),
+                None,
+                v(reason),
+            ]);
+            continue;
+        }
         match ctx.shared.clusters.get(&db.name) {
             Some(cluster) if db.pool_mode != crate::config::PoolMode::Session => {
                 let (class, node, reason) = crate::frontend::preview_route(cluster, sql);
