@@ -1,20 +1,23 @@
 //! The listener: accepts clients, bounds them, and runs graceful shutdown.
 //!
 //! State is built once here and shared as an `Arc`; there are no globals, so
-//! any number of proxies can run in one process (the tests do).
+//! any number of proxies can run in one process (the tests do). The live
+//! configuration and the replication groups sit behind `ArcSwap`s that a
+//! reload replaces (see `reload.rs`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{Notify, watch};
 
 use crate::admin::HttpEndpoint;
-use crate::cluster::{Cluster, MonitorLogin, spawn_monitor};
-use crate::config::{Config, Database, User};
+use crate::backend::auth_query::AuthLookup;
+use crate::cluster::Cluster;
+use crate::config::{Config, Database, ShutdownMode, User};
 use crate::frontend::{self, CancelRegistry, StatementRegistry};
 use crate::pool::Pools;
 use crate::tls::{TlsContext, TlsFileError, TlsHandle};
@@ -23,17 +26,27 @@ use crate::tls::{TlsContext, TlsFileError, TlsHandle};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
     Running,
+    /// Not accepting (`shutdown_mode = "clients"`); clients, and
+    /// connections already accepted, go on until they disconnect.
+    Quiescing,
     /// Not accepting; sessions leave at their next transaction boundary.
     Draining,
     /// shutdown_timeout passed: sessions leave now.
     Stopping,
 }
 
+/// Databases with replicas, by name: topology and monitor state.
+pub type Clusters = std::collections::BTreeMap<String, Arc<Cluster>>;
+
 pub struct Shared {
-    pub config: Arc<Config>,
+    /// The live configuration; [`Shared::config`] reads it.
+    pub(crate) config: ArcSwap<Config>,
     pub pools: Pools,
-    /// Databases with replicas, by name: topology and monitor state.
-    pub clusters: std::collections::BTreeMap<String, Arc<Cluster>>,
+    /// [`Shared::clusters`] reads it.
+    pub(crate) clusters: ArcSwap<Clusters>,
+    /// Bumped by every applied reload: sessions compare it at each request
+    /// boundary and pick up the new topology.
+    pub(crate) generation: AtomicU64,
     pub cancels: CancelRegistry,
     /// Prepared statements deduplicated across clients and servers.
     pub statements: StatementRegistry,
@@ -46,7 +59,11 @@ pub struct Shared {
     /// [`Shared::reload_tls`].
     pub tls: TlsHandle,
     /// Looks up users who are not in the config (`[auth_query]`).
-    pub auth_lookup: Option<crate::backend::auth_query::AuthLookup>,
+    pub(crate) auth_lookup: ArcSwapOption<AuthLookup>,
+    /// The config file, reload counters and timestamp.
+    pub reloads: crate::reload::ReloadState,
+    /// The runtime log filter, when the process installed one (`main`).
+    pub log: OnceLock<crate::logging::LogControl>,
     clients: AtomicUsize,
     clients_gone: Notify,
     /// Logged-in clients per user and per database (their limits).
@@ -55,6 +72,28 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The live configuration (a cheap snapshot; hold it briefly, or turn
+    /// it into an `Arc` with `arc_swap::Guard::into_inner`).
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// The replication groups of the databases with replicas, as of the
+    /// last reload.
+    pub fn clusters(&self) -> arc_swap::Guard<Arc<Clusters>> {
+        self.clusters.load()
+    }
+
+    /// The `[auth_query]` lookup, when configured.
+    pub fn auth_lookup(&self) -> Option<Arc<AuthLookup>> {
+        self.auth_lookup.load_full()
+    }
+
+    /// How many reloads have been applied.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
     }
@@ -92,7 +131,7 @@ impl Shared {
     /// theirs. On error nothing changes and the error names the setting,
     /// the file and what is wrong with it.
     pub fn reload_tls(&self) -> Result<(), TlsFileError> {
-        let context = TlsContext::load(&self.config.tls)?;
+        let context = TlsContext::load(&self.config().tls)?;
         self.tls.store(Arc::new(context));
         Ok(())
     }
@@ -107,6 +146,16 @@ pub struct Admitted {
     shared: Arc<Shared>,
     user: String,
     database: String,
+}
+
+impl Admitted {
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
 }
 
 impl Drop for Admitted {
@@ -145,7 +194,7 @@ impl ClientPermit {
         let n = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
         Self {
             shared: shared.clone(),
-            over_limit: n > shared.config.general.max_client_conn,
+            over_limit: n > shared.config().general.max_client_conn,
         }
     }
 }
@@ -165,9 +214,21 @@ pub struct ShutdownHandle(Arc<watch::Sender<Phase>>);
 impl ShutdownHandle {
     /// Stop accepting; let transactions finish up to `shutdown_timeout`.
     pub fn shutdown(&self) {
+        self.shutdown_with(ShutdownMode::Transactions);
+    }
+
+    /// Stop accepting; `Transactions`: close each client at its next
+    /// transaction boundary; `Clients`: let clients go on until they leave.
+    /// Either way, what remains at `shutdown_timeout` is closed. A drain
+    /// already under way only ever gets stricter.
+    pub fn shutdown_with(&self, mode: ShutdownMode) {
+        let next = match mode {
+            ShutdownMode::Transactions => Phase::Draining,
+            ShutdownMode::Clients => Phase::Quiescing,
+        };
         self.0.send_if_modified(|p| {
-            if *p == Phase::Running {
-                *p = Phase::Draining;
+            if *p < next {
+                *p = next;
                 true
             } else {
                 false
@@ -182,7 +243,7 @@ impl ShutdownHandle {
 }
 
 pub struct Proxy {
-    listener: TcpListener,
+    listener: crate::listener::Listener,
     shared: Arc<Shared>,
     phase_tx: Arc<watch::Sender<Phase>>,
     http: Option<HttpEndpoint>,
@@ -195,7 +256,7 @@ impl Proxy {
         let tls = TlsContext::load(&config.tls)
             .map_err(std::io::Error::other)?
             .handle();
-        let listener = TcpListener::bind(config.general.listen_addr).await?;
+        let listener = crate::listener::Listener::bind(&config.general)?;
         let http = match config.admin.http_listen_addr {
             Some(addr) => Some(HttpEndpoint::bind(addr).await?),
             None => None,
@@ -207,13 +268,19 @@ impl Proxy {
             .filter(|db| !db.replicas.is_empty())
             .map(|db| (db.name.clone(), Cluster::new(db, &config.routing)))
             .collect();
-        let auth_lookup = crate::backend::auth_query::AuthLookup::new(&config, tls.clone());
+        let auth_lookup = AuthLookup::new(&config, tls.clone()).map(Arc::new);
+        let config = Arc::new(config);
+        let pools = Pools::new(tls.clone());
+        pools.reconfigure(config.clone());
         let shared = Arc::new(Shared {
-            auth_lookup,
-            config: Arc::new(config),
-            pools: Pools::new(tls.clone()),
-            clusters,
-            cancels: CancelRegistry::new(),
+            auth_lookup: ArcSwapOption::new(auth_lookup),
+            cancels: CancelRegistry::with_instance(config.general.instance_id),
+            config: ArcSwap::new(config),
+            pools,
+            clusters: ArcSwap::from_pointee(clusters),
+            generation: AtomicU64::new(0),
+            reloads: crate::reload::ReloadState::new(),
+            log: OnceLock::new(),
             statements: StatementRegistry::new(),
             stats: Stats::default(),
             phase,
@@ -224,7 +291,11 @@ impl Proxy {
             per_user: Mutex::default(),
             per_database: Mutex::default(),
         });
-        start_monitors(&shared);
+        let config = shared.config();
+        for (name, cluster) in shared.clusters().iter() {
+            crate::reload::start_monitor(&shared, name, cluster, &config);
+        }
+        drop(config);
         Ok(Self {
             listener,
             http,
@@ -265,11 +336,7 @@ impl Proxy {
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
-                    Ok((stream, peer)) => {
-                        let permit = ClientPermit::acquire(&shared);
-                        let _ = stream.set_nodelay(true);
-                        tokio::spawn(frontend::serve(stream, peer, shared.clone(), permit));
-                    }
+                    Ok((stream, peer)) => admit_client(&shared, stream, peer),
                     Err(e) => {
                         // EMFILE and friends: back off, never spin or exit.
                         tracing::warn!(error = %e, "accept failed");
@@ -283,8 +350,13 @@ impl Proxy {
                 }
             }
         }
-        drop(listener);
-        let timeout = shared.config.general.shutdown_timeout;
+        // Beside a new instance on the same port (SO_REUSEPORT), new
+        // connections are steered to it and those already queued here are
+        // served before the listener closes; see listener.rs.
+        listener
+            .close(|stream, peer| admit_client(&shared, stream, peer))
+            .await;
+        let timeout = shared.config().general.shutdown_timeout;
         tracing::info!(
             clients = shared.client_count(),
             ?timeout,
@@ -303,40 +375,11 @@ impl Proxy {
     }
 }
 
-/// One monitor per database with replicas. A node that answers again
-/// clears its pools' remembered login failure, so clients need not wait out
-/// `server_login_retry` (writes resume as soon as a primary is back).
-fn start_monitors(shared: &Arc<Shared>) {
-    for (name, cluster) in &shared.clusters {
-        let Some(db) = shared.config.databases.get(name) else {
-            continue;
-        };
-        let Some(user) = db
-            .monitor_user
-            .as_ref()
-            .and_then(|u| shared.config.users.get(u))
-        else {
-            continue;
-        };
-        let login = MonitorLogin {
-            user: user.name.clone(),
-            password: crate::config::Config::monitor_password(user),
-            dbname: db.dbname.clone(),
-            connect_timeout: shared.config.routing.monitor_timeout,
-            tls: shared.tls.clone(),
-        };
-        let weak = Arc::downgrade(shared);
-        let database = name.clone();
-        spawn_monitor(
-            cluster,
-            login,
-            Arc::new(move |node| {
-                if let Some(shared) = weak.upgrade() {
-                    shared.pools.node_reachable(&database, node);
-                }
-            }),
-        );
-    }
+/// Starts serving one accepted connection.
+fn admit_client(shared: &Arc<Shared>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    let permit = ClientPermit::acquire(shared);
+    let _ = stream.set_nodelay(true);
+    tokio::spawn(frontend::serve(stream, peer, shared.clone(), permit));
 }
 
 async fn wait_for_clients(shared: &Shared, timeout: Duration) -> bool {

@@ -159,6 +159,8 @@ pub struct Cluster {
     classes: ClassCache,
     /// Reads sent again elsewhere after a replica failed them.
     retries: AtomicU64,
+    /// A reload replaced this group: its monitor stops.
+    retired: AtomicBool,
 }
 
 /// Statement texts whose classification is remembered, per database.
@@ -204,6 +206,7 @@ impl Cluster {
             functions: ArcSwap::from_pointee(FunctionCatalog::builtin()),
             classes: ClassCache::new(CLASS_CACHE_CAPACITY),
             retries: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -216,6 +219,17 @@ impl Cluster {
     /// Replaces the function catalog (read from `pg_proc`).
     fn set_functions(&self, catalog: FunctionCatalog) {
         self.functions.store(Arc::new(catalog));
+    }
+
+    /// A reload replaced this group (topology or routing settings changed):
+    /// its monitor stops; sessions move to the new group at their next
+    /// request.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     pub fn count_retry(&self) {

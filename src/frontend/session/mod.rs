@@ -22,6 +22,7 @@ pub(crate) mod route;
 mod sql_prepared;
 mod state;
 mod tracked;
+mod upstream;
 
 use super::cancel::CancelSlot;
 use super::params::ClientParams;
@@ -149,6 +150,8 @@ pub(super) struct Upstream {
     pub cluster: Option<Arc<Cluster>>,
     /// This client counted against its user's and database's limits.
     pub admitted: crate::proxy::Admitted,
+    /// The reload generation `pools` and `cluster` belong to.
+    pub generation: u64,
 }
 
 /// How an attempt to attach a server ended.
@@ -210,6 +213,8 @@ pub struct Session {
     /// The extended-protocol batch was already open before the message
     /// being rewritten (nothing can be injected in front of it).
     batch_was_open: bool,
+    /// The reload generation of `pools` and `route` (see `upstream.rs`).
+    generation: u64,
 }
 
 impl Session {
@@ -229,6 +234,7 @@ impl Session {
             shared,
             pools: upstream.pools,
             _admitted: upstream.admitted,
+            generation: upstream.generation,
             node: 0,
             route: match upstream.cluster {
                 Some(c) if mode != PoolMode::Session && c.nodes().len() > 1 => {
@@ -305,7 +311,7 @@ impl Session {
     /// a server out when one is needed.
     async fn idle_step(&mut self, client: &mut ClientStream) -> std::io::Result<Step> {
         if self.cbuf.is_empty() {
-            if *self.phase.borrow() != Phase::Running {
+            if *self.phase.borrow() >= Phase::Draining {
                 return self.close_for_shutdown(client).await;
             }
             if self.cbuf.capacity() > IDLE_BUFFER_KEEP {
@@ -339,7 +345,7 @@ impl Session {
                 Err(e) => return Err(e),
             }
         }
-        let max = self.shared.config.general.max_packet_size;
+        let max = self.shared.config().general.max_packet_size;
         let header = match protocol::peek_header(&self.cbuf, max) {
             Ok(Some(h)) => h,
             Ok(None) => return self.read_client(client).await,
@@ -377,6 +383,7 @@ impl Session {
     /// Picks the node for the buffered request (or answers it, if it is
     /// pgsluice's own command) and attaches a server there.
     async fn route_and_attach(&mut self, client: &mut ClientStream) -> std::io::Result<Step> {
+        self.follow_reload();
         let started = Instant::now();
         let deadline = started + self.pools[0].settings().checkout_timeout;
         let Some(route) = self.route.as_deref_mut() else {
@@ -389,7 +396,7 @@ impl Session {
                 Attach::Exit(step) => step,
             });
         };
-        let max = self.shared.config.general.max_packet_size;
+        let max = self.shared.config().general.max_packet_size;
         let unnamed = self
             .unnamed
             .as_ref()
@@ -484,7 +491,8 @@ impl Session {
         deadline: Instant,
     ) -> std::io::Result<Attach> {
         self.node = node;
-        let mut server = match self.pools[node].checkout_by(started, deadline).await {
+        let checkout = self.pools[node].checkout_by(started, deadline);
+        let mut server = match self.cancel.abortable(checkout).await {
             Ok(s) => s,
             Err(e) => return Ok(Attach::Failed(e)),
         };
@@ -538,7 +546,7 @@ impl Session {
         self.out.clear();
         protocol::error_response(&mut self.out, Severity::Error, code, message);
         client.write_all(&self.out).await?;
-        let max = self.shared.config.general.max_packet_size;
+        let max = self.shared.config().general.max_packet_size;
         loop {
             match protocol::peek_header(&self.cbuf, max) {
                 Ok(Some(h)) if self.cbuf.len() >= h.total_len => {
@@ -602,7 +610,7 @@ impl Session {
                     self.held = None;
                     if held == Held::Reroute
                         && self.relay.at_boundary()
-                        && *self.phase.borrow() == Phase::Running
+                        && *self.phase.borrow() < Phase::Draining
                     {
                         // The next request goes elsewhere: idle_step routes it
                         // (unless the client is pinned here).
@@ -617,7 +625,7 @@ impl Session {
                 }
             }
             if self.at_release_point() {
-                if *self.phase.borrow() != Phase::Running {
+                if *self.phase.borrow() >= Phase::Draining {
                     return self.close_for_shutdown(client).await;
                 }
                 if self.mode != PoolMode::Session && self.release().await {
@@ -790,7 +798,7 @@ impl Session {
             let Some(route) = self.route.as_deref_mut() else {
                 return Ok(None);
             };
-            let max = self.shared.config.general.max_packet_size;
+            let max = self.shared.config().general.max_packet_size;
             let unnamed = self
                 .unnamed
                 .as_ref()
@@ -877,7 +885,7 @@ impl Session {
         if self.tracked {
             return self.forward_client_tracked(client, limit).await;
         }
-        let max = self.shared.config.general.max_packet_size;
+        let max = self.shared.config().general.max_packet_size;
         let now = Instant::now();
         let mut pos = 0;
         let mut end = None;
@@ -1198,7 +1206,8 @@ impl Session {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let g = &self.shared.config.general;
+        let config = self.shared.config();
+        let g = &config.general;
         let mut deadline: Option<Instant> = None;
         let mut consider = |d: Instant| deadline = Some(deadline.map_or(d, |cur| cur.min(d)));
         if let (Some(qt), Some(since)) = (g.query_timeout, self.relay.request_since) {
@@ -1217,8 +1226,10 @@ impl Session {
 
     async fn on_timer(&mut self, client: &mut ClientStream) -> std::io::Result<Option<Step>> {
         let now = Instant::now();
-        let g = &self.shared.config.general;
-        let (query_timeout, idle_tx_timeout) = (g.query_timeout, g.idle_transaction_timeout);
+        let (query_timeout, idle_tx_timeout) = {
+            let c = self.shared.config();
+            (c.general.query_timeout, c.general.idle_transaction_timeout)
+        };
         if let (Some(qt), Some(since)) = (query_timeout, self.relay.request_since) {
             match self.query_cancelled {
                 Some(at) if at >= since && now >= at + QUERY_CANCEL_GRACE => {
