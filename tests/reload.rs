@@ -608,3 +608,33 @@ async fn databases_come_and_go() {
             .expect("connected client of a removed database");
     }
 }
+
+/// A timeout changed by a reload applies to clients already connected, from
+/// their next request.
+#[tokio::test]
+async fn timeouts_apply_to_connected_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgsluice.toml");
+    std::fs::write(&path, config_text("127.0.0.1:0", 0, false, 2, "")).unwrap();
+    let proxy = start_from_file(&path).await;
+    let client = connect(proxy.addr.port(), "app", "app").await.unwrap();
+    client
+        .batch_execute("SELECT pg_sleep(1.5)")
+        .await
+        .expect("no timeout yet");
+    std::fs::write(
+        &path,
+        config_text("127.0.0.1:0", 0, false, 2, "query_timeout = \"500ms\""),
+    )
+    .unwrap();
+    proxy.shared.reload().expect("reload");
+    let err = client
+        .batch_execute("SELECT pg_sleep(5)")
+        .await
+        .expect_err("query_timeout applies");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    client
+        .batch_execute("SELECT 1")
+        .await
+        .expect("still connected");
+}

@@ -338,6 +338,7 @@ async fn login(
             pools,
             cluster,
             generation,
+            config: config.clone(),
         },
         db.pool_mode,
         client_params,

@@ -152,6 +152,8 @@ pub(super) struct Upstream {
     pub admitted: crate::proxy::Admitted,
     /// The reload generation `pools` and `cluster` belong to.
     pub generation: u64,
+    /// The configuration the client logged in with.
+    pub config: Arc<crate::config::Config>,
 }
 
 /// How an attempt to attach a server ended.
@@ -213,8 +215,13 @@ pub struct Session {
     /// The extended-protocol batch was already open before the message
     /// being rewritten (nothing can be injected in front of it).
     batch_was_open: bool,
-    /// The reload generation of `pools` and `route` (see `upstream.rs`).
+    /// The reload generation of `pools`, `route` and `config` (see
+    /// `upstream.rs`).
     generation: u64,
+    /// The live configuration as of `generation`: read without touching
+    /// the shared `ArcSwap` on every message.
+    config: Arc<crate::config::Config>,
+    config_generation: u64,
 }
 
 impl Session {
@@ -235,6 +242,8 @@ impl Session {
             pools: upstream.pools,
             _admitted: upstream.admitted,
             generation: upstream.generation,
+            config: upstream.config,
+            config_generation: upstream.generation,
             node: 0,
             route: match upstream.cluster {
                 Some(c) if mode != PoolMode::Session && c.nodes().len() > 1 => {
@@ -345,7 +354,7 @@ impl Session {
                 Err(e) => return Err(e),
             }
         }
-        let max = self.shared.config().general.max_packet_size;
+        let max = self.config.general.max_packet_size;
         let header = match protocol::peek_header(&self.cbuf, max) {
             Ok(Some(h)) => h,
             Ok(None) => return self.read_client(client).await,
@@ -396,7 +405,7 @@ impl Session {
                 Attach::Exit(step) => step,
             });
         };
-        let max = self.shared.config().general.max_packet_size;
+        let max = self.config.general.max_packet_size;
         let unnamed = self
             .unnamed
             .as_ref()
@@ -546,7 +555,7 @@ impl Session {
         self.out.clear();
         protocol::error_response(&mut self.out, Severity::Error, code, message);
         client.write_all(&self.out).await?;
-        let max = self.shared.config().general.max_packet_size;
+        let max = self.config.general.max_packet_size;
         loop {
             match protocol::peek_header(&self.cbuf, max) {
                 Ok(Some(h)) if self.cbuf.len() >= h.total_len => {
@@ -625,6 +634,7 @@ impl Session {
                 }
             }
             if self.at_release_point() {
+                self.follow_config();
                 if *self.phase.borrow() >= Phase::Draining {
                     return self.close_for_shutdown(client).await;
                 }
@@ -798,7 +808,7 @@ impl Session {
             let Some(route) = self.route.as_deref_mut() else {
                 return Ok(None);
             };
-            let max = self.shared.config().general.max_packet_size;
+            let max = self.config.general.max_packet_size;
             let unnamed = self
                 .unnamed
                 .as_ref()
@@ -885,7 +895,7 @@ impl Session {
         if self.tracked {
             return self.forward_client_tracked(client, limit).await;
         }
-        let max = self.shared.config().general.max_packet_size;
+        let max = self.config.general.max_packet_size;
         let now = Instant::now();
         let mut pos = 0;
         let mut end = None;
@@ -1206,8 +1216,7 @@ impl Session {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let config = self.shared.config();
-        let g = &config.general;
+        let g = &self.config.general;
         let mut deadline: Option<Instant> = None;
         let mut consider = |d: Instant| deadline = Some(deadline.map_or(d, |cur| cur.min(d)));
         if let (Some(qt), Some(since)) = (g.query_timeout, self.relay.request_since) {
@@ -1226,10 +1235,8 @@ impl Session {
 
     async fn on_timer(&mut self, client: &mut ClientStream) -> std::io::Result<Option<Step>> {
         let now = Instant::now();
-        let (query_timeout, idle_tx_timeout) = {
-            let c = self.shared.config();
-            (c.general.query_timeout, c.general.idle_transaction_timeout)
-        };
+        let g = &self.config.general;
+        let (query_timeout, idle_tx_timeout) = (g.query_timeout, g.idle_transaction_timeout);
         if let (Some(qt), Some(since)) = (query_timeout, self.relay.request_since) {
             match self.query_cancelled {
                 Some(at) if at >= since && now >= at + QUERY_CANCEL_GRACE => {

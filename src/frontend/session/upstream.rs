@@ -1,6 +1,6 @@
 //! Following a reload: at a request boundary (no server attached, so never
-//! inside a transaction), a session whose pools and replication group
-//! predate the last reload takes the current ones. A client of a removed
+//! inside a transaction), a session whose configuration, pools and
+//! replication group predate the last reload takes the current ones. A client of a removed
 //! database or user keeps what it has and finishes with it.
 
 use std::sync::Arc;
@@ -10,6 +10,17 @@ use super::route::{ClientRoute, parse_route_mode};
 use crate::config::PoolMode;
 
 impl Session {
+    /// Takes the live configuration (timeouts, limits) if a reload happened
+    /// since; cheap enough for every request boundary, including those of
+    /// a session-mode client that keeps its server.
+    pub(super) fn follow_config(&mut self) {
+        let generation = self.shared.generation();
+        if generation != self.config_generation {
+            self.config = arc_swap::Guard::into_inner(self.shared.config());
+            self.config_generation = generation;
+        }
+    }
+
     /// Takes this client's pools and replication group from the live
     /// configuration if a reload happened since they were taken.
     pub(super) fn follow_reload(&mut self) {
@@ -17,6 +28,9 @@ impl Session {
         if generation == self.generation || self.server.is_some() {
             return;
         }
+        // Timeouts and limits follow the reload in any case.
+        self.config = arc_swap::Guard::into_inner(self.shared.config());
+        self.config_generation = generation;
         let (database, user) = (self._admitted.database(), self._admitted.user());
         let Some(pools) = self.shared.pools.get(database, user) else {
             // Removed database or user: finish with the old pools.
