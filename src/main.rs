@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use pgsluice::config::Config;
+use pgsluice::config::{Config, LogFormat};
 use pgsluice::localpg::{ClusterOptions, LocalCluster};
 use pgsluice::proxy::{Proxy, ShutdownHandle};
 use tokio::signal::unix::{SignalKind, signal};
@@ -83,8 +83,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
-    let result = match cli.command.unwrap_or(Command::Run) {
+    let command = cli.command.unwrap_or(Command::Run);
+    // `run` sets up logging from its config file (format, level).
+    if !matches!(command, Command::Run) {
+        let _ = pgsluice::logging::init(LogFormat::Text, "info");
+    }
+    let result = match command {
         Command::Check => check(&cli.config),
         Command::Run => run(&cli.config),
         Command::Demo {
@@ -106,15 +110,6 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 fn runtime(config: &Config) -> Result<tokio::runtime::Runtime> {
@@ -194,11 +189,19 @@ fn health(url: &str, timeout: std::time::Duration) -> ExitCode {
 
 fn run(path: &std::path::Path) -> Result<()> {
     let config = Config::load(path).context("invalid configuration")?;
+    let log = pgsluice::logging::init(config.general.log_format, &config.general.log_level)
+        .map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))?;
     runtime(&config)?.block_on(async {
         let listen = config.general.listen_addr;
         let proxy = Proxy::bind(config)
             .await
             .with_context(|| format!("cannot listen on {listen} (general.listen_addr)"))?;
+        let shared = proxy.shared();
+        let _ = shared.log.set(log);
+        // An absolute path: a reload must find the file whatever the
+        // working directory is by then.
+        let file = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        shared.reloads.set_config_file(file);
         tracing::info!(addr = %proxy.local_addr()?, version = env!("CARGO_PKG_VERSION"), "pgsluice listening");
         if let Some(http) = proxy.http_addr() {
             tracing::info!(addr = %http, "HTTP endpoint: /health /ready /metrics");
@@ -207,10 +210,11 @@ fn run(path: &std::path::Path) -> Result<()> {
     })
 }
 
-/// Runs the proxy. SIGTERM drains (a second SIGTERM exits at once), SIGINT
-/// exits at once (`demo`: closes clients and returns so the cluster is
-/// cleaned up), SIGHUP re-reads the TLS certificate, key and CA files (a
-/// broken file keeps the old ones; the error says which and why).
+/// Runs the proxy. SIGTERM drains as `general.shutdown_mode` says (a second
+/// SIGTERM exits at once), SIGINT exits at once (`demo`: closes clients and
+/// returns so the cluster is cleaned up), SIGHUP reloads the configuration
+/// file with its hba_file and TLS files (an invalid one keeps the running
+/// configuration; the error names the file and the setting).
 async fn serve_until_signalled(proxy: Proxy, demo: bool) -> Result<()> {
     let handle = proxy.shutdown_handle();
     let shared = proxy.shared().clone();
@@ -230,9 +234,13 @@ async fn serve_until_signalled(proxy: Proxy, demo: bool) -> Result<()> {
                     tracing::warn!("second SIGTERM: exiting now");
                     std::process::exit(1);
                 }
-                tracing::info!("SIGTERM: draining (no new clients; transactions may finish within shutdown_timeout)");
+                let mode = shared.config().general.shutdown_mode;
+                match mode {
+                    pgsluice::config::ShutdownMode::Transactions => tracing::info!("SIGTERM: draining (no new clients; transactions may finish within shutdown_timeout)"),
+                    pgsluice::config::ShutdownMode::Clients => tracing::info!("SIGTERM: draining (no new clients; clients may stay until they disconnect, within shutdown_timeout)"),
+                }
                 draining = true;
-                handle.shutdown();
+                handle.shutdown_with(mode);
                 if demo {
                     stop_now(&handle, &mut task).await;
                     return Ok(());
@@ -247,9 +255,15 @@ async fn serve_until_signalled(proxy: Proxy, demo: bool) -> Result<()> {
                 std::process::exit(0);
             }
             _ = hup.recv() => {
-                match shared.reload_tls() {
-                    Ok(()) => tracing::info!("SIGHUP: TLS certificates and keys re-read; new connections use them (other settings need a restart)"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the previous certificates and keys"),
+                if shared.reloads.config_file().is_some() {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    // Logged (and counted) by reload() itself.
+                    let _ = shared.reload();
+                } else {
+                    match shared.reload_tls() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificates and keys re-read; new connections use them"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the previous certificates and keys"),
+                    }
                 }
             }
         }

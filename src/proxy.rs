@@ -1,20 +1,23 @@
 //! The listener: accepts clients, bounds them, and runs graceful shutdown.
 //!
 //! State is built once here and shared as an `Arc`; there are no globals, so
-//! any number of proxies can run in one process (the tests do).
+//! any number of proxies can run in one process (the tests do). The live
+//! configuration and the replication groups sit behind `ArcSwap`s that a
+//! reload replaces (see `reload.rs`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{Notify, watch};
 
 use crate::admin::HttpEndpoint;
-use crate::cluster::{Cluster, MonitorLogin, ShardedDatabase, spawn_monitor};
-use crate::config::{Config, Database, User};
+use crate::backend::auth_query::AuthLookup;
+use crate::cluster::{Cluster, ShardedDatabase};
+use crate::config::{Config, Database, ShutdownMode, User};
 use crate::frontend::{self, CancelRegistry, ClientRegistry, StatementRegistry};
 use crate::pool::Pools;
 use crate::tls::{TlsContext, TlsFileError, TlsHandle};
@@ -23,19 +26,30 @@ use crate::tls::{TlsContext, TlsFileError, TlsHandle};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
     Running,
+    /// Not accepting (`shutdown_mode = "clients"`); clients, and
+    /// connections already accepted, go on until they disconnect.
+    Quiescing,
     /// Not accepting; sessions leave at their next transaction boundary.
     Draining,
     /// shutdown_timeout passed: sessions leave now.
     Stopping,
 }
 
+/// Databases with replicas, by name: topology and monitor state.
+pub type Clusters = std::collections::BTreeMap<String, Arc<Cluster>>;
+
 pub struct Shared {
-    pub config: Arc<Config>,
+    /// The live configuration; [`Shared::config`] reads it.
+    pub(crate) config: ArcSwap<Config>,
     pub pools: Pools,
-    /// Databases with replicas, by name: topology and monitor state.
-    pub clusters: std::collections::BTreeMap<String, Arc<Cluster>>,
+    /// [`Shared::clusters`] reads it.
+    pub(crate) clusters: ArcSwap<Clusters>,
+    /// Bumped by every applied reload: sessions compare it at each request
+    /// boundary and pick up the new topology.
+    pub(crate) generation: AtomicU64,
     /// Sharded databases, by name: each shard's replication group and
-    /// counters (`cluster/shards.rs`).
+    /// counters (`cluster/shards.rs`). Built at startup; a reload does not
+    /// change shard lists (restart to change them).
     pub shards: std::collections::BTreeMap<String, Arc<ShardedDatabase>>,
     pub cancels: CancelRegistry,
     /// Prepared statements deduplicated across clients and servers.
@@ -49,7 +63,11 @@ pub struct Shared {
     /// [`Shared::reload_tls`].
     pub tls: TlsHandle,
     /// Looks up users who are not in the config (`[auth_query]`).
-    pub auth_lookup: Option<crate::backend::auth_query::AuthLookup>,
+    pub(crate) auth_lookup: ArcSwapOption<AuthLookup>,
+    /// The config file, reload counters and timestamp.
+    pub reloads: crate::reload::ReloadState,
+    /// The runtime log filter, when the process installed one (`main`).
+    pub log: OnceLock<crate::logging::LogControl>,
     /// Logged-in clients, for the admin console and metrics.
     pub registry: ClientRegistry,
     /// The proxy's phase switch (weak: the phase channel closes when the
@@ -63,6 +81,28 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The live configuration (a cheap snapshot; hold it briefly, or turn
+    /// it into an `Arc` with `arc_swap::Guard::into_inner`).
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// The replication groups of the databases with replicas, as of the
+    /// last reload.
+    pub fn clusters(&self) -> arc_swap::Guard<Arc<Clusters>> {
+        self.clusters.load()
+    }
+
+    /// The `[auth_query]` lookup, when configured.
+    pub fn auth_lookup(&self) -> Option<Arc<AuthLookup>> {
+        self.auth_lookup.load_full()
+    }
+
+    /// How many reloads have been applied.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
     }
@@ -105,7 +145,7 @@ impl Shared {
     /// theirs. On error nothing changes and the error names the setting,
     /// the file and what is wrong with it.
     pub fn reload_tls(&self) -> Result<(), TlsFileError> {
-        let context = TlsContext::load(&self.config.tls)?;
+        let context = TlsContext::load(&self.config().tls)?;
         self.tls.store(Arc::new(context));
         Ok(())
     }
@@ -120,6 +160,16 @@ pub struct Admitted {
     shared: Arc<Shared>,
     user: String,
     database: String,
+}
+
+impl Admitted {
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
 }
 
 impl Drop for Admitted {
@@ -160,7 +210,7 @@ impl ClientPermit {
         let n = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
         Self {
             shared: shared.clone(),
-            over_limit: n > shared.config.general.max_client_conn,
+            over_limit: n > shared.config().general.max_client_conn,
         }
     }
 }
@@ -180,9 +230,21 @@ pub struct ShutdownHandle(Arc<watch::Sender<Phase>>);
 impl ShutdownHandle {
     /// Stop accepting; let transactions finish up to `shutdown_timeout`.
     pub fn shutdown(&self) {
+        self.shutdown_with(ShutdownMode::Transactions);
+    }
+
+    /// Stop accepting; `Transactions`: close each client at its next
+    /// transaction boundary; `Clients`: let clients go on until they leave.
+    /// Either way, what remains at `shutdown_timeout` is closed. A drain
+    /// already under way only ever gets stricter.
+    pub fn shutdown_with(&self, mode: ShutdownMode) {
+        let next = match mode {
+            ShutdownMode::Transactions => Phase::Draining,
+            ShutdownMode::Clients => Phase::Quiescing,
+        };
         self.0.send_if_modified(|p| {
-            if *p == Phase::Running {
-                *p = Phase::Draining;
+            if *p < next {
+                *p = next;
                 true
             } else {
                 false
@@ -197,7 +259,7 @@ impl ShutdownHandle {
 }
 
 pub struct Proxy {
-    listener: TcpListener,
+    listener: crate::listener::Listener,
     shared: Arc<Shared>,
     phase_tx: Arc<watch::Sender<Phase>>,
     http: Option<HttpEndpoint>,
@@ -210,7 +272,7 @@ impl Proxy {
         let tls = TlsContext::load(&config.tls)
             .map_err(std::io::Error::other)?
             .handle();
-        let listener = TcpListener::bind(config.general.listen_addr).await?;
+        let listener = crate::listener::Listener::bind(&config.general)?;
         let http = match config.admin.http_listen_addr {
             Some(addr) => Some(HttpEndpoint::bind(addr).await?),
             None => None,
@@ -228,14 +290,20 @@ impl Proxy {
             .values()
             .filter_map(|db| Some((db.name.clone(), ShardedDatabase::new(db, &config.routing)?)))
             .collect();
-        let auth_lookup = crate::backend::auth_query::AuthLookup::new(&config, tls.clone());
+        let auth_lookup = AuthLookup::new(&config, tls.clone()).map(Arc::new);
+        let config = Arc::new(config);
+        let pools = Pools::new(tls.clone());
+        pools.reconfigure(config.clone());
         let shared = Arc::new(Shared {
-            auth_lookup,
-            config: Arc::new(config),
-            pools: Pools::new(tls.clone()),
-            clusters,
+            auth_lookup: ArcSwapOption::new(auth_lookup),
+            cancels: CancelRegistry::with_instance(config.general.instance_id),
+            config: ArcSwap::new(config),
+            pools,
+            clusters: ArcSwap::from_pointee(clusters),
+            generation: AtomicU64::new(0),
+            reloads: crate::reload::ReloadState::new(),
+            log: OnceLock::new(),
             shards,
-            cancels: CancelRegistry::new(),
             statements: StatementRegistry::new(),
             stats: Stats::default(),
             phase,
@@ -248,7 +316,12 @@ impl Proxy {
             per_user: Mutex::default(),
             per_database: Mutex::default(),
         });
-        start_monitors(&shared);
+        let config = shared.config();
+        for (name, cluster) in shared.clusters().iter() {
+            crate::reload::start_monitor(&shared, name, cluster, &config);
+        }
+        drop(config);
+        start_shard_monitors(&shared);
         crate::admin::spawn_stats_period(&shared);
         Ok(Self {
             listener,
@@ -290,11 +363,7 @@ impl Proxy {
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
-                    Ok((stream, peer)) => {
-                        let permit = ClientPermit::acquire(&shared);
-                        let _ = stream.set_nodelay(true);
-                        tokio::spawn(frontend::serve(stream, peer, shared.clone(), permit));
-                    }
+                    Ok((stream, peer)) => admit_client(&shared, stream, peer),
                     Err(e) => {
                         // EMFILE and friends: back off, never spin or exit.
                         tracing::warn!(error = %e, "accept failed");
@@ -308,8 +377,13 @@ impl Proxy {
                 }
             }
         }
-        drop(listener);
-        let timeout = shared.config.general.shutdown_timeout;
+        // Beside a new instance on the same port (SO_REUSEPORT), new
+        // connections are steered to it and those already queued here are
+        // served before the listener closes; see listener.rs.
+        listener
+            .close(|stream, peer| admit_client(&shared, stream, peer))
+            .await;
+        let timeout = shared.config().general.shutdown_timeout;
         tracing::info!(
             clients = shared.client_count(),
             ?timeout,
@@ -328,51 +402,24 @@ impl Proxy {
     }
 }
 
-/// One monitor per database with replicas. A node that answers again
-/// clears its pools' remembered login failure, so clients need not wait out
-/// `server_login_retry` (writes resume as soon as a primary is back).
-fn start_monitors(shared: &Arc<Shared>) {
-    // Each shard of a sharded database is a replication group of its own.
-    let shard_groups = shared.shards.iter().flat_map(|(name, db)| {
-        db.shards
-            .iter()
-            .map(move |s| (name, crate::pool::shard_group(name, s.index), &s.cluster))
-    });
-    let groups = shared
-        .clusters
-        .iter()
-        .map(|(name, cluster)| (name, name.clone(), cluster))
-        .chain(shard_groups);
-    for (name, group, cluster) in groups {
-        let Some(db) = shared.config.databases.get(name) else {
-            continue;
-        };
-        let Some(user) = db
-            .monitor_user
-            .as_ref()
-            .and_then(|u| shared.config.users.get(u))
-        else {
-            continue;
-        };
-        let login = MonitorLogin {
-            user: user.name.clone(),
-            password: crate::config::Config::monitor_password(user),
-            dbname: db.dbname.clone(),
-            connect_timeout: shared.config.routing.monitor_timeout,
-            tls: shared.tls.clone(),
-        };
-        let weak = Arc::downgrade(shared);
-        let database = group;
-        spawn_monitor(
-            cluster,
-            login,
-            Arc::new(move |node| {
-                if let Some(shared) = weak.upgrade() {
-                    shared.pools.node_reachable(&database, node);
-                }
-            }),
-        );
+/// One monitor per shard of every sharded database (each shard is a
+/// replication group of its own). A node that answers again clears its
+/// pools' remembered login failure.
+fn start_shard_monitors(shared: &Arc<Shared>) {
+    let config = shared.config();
+    for (name, db) in &shared.shards {
+        for shard in &db.shards {
+            let group = crate::pool::shard_group(name, shard.index);
+            crate::reload::start_monitor_for(shared, name, &group, &shard.cluster, &config);
+        }
     }
+}
+
+/// Starts serving one accepted connection.
+fn admit_client(shared: &Arc<Shared>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    let permit = ClientPermit::acquire(shared);
+    let _ = stream.set_nodelay(true);
+    tokio::spawn(frontend::serve(stream, peer, shared.clone(), permit));
 }
 
 async fn wait_for_clients(shared: &Shared, timeout: Duration) -> bool {

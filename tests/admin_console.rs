@@ -38,7 +38,7 @@ async fn start() -> TestProxy {
 
 async fn start_routed() -> TestProxy {
     let proxy = TestProxy::start_with(GENERAL, &format!("{ROUTING}{USERS}")).await;
-    let cl = proxy.shared.clusters["app"].clone();
+    let cl = proxy.shared.clusters()["app"].clone();
     eventually("replicas in rotation", Duration::from_secs(20), || {
         let cl = cl.clone();
         async move {

@@ -61,8 +61,8 @@ async fn no_password_or_secret_in_trace_logs() {
         login(&proxy, "log_plain", plain_pw).await.unwrap();
         assert!(login(&proxy, "log_scram", "wrong-log-test").await.is_err());
         assert!(login(&proxy, "nobody", scram_pw).await.is_err());
-        debug_and_render.push_str(&format!("{:?}\n", proxy.shared.config));
-        debug_and_render.push_str(&proxy.shared.config.render());
+        debug_and_render.push_str(&format!("{:?}\n", proxy.shared.config()));
+        debug_and_render.push_str(&proxy.shared.config().render());
         for pool in proxy.shared.pools.all() {
             debug_and_render.push_str(&format!("{:?}\n", pool.label()));
         }

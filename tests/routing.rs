@@ -51,7 +51,7 @@ async fn start(extra_routing: &str) -> TestProxy {
 }
 
 async fn wait_in_rotation(proxy: &TestProxy, replicas: &[usize]) {
-    let cl = proxy.shared.clusters["app"].clone();
+    let cl = proxy.shared.clusters()["app"].clone();
     eventually("replicas in rotation", Duration::from_secs(20), || {
         let cl = cl.clone();
         async move {
@@ -102,7 +102,7 @@ async fn reads_spread_over_replicas_and_writes_and_transactions_stay_on_the_prim
     .expect("insert");
     assert_eq!(p, port(0));
     // Classified as writes, not rescued by the 25006 retry.
-    let retries_before = proxy.shared.clusters["app"].retries();
+    let retries_before = proxy.shared.clusters()["app"].retries();
     for sql in [
         "SELECT nextval('routing_t_id_seq'), inet_server_port()",
         "SELECT routing_bump(7), inet_server_port()",
@@ -125,7 +125,7 @@ async fn reads_spread_over_replicas_and_writes_and_transactions_stay_on_the_prim
             "{sql} ran on {ports:?}"
         );
     }
-    assert_eq!(proxy.shared.clusters["app"].retries(), retries_before);
+    assert_eq!(proxy.shared.clusters()["app"].retries(), retries_before);
 
     // A read-only transaction runs on one replica from start to end (a
     // client that has not written: this one's reads now wait for
@@ -369,7 +369,7 @@ async fn a_killed_replica_fails_no_read_and_returns_after_restart() {
         .await
         .expect("join")
         .expect("kill replica2");
-    let cl = proxy.shared.clusters["app"].clone();
+    let cl = proxy.shared.clusters()["app"].clone();
     while matches!(
         cl.availability(2, Instant::now()),
         Availability::InRotation { .. }
@@ -406,7 +406,7 @@ async fn a_write_misrouted_to_a_replica_is_retried_on_the_primary() {
     let _serial = SERIAL.lock().await;
     let proxy = start("").await;
     let c = proxy.connect().await;
-    let before = proxy.shared.clusters["app"].retries();
+    let before = proxy.shared.clusters()["app"].retries();
     // Simple protocol.
     let p = server_port(
         &c,
@@ -424,7 +424,7 @@ async fn a_write_misrouted_to_a_replica_is_retried_on_the_primary() {
         .await
         .expect("misrouted function call succeeds via retry");
     assert_eq!(row.get::<_, i32>(1) as u16, port(0));
-    assert!(proxy.shared.clusters["app"].retries() >= before + 2);
+    assert!(proxy.shared.clusters()["app"].retries() >= before + 2);
 }
 
 #[tokio::test]

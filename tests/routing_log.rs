@@ -51,7 +51,7 @@ async fn every_corpus_write_reaches_only_the_primary() {
     let handle = proxy.shutdown_handle();
     tokio::spawn(proxy.run());
     // Replicas in rotation first, so that a misrouted write could land there.
-    let group = shared.clusters["app"].clone();
+    let group = shared.clusters()["app"].clone();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while (1..=2).any(|i| {
         !matches!(

@@ -115,7 +115,7 @@ pub fn readiness(shared: &Shared) -> Result<(), String> {
         return Err("draining".into());
     }
     let now = Instant::now();
-    for (name, cluster) in &shared.clusters {
+    for (name, cluster) in shared.clusters().iter() {
         if cluster.primary_reachable(now) {
             continue;
         }
@@ -125,7 +125,7 @@ pub fn readiness(shared: &Shared) -> Result<(), String> {
                 Availability::InRotation { .. }
             )
         });
-        if shared.config.admin.ready_requires_primary || !replica_up {
+        if shared.config().admin.ready_requires_primary || !replica_up {
             return Err(format!("the primary of database \"{name}\" is unreachable"));
         }
     }

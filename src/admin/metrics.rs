@@ -48,6 +48,28 @@ pub fn render_metrics(shared: &Shared) -> String {
         statements,
     );
 
+    let reloads = Family::<Labels, Counter>::default();
+    for (outcome, n) in [
+        ("success", shared.reloads.successes()),
+        ("failure", shared.reloads.failures()),
+    ] {
+        reloads
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .inc_by(n);
+    }
+    registry.register(
+        "config_reloads",
+        "Configuration reloads (SIGHUP, RELOAD) by outcome",
+        reloads,
+    );
+    let last_reload = FloatGauge::default();
+    last_reload.set(shared.reloads.last_success_seconds());
+    registry.register(
+        "config_last_reload_success_timestamp_seconds",
+        "When the configuration was last loaded successfully (startup or reload), Unix time",
+        last_reload,
+    );
+
     let servers = Family::<Labels, Gauge>::default();
     let waiting = Family::<Labels, Gauge>::default();
     for pool in shared.pools.all() {
@@ -93,7 +115,7 @@ pub fn render_metrics(shared: &Shared) -> String {
     let attached = Family::<Labels, Gauge>::default();
     let primary_up = Family::<Labels, Gauge>::default();
     let retries = Family::<Labels, Counter>::default();
-    for (name, cluster) in &shared.clusters {
+    for (name, cluster) in shared.clusters().iter() {
         primary_up
             .get_or_create(&vec![("database", name.clone())])
             .set(i64::from(cluster.primary_reachable(now)));

@@ -36,7 +36,7 @@ pub fn is_console_database(name: &str) -> bool {
 /// Closes a stats period on every pool every `general.stats_period` (the
 /// averages of `SHOW STATS`). Stops when the proxy is gone.
 pub fn spawn_stats_period(shared: &Arc<Shared>) {
-    let period = shared.config.general.stats_period;
+    let period = shared.config().general.stats_period;
     let weak = Arc::downgrade(shared);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);

@@ -79,7 +79,7 @@ pub fn register(registry: &mut Registry, shared: &Shared) {
     );
 
     let max = Gauge::<i64>::default();
-    max.set(to_i64(shared.config.general.max_client_conn as u64));
+    max.set(to_i64(shared.config().general.max_client_conn as u64));
     registry.register(
         "client_connections_max",
         "general.max_client_conn: client connections accepted at most",
@@ -270,7 +270,7 @@ fn routing(registry: &mut Registry, shared: &Shared) {
     let decisions = Family::<Labels, Counter>::default();
     let lag = Family::<Labels, Gauge>::default();
     let banned = Family::<Labels, Gauge>::default();
-    for (name, cluster) in &shared.clusters {
+    for (name, cluster) in shared.clusters().iter() {
         for (target, reason, n) in cluster.decisions.snapshot() {
             decisions
                 .get_or_create(&vec![

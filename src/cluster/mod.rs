@@ -168,6 +168,8 @@ pub struct Cluster {
     retries: AtomicU64,
     /// Routing decisions by target and reason (metrics).
     pub decisions: crate::stats::RouteCounters,
+    /// A reload replaced this group: its monitor stops.
+    retired: AtomicBool,
 }
 
 /// Statement texts whose classification is remembered, per database.
@@ -232,6 +234,7 @@ impl Cluster {
             classes: ClassCache::new(CLASS_CACHE_CAPACITY),
             retries: AtomicU64::new(0),
             decisions: crate::stats::RouteCounters::default(),
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -244,6 +247,17 @@ impl Cluster {
     /// Replaces the function catalog (read from `pg_proc`).
     fn set_functions(&self, catalog: FunctionCatalog) {
         self.functions.store(Arc::new(catalog));
+    }
+
+    /// A reload replaced this group (topology or routing settings changed):
+    /// its monitor stops; sessions move to the new group at their next
+    /// request.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     pub fn count_retry(&self) {

@@ -176,6 +176,9 @@ async fn watch_node(
             let Some(cluster) = cluster.upgrade() else {
                 return;
             };
+            if cluster.is_retired() {
+                return;
+            }
             let node = &cluster.nodes()[index];
             match result {
                 Ok(sample) => {

@@ -4,6 +4,7 @@
 
 mod admin;
 mod auth_query;
+mod ops;
 mod raw;
 mod routing;
 mod sharding;
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 pub use admin::Admin;
 pub use auth_query::AuthQuery;
+pub use ops::{LogFormat, MAX_INSTANCES, RESTART_ONLY, ShutdownMode, check_log_level};
 use raw::RawPool;
 pub use raw::{RawConfig, apply_env_overlay};
 pub use routing::{DefaultRoute, ReadBalance, Routing};
@@ -219,6 +221,18 @@ pub struct General {
     /// `stats_period`).
     pub stats_period: Duration,
     pub pool: PoolSettings,
+    /// Bind the listener with SO_REUSEPORT (a new instance can start
+    /// beside this one on the same port).
+    pub so_reuseport: bool,
+    /// This instance's number, carried in the cancel keys it hands out.
+    pub instance_id: u8,
+    /// Every instance's address, by instance id (cancel forwarding).
+    pub peers: Vec<ServerAddr>,
+    /// What SIGTERM waits for.
+    pub shutdown_mode: ShutdownMode,
+    pub log_format: LogFormat,
+    /// Log filter directives (`RUST_LOG` syntax).
+    pub log_level: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -342,6 +356,7 @@ impl Config {
         let g = &raw.general;
         let tls = tls_settings(&raw.tls, base)?;
         let default_pool = g.pool();
+        let ops = ops::Ops::validate(g)?;
         let pool_mode = PoolMode::parse(
             "general.pool_mode",
             g.pool_mode.as_deref().unwrap_or("transaction"),
@@ -426,6 +441,12 @@ impl Config {
                 d
             },
             pool: pool_settings("general", &default_pool)?,
+            so_reuseport: ops.so_reuseport,
+            instance_id: ops.instance_id,
+            peers: ops.peers,
+            shutdown_mode: ops.shutdown_mode,
+            log_format: ops.log_format,
+            log_level: ops.log_level,
         };
 
         for name in raw.databases.keys() {
@@ -678,6 +699,7 @@ impl Config {
         let _ = writeln!(out, "admin_users = {}", toml_list(&g.admin_users));
         let _ = writeln!(out, "stats_users = {}", toml_list(&g.stats_users));
         let _ = writeln!(out, "stats_period = \"{}\"", fmt_d(g.stats_period));
+        ops::render(&mut out, g);
         render_pool(&mut out, &g.pool);
         for db in self.databases.values() {
             let _ = writeln!(out, "\n[databases.{}]", toml_key(&db.name));

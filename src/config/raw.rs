@@ -82,6 +82,13 @@ pub struct RawGeneral {
     pub stats_users: Option<Vec<String>>,
     /// Period over which the admin console's averages are computed.
     pub stats_period: Option<String>,
+    pub so_reuseport: Option<bool>,
+    pub instance_id: Option<u64>,
+    #[serde(default)]
+    pub peers: Vec<String>,
+    pub shutdown_mode: Option<String>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
     // Pool settings for every pool (see `RawPool`). Listed inline rather
     // than flattened: serde cannot deny unknown fields through `flatten`.
     pub pool_size: Option<u64>,

@@ -6,27 +6,59 @@
 //! while a server is attached and cleared before the server is released, and
 //! release waits for any cancel already on its way to that server to be
 //! delivered, so a late cancel cannot land on the server's next client.
-//! A cancel for a client with no server attached is dropped.
+//! A cancel for a client waiting for a server (checkout) ends that wait:
+//! the client gets 57014, as PostgreSQL answers a cancelled query (pgbouncer
+//! drops such a cancel; the query would then run later). A cancel for an
+//! idle client is dropped.
+//!
+//! Several instances (`general.instance_id`, `general.peers`): the process
+//! id a client gets carries its instance's id in bits 24-30, so a cancel
+//! that a load balancer sends to another instance is forwarded to the right
+//! one. The secret key's lowest bit says whether the request may still be
+//! forwarded: clients get it set, a forwarded request has it cleared, so a
+//! request crosses at most one hop and misconfigured peers cannot loop it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use crate::backend::{self, CancelKey};
+use crate::config::ServerAddr;
+use crate::pool::{PoolError, Pooled};
+
+/// Process ids count in the low 24 bits; the instance id sits above.
+const COUNTER_BITS: u32 = 24;
+const COUNTER_MASK: u32 = (1 << COUNTER_BITS) - 1;
+/// Secret-key bit: the request may be forwarded to a peer (set in keys given
+/// to clients, cleared in forwarded requests).
+const FORWARDABLE: i32 = 1;
+/// How long forwarding a cancel to a peer instance may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The instance that handed out process id `pid`.
+pub fn instance_of(pid: i32) -> u8 {
+    ((pid as u32) >> COUNTER_BITS) as u8 & 0x7f
+}
 
 #[derive(Default)]
 struct SlotState {
     target: Option<CancelKey>,
     in_flight: usize,
+    /// The client is waiting for a server (a checkout is under way).
+    waiting: bool,
+    /// A cancel arrived during that wait.
+    wait_cancelled: bool,
 }
 
 pub struct CancelSlot {
     secret_key: i32,
     state: Mutex<SlotState>,
     delivered: Notify,
+    /// Wakes a checkout that a cancel ends.
+    wait_cancel: Notify,
 }
 
 impl CancelSlot {
@@ -65,12 +97,53 @@ impl CancelSlot {
         }
     }
 
+    /// Runs `checkout` (a wait for a server) unless a cancel for this client
+    /// arrives first; then the checkout is abandoned (the client leaves the
+    /// pool's queue) and the client gets 57014 like a cancelled query.
+    pub async fn abortable(
+        &self,
+        checkout: impl std::future::Future<Output = Result<Pooled, PoolError>>,
+    ) -> Result<Pooled, PoolError> {
+        {
+            let mut s = self.lock();
+            s.waiting = true;
+            s.wait_cancelled = false;
+        }
+        let cancelled = async {
+            loop {
+                let woken = self.wait_cancel.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                if self.lock().wait_cancelled {
+                    return;
+                }
+                woken.await;
+            }
+        };
+        let result = tokio::select! {
+            biased;
+            r = checkout => r,
+            () = cancelled => Err(PoolError::Canceled),
+        };
+        let mut s = self.lock();
+        s.waiting = false;
+        s.wait_cancelled = false;
+        result
+    }
+
     /// Forwards a cancel to the attached server, if any.
     async fn cancel(&self) {
         let target = {
             let mut s = self.lock();
             let Some(t) = s.target else {
-                tracing::debug!("cancel for a client with no server attached: dropped");
+                if s.waiting {
+                    tracing::debug!("cancel for a client waiting for a server: wait ended");
+                    s.wait_cancelled = true;
+                    drop(s);
+                    self.wait_cancel.notify_waiters();
+                } else {
+                    tracing::debug!("cancel for a client with no server attached: dropped");
+                }
                 return;
             };
             s.in_flight += 1;
@@ -87,7 +160,9 @@ impl CancelSlot {
 /// Maps pgsluice's BackendKeyData process ids to client slots.
 pub struct CancelRegistry {
     slots: Mutex<HashMap<i32, Arc<CancelSlot>>>,
-    next_pid: AtomicI32,
+    next_pid: AtomicU32,
+    /// This instance's id (bits 24-30 of every process id handed out).
+    instance: u8,
 }
 
 impl Default for CancelRegistry {
@@ -98,9 +173,15 @@ impl Default for CancelRegistry {
 
 impl CancelRegistry {
     pub fn new() -> Self {
+        Self::with_instance(0)
+    }
+
+    /// Process ids carry `instance` (0-127; `general.instance_id`).
+    pub fn with_instance(instance: u8) -> Self {
         Self {
             slots: Mutex::new(HashMap::new()),
-            next_pid: AtomicI32::new(rand::random_range(1..1 << 20)),
+            next_pid: AtomicU32::new(rand::random_range(1..1 << 20)),
+            instance: instance & 0x7f,
         }
     }
 
@@ -111,18 +192,18 @@ impl CancelRegistry {
     /// Registers a new client; returns its process id and slot.
     pub fn register(&self) -> (i32, Arc<CancelSlot>) {
         let slot = Arc::new(CancelSlot {
-            secret_key: rand::random(),
+            secret_key: rand::random::<i32>() | FORWARDABLE,
             state: Mutex::new(SlotState::default()),
             delivered: Notify::new(),
+            wait_cancel: Notify::new(),
         });
         let mut slots = self.lock();
         loop {
-            let pid = self
-                .next_pid
-                .fetch_add(1, Ordering::Relaxed)
-                .checked_abs()
-                .unwrap_or(1)
-                .max(1);
+            let counter = self.next_pid.fetch_add(1, Ordering::Relaxed) & COUNTER_MASK;
+            if counter == 0 {
+                continue;
+            }
+            let pid = ((u32::from(self.instance) << COUNTER_BITS) | counter) as i32;
             if let std::collections::hash_map::Entry::Vacant(e) = slots.entry(pid) {
                 e.insert(slot.clone());
                 return (pid, slot);
@@ -136,14 +217,87 @@ impl CancelRegistry {
 
     /// Handles a CancelRequest from the wire.
     pub async fn cancel(&self, pid: i32, secret_key: i32) {
+        self.cancel_or_forward(pid, secret_key, &[]).await;
+    }
+
+    /// Handles a CancelRequest from the wire: for one of this instance's
+    /// clients, or forwarded once to the instance whose id the process id
+    /// carries (`peers`, indexed by instance id).
+    pub async fn cancel_or_forward(&self, pid: i32, secret_key: i32, peers: &[ServerAddr]) {
+        let instance = instance_of(pid);
+        if instance != self.instance {
+            if secret_key & FORWARDABLE == 0 {
+                tracing::debug!(
+                    pid,
+                    instance,
+                    "forwarded cancel request for another instance: dropped (forwarded once already)"
+                );
+                return;
+            }
+            let Some(peer) = peers.get(usize::from(instance)) else {
+                tracing::debug!(
+                    pid,
+                    instance,
+                    "cancel request for an instance not in general.peers: ignored"
+                );
+                return;
+            };
+            // The TTL bit goes: the peer will not forward it again.
+            match forward(peer, pid, secret_key & !FORWARDABLE).await {
+                Ok(()) => tracing::debug!(pid, instance, %peer, "cancel request forwarded"),
+                Err(e) => {
+                    tracing::warn!(pid, instance, %peer, error = %e, "cannot forward a cancel request to its instance (general.peers)")
+                }
+            }
+            return;
+        }
         let slot = self.lock().get(&pid).cloned();
         match slot {
-            Some(slot) if constant_time_eq(slot.secret_key, secret_key) => slot.cancel().await,
+            Some(slot) if constant_time_eq(slot.secret_key, secret_key | FORWARDABLE) => {
+                slot.cancel().await
+            }
             _ => tracing::debug!(pid, "cancel request with an unknown key: ignored"),
         }
     }
 }
 
+/// Sends a CancelRequest to a peer instance and waits until it has handled
+/// it (it closes the connection), within [`FORWARD_TIMEOUT`].
+async fn forward(peer: &ServerAddr, pid: i32, secret_key: i32) -> std::io::Result<()> {
+    let addr = tokio::time::timeout(
+        FORWARD_TIMEOUT,
+        tokio::net::lookup_host((peer.host.as_str(), peer.port)),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "name lookup timed out"))??
+    .next()
+    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+    let key = CancelKey {
+        addr,
+        process_id: pid,
+        secret_key,
+    };
+    backend::send_cancel(key, FORWARD_TIMEOUT).await
+}
+
 fn constant_time_eq(a: i32, b: i32) -> bool {
     (a ^ b) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_ids_carry_the_instance() {
+        for instance in [0u8, 1, 5, 127] {
+            let r = CancelRegistry::with_instance(instance);
+            for _ in 0..3 {
+                let (pid, slot) = r.register();
+                assert!(pid > 0, "{pid}");
+                assert_eq!(instance_of(pid), instance);
+                assert_eq!(slot.secret_key() & FORWARDABLE, FORWARDABLE);
+            }
+        }
+    }
 }

@@ -14,7 +14,10 @@
 //! - a checkout that waits `checkout_timeout` fails with 53300 naming the pool
 //!   and the setting; a merely busy pool is never treated as a dead server;
 //! - a connection that is not explicitly released (client vanished, error,
-//!   panic) is closed, never handed to anyone else.
+//!   panic) is closed, never handed to anyone else;
+//! - settings change in place on reload ([`Pool::reconfigure`]); after a
+//!   change of address, database or credential every older connection is
+//!   closed as it becomes idle, never handed out again.
 
 mod gate;
 mod registry;
@@ -25,8 +28,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use rand::Rng;
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::backend::{BackendError, LoginSpec, ServerConn, ServerParams};
 use crate::config::PoolSettings;
@@ -47,6 +52,10 @@ pub enum PoolError {
         "database \"{database}\" is paused (admin console PAUSE) and was not resumed within checkout_timeout ({timeout})"
     )]
     Paused { database: String, timeout: String },
+    /// The client cancelled its request while waiting for a server
+    /// (PostgreSQL's words for a cancelled query).
+    #[error("canceling statement due to user request")]
+    Canceled,
 }
 
 impl PoolError {
@@ -55,6 +64,7 @@ impl PoolError {
             Self::Timeout { .. } | Self::Paused { .. } => sqlstate::TOO_MANY_CONNECTIONS,
             Self::Server(e) => e.sqlstate(),
             Self::Closed(_) => sqlstate::ADMIN_SHUTDOWN,
+            Self::Canceled => sqlstate::QUERY_CANCELED,
         }
     }
 }
@@ -114,10 +124,13 @@ pub struct IdleServer {
 
 pub struct Pool {
     label: String,
-    spec: LoginSpec,
-    settings: PoolSettings,
+    spec: ArcSwap<LoginSpec>,
+    settings: ArcSwap<PoolSettings>,
     inner: Mutex<Inner>,
     conn_ids: Arc<AtomicU64>,
+    /// Connections with a smaller id were opened with an address,
+    /// database or credential that is no longer configured.
+    min_valid_id: AtomicU64,
     /// ParameterStatus set of the first server login, for client welcomes.
     welcome: Mutex<Option<Arc<ServerParams>>>,
     /// The database's PAUSE/DISABLE switches (shared by its pools).
@@ -136,10 +149,11 @@ impl Pool {
     ) -> Arc<Self> {
         let pool = Arc::new(Self {
             label,
-            spec,
-            settings,
+            spec: ArcSwap::from_pointee(spec),
+            settings: ArcSwap::from_pointee(settings),
             inner: Mutex::new(Inner::default()),
             conn_ids,
+            min_valid_id: AtomicU64::new(0),
             welcome: Mutex::new(None),
             gate,
             stats: crate::stats::PoolStats::default(),
@@ -156,15 +170,66 @@ impl Pool {
     /// password or SCRAM keys for pass-through), and forgets a cached
     /// login failure so the next checkout tries it.
     pub fn learn_credential(&self, c: crate::auth::ServerCredential) {
-        self.spec.credentials.learn(c);
+        self.spec.load().credentials.learn(c);
         let mut g = lock(&self.inner);
         if matches!(g.login_failure, Some((_, BackendError::NoPassword { .. }))) {
             g.login_failure = None;
         }
     }
 
-    pub fn settings(&self) -> &PoolSettings {
-        &self.settings
+    pub fn settings(&self) -> arc_swap::Guard<Arc<PoolSettings>> {
+        self.settings.load()
+    }
+
+    /// How new connections log in (address, user, database, credential).
+    pub fn spec(&self) -> Arc<LoginSpec> {
+        self.spec.load_full()
+    }
+
+    /// Applies reloaded settings. New checkouts and new connections use
+    /// them at once; waiting clients get connections if the pool may now
+    /// grow. When the address, database or configured credential changed,
+    /// every connection opened before is closed as it becomes idle (and
+    /// idle ones now). Returns whether connections are being replaced.
+    pub fn reconfigure(self: &Arc<Self>, spec: LoginSpec, settings: PoolSettings) -> bool {
+        let old = self.spec.load();
+        let replace = old.addr != spec.addr
+            || old.database != spec.database
+            || old.user != spec.user
+            || old.credentials.configured != spec.credentials.configured;
+        drop(old);
+        self.spec.store(Arc::new(spec));
+        self.settings.store(Arc::new(settings));
+        let mut g = lock(&self.inner);
+        if replace {
+            self.min_valid_id
+                .store(self.conn_ids.load(Ordering::Relaxed), Ordering::Relaxed);
+            g.login_failure = None;
+        }
+        self.trim_idle(&mut g);
+        let _ = self.grow(&mut g, self.settings.load().pool_size);
+        replace
+    }
+
+    /// Whether `conn` was opened before the last change of address,
+    /// database or credential.
+    fn outdated(&self, conn: &ServerConn) -> bool {
+        conn.id < self.min_valid_id.load(Ordering::Relaxed)
+    }
+
+    /// Closes idle connections that are outdated or beyond `max_pool_size`.
+    fn trim_idle(&self, g: &mut MutexGuard<'_, Inner>) {
+        let max = self.settings.load().max_pool_size;
+        let idle = std::mem::take(&mut g.idle);
+        for conn in idle {
+            if self.outdated(&conn) || g.open > max {
+                g.open -= 1;
+                tracing::debug!(pool = %self.label, pid = conn.process_id(), "closing idle server connection after reload");
+                conn.terminate();
+            } else {
+                g.idle.push(conn);
+            }
+        }
     }
 
     pub fn stats(&self) -> &crate::stats::PoolStats {
@@ -176,8 +241,8 @@ impl Pool {
     }
 
     /// The server this pool connects to.
-    pub fn addr(&self) -> &crate::config::ServerAddr {
-        &self.spec.addr
+    pub fn addr(&self) -> crate::config::ServerAddr {
+        self.spec.load().addr.clone()
     }
 
     /// `RECONNECT`: closes the idle connections now and every other open
@@ -238,8 +303,8 @@ impl Pool {
     /// Takes a server connection, waiting up to `checkout_timeout`.
     pub async fn checkout(self: &Arc<Self>) -> Result<Pooled, PoolError> {
         let started = Instant::now();
-        self.checkout_by(started, started + self.settings.checkout_timeout)
-            .await
+        let timeout = self.settings.load().checkout_timeout;
+        self.checkout_by(started, started + timeout).await
     }
 
     /// Takes a server connection for a client that started waiting at
@@ -253,13 +318,14 @@ impl Pool {
         if self.gate.is_paused() && !self.gate.wait_resumed(deadline).await {
             return Err(self.paused_error());
         }
-        let (id, mut rx) = {
+        let settings = self.settings.load_full();
+        let mut queued = {
             let mut g = lock(&self.inner);
             if g.closed {
                 return Err(PoolError::Closed(self.label.clone()));
             }
             while let Some(mut conn) = g.idle.pop() {
-                if conn.is_clean_idle() && !retired(&conn) {
+                if conn.is_clean_idle() && !retired(&conn) && !self.outdated(&conn) {
                     self.stats.assigned(Duration::ZERO);
                     return Ok(Pooled::new(conn, self.clone()));
                 }
@@ -270,47 +336,57 @@ impl Pool {
             let id = g.next_waiter;
             g.next_waiter += 1;
             g.waiters.push_back(Waiter { id, tx });
-            if let Err(e) = self.grow(&mut g, self.settings.pool_size) {
+            if let Err(e) = self.grow(&mut g, settings.pool_size) {
                 g.waiters.retain(|w| w.id != id);
                 return Err(e);
             }
-            (id, rx)
+            // A checkout abandoned while waiting (the client's cancel, or
+            // the client went away) leaves the queue when dropped.
+            Queued {
+                pool: self,
+                id,
+                rx,
+                done: false,
+            }
         };
 
-        let reserve = self.settings.max_pool_size > self.settings.pool_size;
+        let reserve = settings.max_pool_size > settings.pool_size;
         if reserve {
-            let reserve_at = (started + self.settings.reserve_pool_timeout).min(deadline);
-            match tokio::time::timeout_at(reserve_at.into(), &mut rx).await {
-                Ok(r) => return self.received(r, started),
+            let reserve_at = (started + settings.reserve_pool_timeout).min(deadline);
+            match tokio::time::timeout_at(reserve_at.into(), &mut queued.rx).await {
+                Ok(r) => {
+                    queued.done = true;
+                    return self.received(r, started);
+                }
                 Err(_) => {
                     let mut g = lock(&self.inner);
                     // Clients are waiting longer than the reserve delay: pressure.
-                    let _ = self.grow(&mut g, self.settings.max_pool_size);
+                    let _ = self.grow(&mut g, self.settings.load().max_pool_size);
                 }
             }
         }
-        match tokio::time::timeout_at(deadline.into(), &mut rx).await {
+        let waited = tokio::time::timeout_at(deadline.into(), &mut queued.rx).await;
+        queued.done = true;
+        match waited {
             Ok(r) => self.received(r, started),
             Err(_) => {
                 let mut g = lock(&self.inner);
                 let before = g.waiters.len();
-                g.waiters.retain(|w| w.id != id);
+                g.waiters.retain(|w| w.id != queued.id);
                 if g.waiters.len() < before {
                     drop(g);
                     return Err(PoolError::Timeout {
                         pool: self.label.clone(),
-                        timeout: humantime::format_duration(self.settings.checkout_timeout)
-                            .to_string(),
+                        timeout: humantime::format_duration(settings.checkout_timeout).to_string(),
                     });
                 }
                 drop(g);
                 // Handed a connection (under the lock) just as time ran out.
-                match rx.try_recv() {
+                match queued.rx.try_recv() {
                     Ok(r) => self.received(Ok(r), started),
                     Err(_) => Err(PoolError::Timeout {
                         pool: self.label.clone(),
-                        timeout: humantime::format_duration(self.settings.checkout_timeout)
-                            .to_string(),
+                        timeout: humantime::format_duration(settings.checkout_timeout).to_string(),
                     }),
                 }
             }
@@ -320,7 +396,7 @@ impl Pool {
     fn paused_error(&self) -> PoolError {
         PoolError::Paused {
             database: self.label.split('/').next().unwrap_or_default().to_owned(),
-            timeout: humantime::format_duration(self.settings.checkout_timeout).to_string(),
+            timeout: humantime::format_duration(self.settings.load().checkout_timeout).to_string(),
         }
     }
 
@@ -348,7 +424,7 @@ impl Pool {
         limit: usize,
     ) -> Result<(), PoolError> {
         if let Some((at, err)) = &g.login_failure {
-            if at.elapsed() < self.settings.server_login_retry {
+            if at.elapsed() < self.settings.load().server_login_retry {
                 if g.open == 0 && g.opening == 0 {
                     return Err(PoolError::Server(err.clone()));
                 }
@@ -366,10 +442,18 @@ impl Pool {
     fn spawn_connect(self: &Arc<Self>) {
         let pool = self.clone();
         let id = self.conn_ids.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let result = ServerConn::connect(&pool.spec, id).await;
-            pool.connected(result);
-        });
+        let spec = self.spec.load_full();
+        let span = tracing::info_span!("server", pool = %self.label, addr = %spec.addr, conn = id, pid = tracing::field::Empty);
+        tokio::spawn(
+            async move {
+                let result = ServerConn::connect(&spec, id).await;
+                if let Ok(conn) = &result {
+                    tracing::Span::current().record("pid", conn.process_id());
+                }
+                pool.connected(result);
+            }
+            .instrument(span),
+        );
     }
 
     fn connected(self: &Arc<Self>, result: Result<ServerConn, BackendError>) {
@@ -381,7 +465,7 @@ impl Pool {
                         *w = Some(Arc::new(conn.params.clone()));
                     }
                 }
-                if let Some(lifetime) = self.settings.server_lifetime {
+                if let Some(lifetime) = self.settings.load().server_lifetime {
                     // Stagger retirements over the last fifth of the lifetime
                     // so connections opened together do not all close together.
                     let jitter = rand::rng().random_range(0.8..=1.0);
@@ -398,6 +482,13 @@ impl Pool {
                 }
                 if g.closed {
                     g.open -= 1;
+                    return;
+                }
+                if self.outdated(&conn) {
+                    // Opened with a setting a reload has since replaced.
+                    g.open -= 1;
+                    conn.terminate();
+                    let _ = self.grow(&mut g, self.settings.load().pool_size);
                     return;
                 }
                 Self::hand_off(&mut g, conn);
@@ -437,6 +528,11 @@ impl Pool {
             self.discard(conn);
             return;
         }
+        if self.outdated(&conn) {
+            tracing::debug!(pool = %self.label, pid = conn.process_id(), "server address or credential changed by a reload; closing");
+            self.discard(conn);
+            return;
+        }
         let mut g = lock(&self.inner);
         if g.closed {
             g.open -= 1;
@@ -446,6 +542,13 @@ impl Pool {
             drop(g);
             tracing::debug!(pool = %self.label, pid = conn.process_id(), "closing server marked by RECONNECT");
             self.discard(conn);
+            return;
+        }
+        if g.open > self.settings.load().max_pool_size {
+            // max_pool_size was lowered by a reload.
+            g.open -= 1;
+            drop(g);
+            conn.terminate();
             return;
         }
         Self::hand_off(&mut g, conn);
@@ -460,7 +563,7 @@ impl Pool {
         }
         g.open -= 1;
         // Replace it if someone is waiting.
-        let _ = self.grow(&mut g, self.settings.pool_size);
+        let _ = self.grow(&mut g, self.settings.load().pool_size);
     }
 
     /// Closes idle connections and refuses new checkouts.
@@ -485,15 +588,21 @@ impl Pool {
         if g.closed {
             return;
         }
-        let min = self.settings.min_pool_size;
-        let idle_timeout = self.settings.server_idle_timeout;
+        let settings = self.settings.load_full();
+        let min = settings.min_pool_size;
+        let idle_timeout = settings.server_idle_timeout;
         let mut keep = Vec::with_capacity(g.idle.len());
         let mut open = g.open;
         // Oldest idle first (the front of the LIFO stack).
         for mut conn in std::mem::take(&mut g.idle) {
             let idle_expired =
                 idle_timeout.is_some_and(|t| now.duration_since(conn.last_used) >= t) && open > min;
-            if idle_expired || retired(&conn) || !conn.is_clean_idle() {
+            if idle_expired
+                || retired(&conn)
+                || self.outdated(&conn)
+                || open > settings.max_pool_size
+                || !conn.is_clean_idle()
+            {
                 open -= 1;
                 conn.terminate();
             } else {
@@ -505,10 +614,21 @@ impl Pool {
         let recently_failed = g
             .login_failure
             .as_ref()
-            .is_some_and(|(at, _)| at.elapsed() < self.settings.server_login_retry);
+            .is_some_and(|(at, _)| at.elapsed() < settings.server_login_retry);
         while !recently_failed && !self.gate.is_paused() && g.open + g.opening < min {
             g.opening += 1;
             self.spawn_connect();
+        }
+    }
+}
+
+impl Drop for Pool {
+    /// A pool a reload removed goes when its last client does: its idle
+    /// connections say goodbye to their servers.
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
+        for conn in inner.idle.drain(..) {
+            conn.terminate();
         }
     }
 }
@@ -523,6 +643,34 @@ async fn maintain(pool: Weak<Pool>) {
             return;
         }
         pool.maintain_once();
+    }
+}
+
+/// A client's place in a pool's queue. Dropped before its checkout
+/// finished (the client cancelled, or went away), it leaves the queue; a
+/// connection already handed to it goes to the next waiter.
+struct Queued<'a> {
+    pool: &'a Pool,
+    id: u64,
+    rx: oneshot::Receiver<Handoff>,
+    /// The checkout ended normally.
+    done: bool,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut g = lock(&self.pool.inner);
+        let before = g.waiters.len();
+        g.waiters.retain(|w| w.id != self.id);
+        if g.waiters.len() == before {
+            // Not queued any more: served under this lock already.
+            if let Ok(Ok(conn)) = self.rx.try_recv() {
+                Pool::hand_off(&mut g, conn);
+            }
+        }
     }
 }
 

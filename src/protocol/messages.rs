@@ -50,6 +50,8 @@ pub mod sqlstate {
     pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
     /// Canceled by a conflict with recovery on a standby.
     pub const SERIALIZATION_FAILURE: &str = "40001";
+    /// config_file_error: a configuration file could not be applied.
+    pub const CONFIG_FILE_ERROR: &str = "F0000";
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
     /// Admin console: a stats user ran a command that changes something.
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";

@@ -9,6 +9,8 @@ use tokio::net::TcpStream;
 
 pub struct Raw {
     pub stream: TcpStream,
+    /// (process id, secret key) of the BackendKeyData seen at login.
+    pub backend_key: Option<(i32, i32)>,
 }
 
 /// A backend message as received.
@@ -72,6 +74,7 @@ impl Raw {
     pub async fn connect(addr: SocketAddr) -> Raw {
         Raw {
             stream: TcpStream::connect(addr).await.expect("tcp connect"),
+            backend_key: None,
         }
     }
 
@@ -176,9 +179,21 @@ impl Raw {
             }
             raw.send(&out).await;
         }
-        raw.recv_until(b'Z', Duration::from_secs(10))
-            .await
-            .expect("ReadyForQuery after login");
-        raw
+        loop {
+            let m = raw
+                .recv(Duration::from_secs(10))
+                .await
+                .expect("ReadyForQuery after login");
+            match m.tag {
+                b'K' if m.body.len() == 8 => {
+                    let word = |i: usize| {
+                        i32::from_be_bytes([m.body[i], m.body[i + 1], m.body[i + 2], m.body[i + 3]])
+                    };
+                    raw.backend_key = Some((word(0), word(4)));
+                }
+                b'Z' => return raw,
+                _ => {}
+            }
+        }
     }
 }

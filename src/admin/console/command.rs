@@ -32,6 +32,10 @@ pub enum Command {
     ShowPrepared,
     /// pgsluice: every node of every shard of the sharded databases.
     ShowShards,
+    /// Re-read and apply the configuration file (as SIGHUP).
+    Reload,
+    /// `SET key = value`: only `log_level` changes at runtime.
+    Set(String, String),
     Pause(Option<String>),
     Resume(Option<String>),
     Reconnect(Option<String>),
@@ -96,6 +100,8 @@ impl Command {
             Self::WaitClose(_) => "WAIT_CLOSE",
             Self::Shutdown(_) => "SHUTDOWN",
             Self::Disable(_) => "DISABLE",
+            Self::Reload => "RELOAD",
+            Self::Set(..) => "SET",
             Self::Enable(_) => "ENABLE",
             Self::Ban(_) => "BAN",
             Self::Unban(_) => "UNBAN",
@@ -195,6 +201,34 @@ pub fn parse(text: &str) -> Result<Command, ConsoleError> {
             return Err(syntax(format!("SHOW {what} takes no arguments")));
         }
         return Ok(command);
+    }
+    if verb == "RELOAD" {
+        if !rest.is_empty() {
+            return Err(syntax("RELOAD takes no arguments"));
+        }
+        return Ok(Command::Reload);
+    }
+    if verb == "SET" {
+        let (key, value) = match rest.split_once('=') {
+            Some((k, v)) => (k.trim(), v.trim()),
+            None => match rest.split_once(char::is_whitespace) {
+                Some((k, v)) => match v.trim_start().split_once(char::is_whitespace) {
+                    Some((to, v)) if to.eq_ignore_ascii_case("TO") => (k.trim(), v.trim()),
+                    _ => (k.trim(), ""),
+                },
+                None => (rest.trim(), ""),
+            },
+        };
+        let value = value
+            .strip_prefix('\'')
+            .and_then(|v| v.strip_suffix('\''))
+            .unwrap_or(value);
+        if key.is_empty() || value.is_empty() {
+            return Err(syntax(
+                "SET needs a setting and a value: SET log_level = 'debug'",
+            ));
+        }
+        return Ok(Command::Set(key.to_ascii_lowercase(), value.to_owned()));
     }
     let args = words(rest)?;
     let optional = |make: fn(Option<String>) -> Command| match args.as_slice() {

@@ -71,7 +71,7 @@ pub fn show(ctx: &Ctx<'_>) -> Outcome {
         Column::Text("default"),
         Column::Text("changeable"),
     ]);
-    for (key, value) in flatten(&ctx.shared.config) {
+    for (key, value) in flatten(&ctx.shared.config()) {
         let default = defaults
             .iter()
             .find(|(k, _)| *k == key)

@@ -172,7 +172,7 @@ pub fn shutdown(ctx: &Ctx<'_>, mode: ShutdownMode) -> Outcome {
         ShutdownMode::Immediate => handle.stop_now(),
         ShutdownMode::WaitForServers => handle.shutdown(),
         ShutdownMode::WaitForClients => {
-            for name in ctx.shared.config.databases.keys() {
+            for name in ctx.shared.config().databases.keys() {
                 ctx.shared.pools.gate(name).set_closing();
             }
             let weak = std::sync::Arc::downgrade(ctx.shared);

@@ -24,7 +24,7 @@ const DATABASES: [Column; 13] = [
 pub fn databases(ctx: &Ctx<'_>) -> Outcome {
     let entries = ctx.shared.pools.entries();
     let mut rs = ResultSet::new(&DATABASES);
-    for db in ctx.shared.config.databases.values() {
+    for db in ctx.shared.config().databases.values() {
         let gate = ctx.shared.pools.gate(&db.name);
         let nodes = std::iter::once(&db.primary).chain(db.replicas.iter());
         for (node, addr) in nodes.enumerate() {
@@ -56,7 +56,7 @@ pub fn databases(ctx: &Ctx<'_>) -> Outcome {
 
 pub fn users(ctx: &Ctx<'_>) -> Outcome {
     let mut rs = ResultSet::new(&[Column::Text("name"), Column::Text("pool_mode")]);
-    for name in ctx.shared.config.users.keys() {
+    for name in ctx.shared.config().users.keys() {
         rs.push(vec![v(name), None]);
     }
     Ok(Reply::Rows(rs))
@@ -68,8 +68,8 @@ pub fn lists(ctx: &Ctx<'_>) -> Outcome {
     let used_servers: usize = pools.iter().map(|p| p.status().open).sum();
     let mut rs = ResultSet::new(&[Column::Text("list"), Column::Int4("items")]);
     for (name, n) in [
-        ("databases", ctx.shared.config.databases.len()),
-        ("users", ctx.shared.config.users.len()),
+        ("databases", ctx.shared.config().databases.len()),
+        ("users", ctx.shared.config().users.len()),
         ("pools", pools.len()),
         ("free_clients", 0),
         ("used_clients", logged_in),

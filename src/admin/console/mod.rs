@@ -20,6 +20,7 @@ mod prepared;
 mod replicas;
 mod result;
 mod route;
+mod settings;
 mod shards;
 mod show_clients;
 mod show_pools;
@@ -117,6 +118,8 @@ pub enum Reply {
     Done(&'static str),
     /// `SHOW HELP`: a NOTICE, then `SHOW`.
     Notice(String),
+    /// A command without rows that reports what it did in a NOTICE.
+    DoneNotice(&'static str, String),
 }
 
 pub type Outcome = Result<Reply, ConsoleError>;
@@ -130,11 +133,12 @@ pub struct Ctx<'a> {
 
 impl Ctx<'_> {
     /// The configured database `name`, or the console's "no such database".
-    fn database(&self, name: &str) -> Result<&crate::config::Database, ConsoleError> {
+    fn database(&self, name: &str) -> Result<crate::config::Database, ConsoleError> {
         self.shared
-            .config
+            .config()
             .databases
             .get(name)
+            .cloned()
             .ok_or_else(|| ConsoleError::no_such_database(name))
     }
 
@@ -142,7 +146,7 @@ impl Ctx<'_> {
     fn databases(&self, name: Option<&str>) -> Result<Vec<String>, ConsoleError> {
         match name {
             Some(n) => Ok(vec![self.database(n)?.name.clone()]),
-            None => Ok(self.shared.config.databases.keys().cloned().collect()),
+            None => Ok(self.shared.config().databases.keys().cloned().collect()),
         }
     }
 }
@@ -177,6 +181,8 @@ pub async fn dispatch(command: Command, access: Access, ctx: &Ctx<'_>) -> Outcom
         Command::ShowRoute(sql) => route::show(ctx, &sql),
         Command::ShowPrepared => prepared::show(ctx),
         Command::ShowShards => shards::show(ctx),
+        Command::Reload => settings::reload(ctx),
+        Command::Set(key, value) => settings::set(ctx, &key, &value),
         Command::Pause(db) => control::pause(ctx, db.as_deref()).await,
         Command::Resume(db) => control::resume(ctx, db.as_deref()),
         Command::Reconnect(db) => control::reconnect(ctx, db.as_deref()),
@@ -389,6 +395,10 @@ impl Console {
             Ok(Reply::Notice(text)) => {
                 result::notice(&mut self.out, &text);
                 protocol::command_complete(&mut self.out, "SHOW");
+            }
+            Ok(Reply::DoneNotice(tag, text)) => {
+                result::notice(&mut self.out, &text);
+                protocol::command_complete(&mut self.out, tag);
             }
             Err(e) => self.error(e.code, &e.message),
         }

@@ -32,7 +32,7 @@ pub fn lsn(l: u64) -> String {
 pub fn show(ctx: &Ctx<'_>) -> Outcome {
     let now = Instant::now();
     let mut rs = ResultSet::new(&COLUMNS);
-    for (name, cluster) in &ctx.shared.clusters {
+    for (name, cluster) in ctx.shared.clusters().iter() {
         for node in cluster.nodes() {
             let (role, state, reason, lag) = match node.role {
                 Role::Primary => {
@@ -87,7 +87,7 @@ pub fn ban(ctx: &Ctx<'_>, target: &str, banned: bool) -> Outcome {
     };
     let mut matched = Vec::new();
     let mut primary = false;
-    for (name, cluster) in &ctx.shared.clusters {
+    for (name, cluster) in ctx.shared.clusters().iter() {
         if db.is_some_and(|d| d != name) {
             continue;
         }
@@ -120,7 +120,7 @@ pub fn ban(ctx: &Ctx<'_>, target: &str, banned: bool) -> Outcome {
         });
     }
     for (name, i) in &matched {
-        if let Some(cluster) = ctx.shared.clusters.get(name) {
+        if let Some(cluster) = ctx.shared.clusters().get(name) {
             cluster.nodes()[*i].set_banned(banned);
             tracing::info!(database = %name, node = %cluster.nodes()[*i].name, banned, "replica ban changed from the admin console");
         }

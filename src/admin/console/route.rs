@@ -19,7 +19,7 @@ const COLUMNS: [Column; 6] = [
 
 pub fn show(ctx: &Ctx<'_>, sql: &str) -> Outcome {
     let mut rs = ResultSet::new(&COLUMNS);
-    for db in ctx.shared.config.databases.values() {
+    for db in ctx.shared.config().databases.values() {
         let access = |a: Access| match a {
             Access::Read => "read",
             Access::Write => "write",
@@ -42,7 +42,7 @@ pub fn show(ctx: &Ctx<'_>, sql: &str) -> Outcome {
             ]);
             continue;
         }
-        match ctx.shared.clusters.get(&db.name) {
+        match ctx.shared.clusters().get(&db.name) {
             Some(cluster) if db.pool_mode != crate::config::PoolMode::Session => {
                 let (class, node, reason) = crate::frontend::preview_route(cluster, sql);
                 rs.push(vec![

@@ -73,7 +73,7 @@ pub fn pools(ctx: &Ctx<'_>) -> Outcome {
     for entry in ctx.shared.pools.entries() {
         let mode = ctx
             .shared
-            .config
+            .config()
             .databases
             .get(&entry.database)
             .map_or("transaction", |d| d.pool_mode.as_str());

@@ -24,6 +24,7 @@ pub(super) mod shard;
 mod sql_prepared;
 mod state;
 mod tracked;
+mod upstream;
 mod window;
 
 use super::cancel::CancelSlot;
@@ -142,6 +143,10 @@ pub(super) struct Upstream {
     /// A sharded database: every shard's pools (`pools` and `cluster` are
     /// shard 0's until a request is placed elsewhere; see `shard.rs`).
     pub sharded: Option<Box<shard::ShardRoute>>,
+    /// The reload generation `pools` and `cluster` belong to.
+    pub generation: u64,
+    /// The configuration the client logged in with.
+    pub config: Arc<crate::config::Config>,
 }
 
 /// How an attempt to attach a server ended.
@@ -221,6 +226,13 @@ pub struct Session {
     /// Client statement names whose columns changed since the client
     /// described them, found at the start of this request (`shapes.rs`).
     mismatched: Vec<Vec<u8>>,
+    /// The reload generation of `pools`, `route` and `config` (see
+    /// `upstream.rs`).
+    generation: u64,
+    /// The live configuration as of `generation`: read without touching
+    /// the shared `ArcSwap` on every message.
+    config: Arc<crate::config::Config>,
+    config_generation: u64,
 }
 
 impl Session {
@@ -242,6 +254,9 @@ impl Session {
             _admitted: upstream.admitted,
             client: upstream.client,
             received: 0,
+            generation: upstream.generation,
+            config: upstream.config,
+            config_generation: upstream.generation,
             node: 0,
             route: match upstream.cluster {
                 Some(c)
@@ -332,7 +347,7 @@ impl Session {
     /// a server out when one is needed.
     async fn idle_step(&mut self, client: &mut ClientStream) -> std::io::Result<Step> {
         if self.cbuf.is_empty() {
-            if *self.phase.borrow() != Phase::Running {
+            if *self.phase.borrow() >= Phase::Draining {
                 return self.close_for_shutdown(client).await;
             }
             if self.cbuf.capacity() > IDLE_BUFFER_KEEP {
@@ -368,7 +383,7 @@ impl Session {
                 Err(e) => return Err(e),
             }
         }
-        let max = self.shared.config.general.max_packet_size;
+        let max = self.config.general.max_packet_size;
         let header = match protocol::peek_header(&self.cbuf, max) {
             Ok(Some(h)) => h,
             Ok(None) => return self.read_client(client).await,
@@ -406,6 +421,7 @@ impl Session {
     /// Picks the node for the buffered request (or answers it, if it is
     /// pgsluice's own command) and attaches a server there.
     async fn route_and_attach(&mut self, client: &mut ClientStream) -> std::io::Result<Step> {
+        self.follow_reload();
         let started = Instant::now();
         let deadline = started + self.pools[0].settings().checkout_timeout;
         let Some(route) = self.route.as_deref_mut() else {
@@ -418,7 +434,7 @@ impl Session {
                 Attach::Exit(step) => step,
             });
         };
-        let max = self.shared.config.general.max_packet_size;
+        let max = self.config.general.max_packet_size;
         let unnamed = self
             .unnamed
             .as_ref()
@@ -530,11 +546,14 @@ impl Session {
     ) -> std::io::Result<Attach> {
         self.node = node;
         self.client.waiting(node, started);
-        let checkout = tokio::select! {
-            r = self.pools[node].checkout_by(started, deadline) => r,
+        let checkout = self
+            .cancel
+            .abortable(self.pools[node].checkout_by(started, deadline));
+        let checked_out = tokio::select! {
+            r = checkout => r,
             () = self.client.killed() => return Ok(Attach::Exit(Step::Exit(Exit::Killed))),
         };
-        let mut server = match checkout {
+        let mut server = match checked_out {
             Ok(s) => s,
             Err(e) => {
                 self.client.idle();
@@ -594,7 +613,7 @@ impl Session {
         protocol::error_response(&mut self.out, Severity::Error, code, message);
         self.shared.stats.errors.count_code(code.as_bytes());
         client.write_all(&self.out).await?;
-        let max = self.shared.config.general.max_packet_size;
+        let max = self.config.general.max_packet_size;
         loop {
             match protocol::peek_header(&self.cbuf, max) {
                 Ok(Some(h)) if self.cbuf.len() >= h.total_len => {
@@ -668,7 +687,7 @@ impl Session {
                     self.held = None;
                     if held == Held::Reroute
                         && self.relay.at_boundary()
-                        && *self.phase.borrow() == Phase::Running
+                        && *self.phase.borrow() < Phase::Draining
                     {
                         // The next request goes elsewhere: idle_step routes it
                         // (unless the client is pinned here).
@@ -683,7 +702,8 @@ impl Session {
                 }
             }
             if self.at_release_point() {
-                if *self.phase.borrow() != Phase::Running {
+                self.follow_config();
+                if *self.phase.borrow() >= Phase::Draining {
                     return self.close_for_shutdown(client).await;
                 }
                 if self.mode != PoolMode::Session && self.release().await {
@@ -859,7 +879,7 @@ impl Session {
             let Some(route) = self.route.as_deref_mut() else {
                 return Ok(None);
             };
-            let max = self.shared.config.general.max_packet_size;
+            let max = self.config.general.max_packet_size;
             let unnamed = self
                 .unnamed
                 .as_ref()
@@ -975,7 +995,7 @@ impl Session {
         if self.tracked {
             return self.forward_client_tracked(client, limit).await;
         }
-        let max = self.shared.config.general.max_packet_size;
+        let max = self.config.general.max_packet_size;
         let now = Instant::now();
         let mut pos = 0;
         let mut end = None;
@@ -1276,7 +1296,7 @@ impl Session {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let g = &self.shared.config.general;
+        let g = &self.config.general;
         let mut deadline: Option<Instant> = None;
         let mut consider = |d: Instant| deadline = Some(deadline.map_or(d, |cur| cur.min(d)));
         if let (Some(qt), Some(since)) = (g.query_timeout, self.relay.request_since) {
@@ -1295,7 +1315,7 @@ impl Session {
 
     async fn on_timer(&mut self, client: &mut ClientStream) -> std::io::Result<Option<Step>> {
         let now = Instant::now();
-        let g = &self.shared.config.general;
+        let g = &self.config.general;
         let (query_timeout, idle_tx_timeout) = (g.query_timeout, g.idle_transaction_timeout);
         if let (Some(qt), Some(since)) = (query_timeout, self.relay.request_since) {
             match self.query_cancelled {

@@ -53,7 +53,7 @@ impl Session {
         let Some(server) = self.server.as_deref_mut() else {
             return;
         };
-        let max = self.shared.config.general.max_packet_size;
+        let max = self.config.general.max_packet_size;
         let buf = &self.cbuf[..limit.min(self.cbuf.len())];
         let mut todo: Vec<(Vec<u8>, Arc<Statement>)> = Vec::new();
         // Names the request closes or parses before using them are new.
@@ -114,7 +114,7 @@ impl Session {
             }
             if server.prepared.remove(&stmt.id).is_some() {
                 statements::write_target(&mut msgs, b'C', b'S', &stmt.server_name);
-            } else if server.prepared.len() >= self.shared.config.general.max_prepared_statements {
+            } else if server.prepared.len() >= self.config.general.max_prepared_statements {
                 let victim = server
                     .prepared
                     .iter()

@@ -591,7 +591,7 @@ impl Session {
         client: &mut ClientStream,
         req: &mut Request,
     ) -> std::io::Result<Option<Step>> {
-        let max = self.shared.config.general.max_packet_size;
+        let max = self.config.general.max_packet_size;
         if req.len == usize::MAX {
             // Past the routing decision limit: sharding needs it whole.
             match whole_request(&self.cbuf, max) {
@@ -873,7 +873,7 @@ impl Session {
         self.out.clear();
         protocol::error_response(&mut self.out, Severity::Error, code, message);
         client.write_all(&self.out).await?;
-        let max = self.shared.config.general.max_packet_size;
+        let max = self.config.general.max_packet_size;
         loop {
             match protocol::peek_header(&self.cbuf, max) {
                 Ok(Some(h)) if self.cbuf.len() >= h.total_len => {
@@ -951,7 +951,7 @@ impl Session {
             return Ok(Relay::Go);
         }
         if req.len == usize::MAX {
-            let max = self.shared.config.general.max_packet_size;
+            let max = self.config.general.max_packet_size;
             match whole_request(&self.cbuf, max) {
                 Some(len) => req.len = len,
                 None if self.cbuf.len() > SHARD_DECIDE_LIMIT => {
@@ -1336,7 +1336,7 @@ impl Session {
         requests: Vec<Bytes>,
     ) -> Vec<(usize, Result<ShardAnswer, FanoutError>)> {
         let max_rows = self.sharding().map_or(0, |s| s.db.settings.max_fanout_rows);
-        let timeout = self.shared.config.general.query_timeout;
+        let timeout = self.config.general.query_timeout;
         let budget = Arc::new(AtomicUsize::new(0));
         let mut set = JoinSet::new();
         for (i, ((shard, mut server), request)) in servers.into_iter().zip(requests).enumerate() {

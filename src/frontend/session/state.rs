@@ -140,7 +140,7 @@ impl Session {
     /// when `session_features = "refuse"` forbids it.
     pub(super) fn note_text(&mut self, fx: &Effects) -> Option<Bytes> {
         if let Some(feature) = fx.feature {
-            if self.shared.config.general.session_features == SessionFeatures::Refuse {
+            if self.config.general.session_features == SessionFeatures::Refuse {
                 return Some(refusal(feature, self.mode.as_str()));
             }
         }

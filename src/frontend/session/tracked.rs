@@ -77,7 +77,7 @@ impl Session {
         limit: usize,
     ) -> std::io::Result<Option<Step>> {
         self.check_shapes(limit).await;
-        let max = self.shared.config.general.max_packet_size;
+        let max = self.config.general.max_packet_size;
         let now = Instant::now();
         let cbuf = std::mem::take(&mut self.cbuf);
         let stop = limit.min(cbuf.len());
@@ -501,7 +501,7 @@ impl Session {
     /// Evicts the least recently used statement from the attached server
     /// when it holds `max_prepared_statements`.
     fn make_room(&mut self) {
-        let max = self.shared.config.general.max_prepared_statements;
+        let max = self.config.general.max_prepared_statements;
         let Some(server) = self.server.as_deref_mut() else {
             return;
         };

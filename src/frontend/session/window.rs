@@ -405,7 +405,7 @@ impl Session {
         {
             return None;
         }
-        let max = self.shared.config.general.max_packet_size;
+        let max = self.config.general.max_packet_size;
         let unnamed = self.unnamed.as_ref().map(|(_, tail)| text_of(tail));
         let req = match route::scan_request(
             &self.cbuf,
