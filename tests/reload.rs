@@ -638,3 +638,72 @@ async fn timeouts_apply_to_connected_clients() {
         .await
         .expect("still connected");
 }
+
+/// The admin console's RELOAD applies the file as SIGHUP does and reports
+/// what changed in a NOTICE; an invalid file is refused with F0000 naming
+/// the setting, and the running configuration stays.
+#[tokio::test]
+async fn the_admin_console_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgsluice.toml");
+    let base = config_text("127.0.0.1:0", 0, false, 2, "admin_users = [\"app\"]");
+    std::fs::write(&path, &base).unwrap();
+    let proxy = start_from_file(&path).await;
+    let (admin, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(proxy.addr.port())
+        .user("app")
+        .password("app")
+        .dbname("pgsluice")
+        .connect(NoTls)
+        .await
+        .expect("console login");
+    let notices = Arc::new(Mutex::new(Vec::new()));
+    let seen = notices.clone();
+    tokio::spawn(async move {
+        let mut conn = conn;
+        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = futures_util::StreamExt::next(&mut stream).await {
+            if let tokio_postgres::AsyncMessage::Notice(n) = m {
+                seen.lock().unwrap().push(n.message().to_owned());
+            }
+        }
+    });
+    std::fs::write(
+        &path,
+        config_text("127.0.0.1:0", 0, false, 3, "admin_users = [\"app\"]"),
+    )
+    .unwrap();
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !notices
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|m| m.contains("pool_size"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no NOTICE naming pool_size: {:?}",
+            notices.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(proxy.shared.config().general.pool.pool_size, 3);
+
+    std::fs::write(&path, base.replace("pool_size = 2", "pool_size = -1")).unwrap();
+    let err = admin
+        .simple_query("RELOAD")
+        .await
+        .expect_err("invalid file");
+    assert_eq!(sqlstate(&err).as_deref(), Some("F0000"), "{err}");
+    assert!(support::message(&err).contains("pool_size"), "{err}");
+    assert_eq!(proxy.shared.config().general.pool.pool_size, 3, "kept");
+
+    // Only log_level can be SET; this in-process proxy has no log filter.
+    let err = admin
+        .simple_query("SET pool_size = 5")
+        .await
+        .expect_err("not settable");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
+}

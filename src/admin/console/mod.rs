@@ -397,7 +397,7 @@ impl Console {
                 protocol::command_complete(&mut self.out, "SHOW");
             }
             Ok(Reply::DoneNotice(tag, text)) => {
-                result::notice(&mut self.out, &text);
+                result::notice_message(&mut self.out, &text);
                 protocol::command_complete(&mut self.out, tag);
             }
             Err(e) => self.error(e.code, &e.message),

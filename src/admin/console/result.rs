@@ -107,6 +107,22 @@ pub fn notice(out: &mut BytesMut, detail: &str) {
     });
 }
 
+/// A NoticeResponse (severity NOTICE, code 00000) whose message is `text`.
+pub fn notice_message(out: &mut BytesMut, text: &str) {
+    message(out, b'N', |b| {
+        for (k, val) in [
+            (b'S', "NOTICE"),
+            (b'V', "NOTICE"),
+            (b'C', "00000"),
+            (b'M', text),
+        ] {
+            b.put_u8(k);
+            cstr(b, val);
+        }
+        b.put_u8(0);
+    });
+}
+
 fn cstr(b: &mut BytesMut, s: &str) {
     b.extend(s.bytes().filter(|&c| c != 0));
     b.put_u8(0);

@@ -9,7 +9,10 @@ use crate::protocol::sqlstate;
 /// config_file_error), naming the setting at fault.
 pub fn reload(ctx: &Ctx<'_>) -> Outcome {
     match ctx.shared.reload() {
-        Ok(report) => Ok(Reply::DoneNotice("RELOAD", report.to_string())),
+        Ok(report) => Ok(Reply::DoneNotice(
+            "RELOAD",
+            format!("configuration reloaded: {report}"),
+        )),
         Err(e) => Err(ConsoleError::new(
             sqlstate::CONFIG_FILE_ERROR,
             e.to_string(),
