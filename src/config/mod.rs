@@ -41,6 +41,27 @@ pub enum ConfigError {
     Invalid { key: String, reason: String },
 }
 
+/// `replica_weights` (at `key`) for `replicas` replicas: one weight each
+/// in 1..=1000, or none (all 1).
+fn replica_weights(key: String, weights: &[u64], replicas: usize) -> Result<Vec<u32>, ConfigError> {
+    match weights.len() {
+        0 => Ok(vec![1; replicas]),
+        n if n == replicas => weights
+            .iter()
+            .map(|&w| {
+                u32::try_from(w)
+                    .ok()
+                    .filter(|w| (1..=1000).contains(w))
+                    .ok_or_else(|| invalid(key.clone(), format!("{w} is not between 1 and 1000")))
+            })
+            .collect(),
+        n => Err(invalid(
+            key,
+            format!("{n} weights for {replicas} replicas: give one per replica"),
+        )),
+    }
+}
+
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -496,33 +517,11 @@ impl Config {
                     None | Some(0) => None,
                     Some(n) => Some(count(&key("max_client_conn"), Some(n), 0, 1)?),
                 },
-                replica_weights: match db.replica_weights.len() {
-                    0 => vec![1; db.replicas.len()],
-                    n if n == db.replicas.len() => db
-                        .replica_weights
-                        .iter()
-                        .map(|&w| {
-                            u32::try_from(w)
-                                .ok()
-                                .filter(|w| (1..=1000).contains(w))
-                                .ok_or_else(|| {
-                                    invalid(
-                                        key("replica_weights"),
-                                        format!("{w} is not between 1 and 1000"),
-                                    )
-                                })
-                        })
-                        .collect::<Result<_, _>>()?,
-                    n => {
-                        return Err(invalid(
-                            key("replica_weights"),
-                            format!(
-                                "{n} weights for {} replicas: give one per replica",
-                                db.replicas.len()
-                            ),
-                        ));
-                    }
-                },
+                replica_weights: replica_weights(
+                    key("replica_weights"),
+                    &db.replica_weights,
+                    db.replicas.len(),
+                )?,
                 monitor_user: monitor_user(db, &raw),
                 sharding: None,
             };

@@ -284,33 +284,8 @@ fn shard_nodes(prefix: &str, s: &RawShard) -> Result<ShardNodes, ConfigError> {
         .iter()
         .map(|r| ServerAddr::parse(&key("replicas"), r))
         .collect::<Result<Vec<_>, _>>()?;
-    let replica_weights = match s.replica_weights.len() {
-        0 => vec![1; replicas.len()],
-        n if n == replicas.len() => s
-            .replica_weights
-            .iter()
-            .map(|&w| {
-                u32::try_from(w)
-                    .ok()
-                    .filter(|w| (1..=1000).contains(w))
-                    .ok_or_else(|| {
-                        invalid(
-                            key("replica_weights"),
-                            format!("{w} is not between 1 and 1000"),
-                        )
-                    })
-            })
-            .collect::<Result<_, _>>()?,
-        n => {
-            return Err(invalid(
-                key("replica_weights"),
-                format!(
-                    "{n} weights for {} replicas: give one per replica",
-                    replicas.len()
-                ),
-            ));
-        }
-    };
+    let replica_weights =
+        super::replica_weights(key("replica_weights"), &s.replica_weights, replicas.len())?;
     Ok(ShardNodes {
         primary: ServerAddr::parse(&key("primary"), primary)?,
         replicas,
