@@ -284,7 +284,7 @@ impl Console {
     }
 
     fn stop_after_command(&self) -> bool {
-        *self.phase.borrow() != Phase::Running
+        *self.phase.borrow() >= Phase::Draining
     }
 
     /// Reads until a whole message is buffered, the client leaves, is
