@@ -498,4 +498,34 @@ mod tests {
         assert_eq!(next.general.worker_threads, old.general.worker_threads);
         assert_eq!(next.general.pool.pool_size, 9);
     }
+
+    #[test]
+    fn shard_lists_keep_their_running_values() {
+        let sharded = |shards: &str, pool: u32| {
+            Config::from_toml(
+                &format!(
+                    "[general]\npool_size = {pool}\n\
+                     [databases.app]\nshards = [{shards}]\n\
+                     [users.app]\npassword = \"p\"\n"
+                ),
+                "test",
+                std::iter::empty(),
+            )
+            .expect("valid")
+        };
+        let old = sharded("{ primary = \"h:1\" }, { primary = \"h:2\" }", 4);
+        let mut next = sharded(
+            "{ primary = \"h:1\" }, { primary = \"h:2\" }, { primary = \"h:3\" }",
+            6,
+        );
+        let kept = old.keep_restart_only(&mut next);
+        assert_eq!(kept, ["databases.*.shards"]);
+        assert_eq!(
+            next.databases["app"].sharding, old.databases["app"].sharding,
+            "the running shard list stays"
+        );
+        assert_eq!(next.general.pool.pool_size, 6, "pool settings apply");
+        let mut same = sharded("{ primary = \"h:1\" }, { primary = \"h:2\" }", 5);
+        assert!(old.keep_restart_only(&mut same).is_empty());
+    }
 }

@@ -158,6 +158,7 @@ pub const RESTART_ONLY: &[&str] = &[
     "general.instance_id",
     "general.log_format",
     "admin.http_listen_addr",
+    "databases.*.shards",
 ];
 
 impl Config {
@@ -179,6 +180,52 @@ impl Config {
         keep!("general.instance_id", general.instance_id);
         keep!("general.log_format", general.log_format);
         keep!("admin.http_listen_addr", admin.http_listen_addr);
+        // Sharded databases: shard lists, their monitors and placement are
+        // built at startup. A reload keeps them (and a sharded database
+        // added or removed waits for a restart); their pool settings apply.
+        let mut shards = false;
+        for (name, running) in self.databases.iter().filter(|(_, d)| d.sharding.is_some()) {
+            match next.databases.get_mut(name) {
+                Some(db) if db.sharding == running.sharding => {}
+                Some(db) => {
+                    shards = true;
+                    db.sharding = running.sharding.clone();
+                    db.primary = running.primary.clone();
+                    db.replicas = running.replicas.clone();
+                    db.replica_weights = running.replica_weights.clone();
+                }
+                None => {
+                    shards = true;
+                    next.databases.insert(name.clone(), running.clone());
+                }
+            }
+        }
+        let added: Vec<String> = next
+            .databases
+            .iter()
+            .filter(|(name, db)| {
+                db.sharding.is_some()
+                    && self
+                        .databases
+                        .get(*name)
+                        .is_none_or(|d| d.sharding.is_none())
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in added {
+            shards = true;
+            match self.databases.get(&name) {
+                Some(running) => {
+                    next.databases.insert(name, running.clone());
+                }
+                None => {
+                    next.databases.remove(&name);
+                }
+            }
+        }
+        if shards {
+            changed.push("databases.*.shards");
+        }
         debug_assert!(changed.iter().all(|c| RESTART_ONLY.contains(c)));
         changed
     }
