@@ -14,13 +14,6 @@ use crate::config::Config;
 
 const SECTIONS: [&str; 5] = ["general", "routing", "admin", "auth_query", "tls"];
 
-/// Settings only a restart changes.
-const RESTART_ONLY: [&str; 3] = [
-    "general.listen_addr",
-    "general.worker_threads",
-    "admin.http_listen_addr",
-];
-
 /// `section.key` → value, in section order then key order.
 fn flatten(config: &Config) -> Vec<(String, String)> {
     let Ok(table) = config.render().parse::<toml::Table>() else {
@@ -76,11 +69,21 @@ pub fn show(ctx: &Ctx<'_>) -> Outcome {
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, d)| d.clone());
-        let changeable = if RESTART_ONLY.contains(&key.as_str()) {
-            "no"
-        } else {
-            "yes"
-        };
+        // What RELOAD (or SIGHUP) cannot change.
+        let restart_only = crate::config::RESTART_ONLY.contains(&key.as_str())
+            || (key.starts_with("databases.")
+                && [
+                    ".shards",
+                    ".shard_key",
+                    ".shard_key_type",
+                    ".unsharded_tables",
+                    ".unsharded_writes",
+                    ".multi_shard_insert",
+                    ".max_fanout_rows",
+                ]
+                .iter()
+                .any(|k| key.ends_with(k)));
+        let changeable = if restart_only { "no" } else { "yes" };
         rs.push(vec![v(&key), v(value), default, v(changeable)]);
     }
     Ok(Reply::Rows(rs))
