@@ -424,7 +424,7 @@ impl Session {
         self.follow_reload();
         let started = Instant::now();
         let deadline = started + self.pools[0].settings().checkout_timeout;
-        let Some(route) = self.route.as_deref_mut() else {
+        if self.route.is_none() {
             return Ok(match self.attach(client, 0, started, deadline).await? {
                 Attach::Attached => Step::Continue,
                 Attach::Failed(e) => {
@@ -433,23 +433,8 @@ impl Session {
                 }
                 Attach::Exit(step) => step,
             });
-        };
-        let max = self.config.general.max_packet_size;
-        let unnamed = self
-            .unnamed
-            .as_ref()
-            .map(|(_, tail)| tracked::text_of(tail));
-        let req = match route::scan_request(
-            &self.cbuf,
-            max,
-            route::judge(
-                Some(&route.cluster),
-                route.mode == crate::router::RouteMode::Primary,
-            ),
-            &self.statements,
-            unnamed,
-            !self.sql_prepared.is_empty(),
-        ) {
+        }
+        let req = match self.scan_front() {
             Ok(Scan::Ready(req)) => req,
             Ok(Scan::NeedMore) => return self.read_client(client).await,
             Err(e) => return self.close_with(client, e.sqlstate(), &e.to_string()).await,
@@ -876,25 +861,7 @@ impl Session {
                 return self.forward_client(client, usize::MAX).await;
             }
             let request_start = !self.relay.batch_open();
-            let Some(route) = self.route.as_deref_mut() else {
-                return Ok(None);
-            };
-            let max = self.config.general.max_packet_size;
-            let unnamed = self
-                .unnamed
-                .as_ref()
-                .map(|(_, tail)| tracked::text_of(tail));
-            let req = match route::scan_request(
-                &self.cbuf,
-                max,
-                route::judge(
-                    Some(&route.cluster),
-                    route.mode == crate::router::RouteMode::Primary,
-                ),
-                &self.statements,
-                unnamed,
-                !self.sql_prepared.is_empty(),
-            ) {
+            let req = match self.scan_front() {
                 Ok(Scan::Ready(req)) => req,
                 Ok(Scan::NeedMore) => return Ok(None),
                 Err(e) => {

@@ -360,6 +360,24 @@ impl Session {
 }
 
 impl Session {
+    /// Scans the request at the front of `cbuf`, classifying its texts
+    /// with this client's routing (nothing is classified without it).
+    pub(super) fn scan_front(&self) -> Result<route::Scan, crate::protocol::ProtocolError> {
+        let unnamed = self.unnamed.as_ref().map(|(_, tail)| text_of(tail));
+        let route = self.route.as_deref();
+        route::scan_request(
+            &self.cbuf,
+            self.config.general.max_packet_size,
+            route::judge(
+                route.map(|r| &*r.cluster),
+                route.is_some_and(|r| r.mode == crate::router::RouteMode::Primary),
+            ),
+            &self.statements,
+            unnamed,
+            !self.sql_prepared.is_empty(),
+        )
+    }
+
     /// Opens the window for `req`, the request at the front of `cbuf`, when
     /// it can be sent again: a replayable read on a replica, or a request
     /// running pooled prepared statements that arrived alone (holding it
@@ -405,16 +423,7 @@ impl Session {
         {
             return None;
         }
-        let max = self.config.general.max_packet_size;
-        let unnamed = self.unnamed.as_ref().map(|(_, tail)| text_of(tail));
-        let req = match route::scan_request(
-            &self.cbuf,
-            max,
-            route::judge(None, false),
-            &self.statements,
-            unnamed,
-            !self.sql_prepared.is_empty(),
-        ) {
+        let req = match self.scan_front() {
             Ok(route::Scan::Ready(req)) => req,
             _ => return None,
         };
