@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use support::raw::{Msg, Raw, query, startup_packet};
 use support::{TestProxy, cluster, eventually, message, sqlstate};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 const ADMIN: (&str, &str) = ("admin", "adminpw");
@@ -1205,25 +1204,9 @@ async fn show_prepared_lists_shared_statements() {
 
 async fn scrape(proxy: &TestProxy) -> prometheus_parse::Scrape {
     let addr = proxy.http_addr.expect("HTTP endpoint");
-    let body = http_get(addr, "/metrics").await;
+    let body = support::http_get(addr, "/metrics").await;
     prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
         .unwrap_or_else(|e| panic!("invalid exposition: {e}\n{body}"))
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("send");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.expect("read");
-    assert!(
-        raw.starts_with("HTTP/1.1 200") || raw.starts_with("HTTP/1.0 200"),
-        "{raw}"
-    );
-    raw.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
 }
 
 fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -1298,11 +1281,11 @@ async fn prometheus_pgbouncer_exporter_scrapes_pgsluice() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Two scrapes: the values follow the load in between.
-    let first = http_get(addr, "/metrics").await;
+    let first = support::http_get(addr, "/metrics").await;
     for c in &clients {
         c.simple_query("SELECT 2").await.expect("more load");
     }
-    let second = http_get(addr, "/metrics").await;
+    let second = support::http_get(addr, "/metrics").await;
     let log = exporter.stop().await;
     assert!(!log.contains("Traceback"), "the exporter failed:\n{log}");
 

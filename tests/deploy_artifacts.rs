@@ -9,12 +9,10 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use pgsluice::config::Config;
 use support::TestProxy;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HTTP: &str = "\n[routing]\ndefault_route = \"auto\"\nmonitor_user = \"app\"\n\
                     [admin]\nhttp_listen_addr = \"127.0.0.1:0\"\n";
@@ -33,22 +31,6 @@ fn repo(path: &str) -> PathBuf {
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-async fn get(addr: SocketAddr, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: pgsluice\r\n\r\n").as_bytes())
-        .await
-        .expect("send");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.expect("read");
-    assert!(
-        raw.starts_with("HTTP/1.1 200") || raw.starts_with("HTTP/1.0 200"),
-        "{raw}"
-    );
-    raw.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
 }
 
 /// Series names a Prometheus server would store from this exposition:
@@ -143,7 +125,7 @@ async fn dashboard_alerts_and_runbook_use_only_exported_metrics() {
     c.batch_execute("SELECT 1/0")
         .await
         .expect_err("division by zero");
-    let exposition = get(http, "/metrics").await;
+    let exposition = support::http_get(http, "/metrics").await;
     let exported = exported_names(&exposition);
     assert!(
         exported.contains("pgsluice_build_info")

@@ -17,8 +17,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use pgsluice::config::Config;
 use pgsluice::proxy::Proxy;
-use support::{TestProxy, cluster, eventually, sqlstate, superuser};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::{TestProxy, cluster, eventually, http_get, metric_sum, sqlstate, superuser};
 use tokio_postgres::{Client, NoTls};
 
 const BOB: &str = "reload_bob";
@@ -168,36 +167,6 @@ async fn port_of(c: &Client) -> i32 {
         .get::<_, i32>(0)
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("send");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.expect("read");
-    raw.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
-}
-
-/// Sum of the samples of `name` whose labels include `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-        .expect("valid exposition");
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => f64::NAN,
-        })
-        .reduce(|a, b| a + b)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_under_load_drop_no_client() {
     create_bob().await;
@@ -216,7 +185,7 @@ async fn reloads_under_load_drop_no_client() {
     let http = proxy.http_addr.expect("http endpoint");
     let replica2 = cluster().replicas()[1].addr().port();
     eventually("replica1 in rotation", Duration::from_secs(15), || async {
-        metric(
+        metric_sum(
             &http_get(http, "/metrics").await,
             "pgsluice_replica_in_rotation",
             &[("reason", "in_rotation")],
@@ -277,7 +246,7 @@ async fn reloads_under_load_drop_no_client() {
 
     // 3. Smaller pools: connections beyond the new size close as they are
     // released.
-    let before = metric(
+    let before = metric_sum(
         &http_get(http, "/metrics").await,
         "pgsluice_server_connections",
         &[("user", "app"), ("node", "primary")],
@@ -297,7 +266,7 @@ async fn reloads_under_load_drop_no_client() {
             &format!("{node} pool down to 3"),
             Duration::from_secs(15),
             || async {
-                metric(
+                metric_sum(
                     &http_get(http, "/metrics").await,
                     "pgsluice_server_connections",
                     &[("user", "app"), ("node", node)],
@@ -331,7 +300,7 @@ async fn reloads_under_load_drop_no_client() {
     assert_eq!(proxy.shared.config().general.pool.pool_size, 3);
     let metrics = http_get(http, "/metrics").await;
     assert_eq!(
-        metric(
+        metric_sum(
             &metrics,
             "pgsluice_config_reloads_total",
             &[("outcome", "success")]
@@ -339,14 +308,14 @@ async fn reloads_under_load_drop_no_client() {
         Some(3.0)
     );
     assert_eq!(
-        metric(
+        metric_sum(
             &metrics,
             "pgsluice_config_reloads_total",
             &[("outcome", "failure")]
         ),
         Some(1.0)
     );
-    let last = metric(
+    let last = metric_sum(
         &metrics,
         "pgsluice_config_last_reload_success_timestamp_seconds",
         &[],
