@@ -8,11 +8,17 @@
 //! computed with; after a catalog reload it is recomputed on its next use.
 //!
 //! The lock is held only for the lookup or the insert, never while classifying.
+//!
+//! Only results worth keeping are inserted (see `classify_costed`): a text with literals that
+//! the lexer decided alone is classified again each time, since its next use usually carries
+//! other values. Keys are hashed with foldhash: the cache is consulted for every statement,
+//! and SipHash cost more than the lookup itself.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Class, FunctionCatalog, classify};
+use super::classify::classify_costed;
+use super::{Class, FunctionCatalog};
 
 /// Statement texts longer than this are classified every time rather than cached.
 pub const MAX_CACHED_LEN: usize = 16 * 1024;
@@ -26,7 +32,7 @@ pub struct ClassCache {
 
 #[derive(Debug, Default)]
 struct Inner {
-    entries: HashMap<Arc<str>, Entry>,
+    entries: HashMap<Arc<str>, Entry, foldhash::fast::RandomState>,
     /// The CLOCK ring: every key in `entries`, once, in insertion order.
     ring: VecDeque<Arc<str>>,
 }
@@ -55,8 +61,8 @@ impl ClassCache {
                 return entry.class.clone();
             }
         }
-        let class = classify(sql, functions);
-        if self.capacity == 0 || sql.len() > MAX_CACHED_LEN {
+        let (class, worth_caching) = classify_costed(sql, functions);
+        if !worth_caching || self.capacity == 0 || sql.len() > MAX_CACHED_LEN {
             return class;
         }
         let mut inner = self.lock();
@@ -129,10 +135,36 @@ mod tests {
     fn hits_return_the_same_class() {
         let cache = ClassCache::new(8);
         let functions = FunctionCatalog::builtin();
-        let first = cache.classify("SELECT 1", &functions);
+        let first = cache.classify("SELECT a FROM t WHERE id = $1", &functions);
         assert_eq!(first.access, Access::Read);
-        assert_eq!(cache.classify("SELECT 1", &functions), first);
+        assert_eq!(
+            cache.classify("SELECT a FROM t WHERE id = $1", &functions),
+            first
+        );
         assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn texts_with_literals_decided_by_the_lexer_are_not_kept() {
+        let cache = ClassCache::new(8);
+        let functions = FunctionCatalog::builtin();
+        assert_eq!(
+            cache
+                .classify("SELECT a FROM t WHERE id = 42", &functions)
+                .access,
+            Access::Read
+        );
+        assert_eq!(
+            cache
+                .classify("SELECT a FROM t WHERE s = 'x'", &functions)
+                .access,
+            Access::Read
+        );
+        assert!(cache.is_empty());
+        // sqlparser was needed (a column named like a write keyword): kept.
+        let kept = "SELECT update FROM t WHERE id = 42";
+        cache.classify(kept, &functions);
+        assert!(cache.lock().entries.contains_key(kept));
     }
 
     #[test]
@@ -140,15 +172,15 @@ mod tests {
         let cache = ClassCache::new(3);
         let functions = FunctionCatalog::builtin();
         for i in 0..3 {
-            cache.classify(&format!("SELECT {i}"), &functions);
+            cache.classify(&format!("SELECT c{i} FROM t"), &functions);
         }
-        cache.classify("SELECT 0", &functions); // mark used
+        cache.classify("SELECT c0 FROM t", &functions); // mark used
         for i in 3..6 {
-            cache.classify(&format!("SELECT {i}"), &functions);
+            cache.classify(&format!("SELECT c{i} FROM t"), &functions);
             assert!(cache.len() <= 3);
         }
         let inner = cache.lock();
-        assert!(inner.entries.contains_key("SELECT 5"));
+        assert!(inner.entries.contains_key("SELECT c5 FROM t"));
         assert_eq!(inner.ring.len(), inner.entries.len());
     }
 
@@ -156,7 +188,7 @@ mod tests {
     fn a_new_catalog_invalidates() {
         let cache = ClassCache::new(8);
         let builtin = FunctionCatalog::builtin();
-        let sql = "SELECT my_reader(1)";
+        let sql = "SELECT my_reader($1)";
         assert_eq!(
             cache.classify(sql, &builtin).reason,
             Reason::VolatileFunction
@@ -170,7 +202,7 @@ mod tests {
     fn zero_capacity_and_long_texts_are_not_cached() {
         let functions = FunctionCatalog::builtin();
         let none = ClassCache::new(0);
-        none.classify("SELECT 1", &functions);
+        none.classify("SELECT a FROM t", &functions);
         assert!(none.is_empty());
         let cache = ClassCache::new(4);
         let long = format!("SELECT 1 {}", " ".repeat(MAX_CACHED_LEN));

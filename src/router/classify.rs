@@ -58,21 +58,37 @@ impl Verdict {
 struct Cx<'a> {
     sql: &'a str,
     functions: &'a FunctionCatalog,
+    /// Set when sqlparser was asked (the expensive path).
+    parsed: std::cell::Cell<bool>,
 }
 
 pub(crate) fn classify(sql: &str, functions: &FunctionCatalog) -> Class {
+    classify_costed(sql, functions).0
+}
+
+/// [`classify`], and whether the result is worth caching: the statement
+/// needed sqlparser, or it has no literals (a parameterised text, which
+/// comes back verbatim). A text with literals that the lexer decided alone
+/// is cheaper to classify again than to cache: its next use usually
+/// carries other values, and caching it would only evict useful entries.
+pub(crate) fn classify_costed(sql: &str, functions: &FunctionCatalog) -> (Class, bool) {
     let hint = lexer::leading_hint(sql);
     let mut tokens = Vec::with_capacity(sql.len() / 6 + 4);
     if lexer::tokenize(sql, &mut tokens).is_err() {
-        return Class {
+        let class = Class {
             access: Access::Write,
             tx: TxControl::None,
             hint,
             command: None,
             reason: Reason::Unparsable,
         };
+        return (class, true);
     }
-    let cx = Cx { sql, functions };
+    let cx = Cx {
+        sql,
+        functions,
+        parsed: std::cell::Cell::new(false),
+    };
     let mut count = 0usize;
     let mut first_reason = Reason::Empty;
     let mut write_reason = None;
@@ -106,13 +122,18 @@ pub(crate) fn classify(sql: &str, functions: &FunctionCatalog) -> Class {
         None if read_only_tx => (Access::Read, Reason::ReadOnlyTransaction),
         None => (Access::Read, first_reason),
     };
-    Class {
+    let class = Class {
         access,
         tx,
         hint,
         command,
         reason,
-    }
+    };
+    let worth_caching = cx.parsed.get()
+        || !tokens
+            .iter()
+            .any(|t| matches!(t.tok, Tok::Number | Tok::String));
+    (class, worth_caching)
 }
 
 /// Splits tokens at top-level `;`, except inside a `BEGIN ATOMIC … END` function body.
@@ -286,6 +307,7 @@ fn query(cx: &Cx, t: &[Token]) -> Verdict {
             return Verdict::write(Reason::Unparsable);
         };
         let text = cx.sql.get(first.start..last.end).unwrap_or("");
+        cx.parsed.set(true);
         return match parse::parse_statement(text) {
             Parsed::Read => Verdict::read(Reason::Select),
             Parsed::Write(reason) => Verdict::write(reason),
