@@ -82,7 +82,9 @@ pub struct PoolStatus {
     pub close_needed: usize,
 }
 
-type Handoff = Result<ServerConn, PoolError>;
+/// Boxed so that handing a connection around (idle stack, waiter, session)
+/// moves a pointer, not the whole connection state.
+type Handoff = Result<Box<ServerConn>, PoolError>;
 
 struct Waiter {
     id: u64,
@@ -91,7 +93,10 @@ struct Waiter {
 
 #[derive(Default)]
 struct Inner {
-    idle: Vec<ServerConn>,
+    /// Boxed on purpose: connections move between this stack, waiters
+    /// and sessions, and a box moves as one pointer.
+    #[allow(clippy::vec_box)]
+    idle: Vec<Box<ServerConn>>,
     waiters: VecDeque<Waiter>,
     open: usize,
     opening: usize,
@@ -491,7 +496,7 @@ impl Pool {
                     let _ = self.grow(&mut g, self.settings.load().pool_size);
                     return;
                 }
-                Self::hand_off(&mut g, conn);
+                Self::hand_off(&mut g, Box::new(conn));
             }
             Err(err) => {
                 tracing::warn!(pool = %self.label, error = %err, "server login failed");
@@ -509,7 +514,7 @@ impl Pool {
     }
 
     /// Gives `conn` to the longest waiter still waiting, else parks it idle.
-    fn hand_off(g: &mut MutexGuard<'_, Inner>, mut conn: ServerConn) {
+    fn hand_off(g: &mut MutexGuard<'_, Inner>, mut conn: Box<ServerConn>) {
         while let Some(w) = g.waiters.pop_front() {
             match w.tx.send(Ok(conn)) {
                 Ok(()) => return,
@@ -520,7 +525,7 @@ impl Pool {
         g.idle.push(conn);
     }
 
-    fn release(self: &Arc<Self>, mut conn: ServerConn) {
+    fn release(self: &Arc<Self>, mut conn: Box<ServerConn>) {
         conn.last_used = Instant::now();
         conn.forget_read_readiness();
         if retired(&conn) {
@@ -554,7 +559,7 @@ impl Pool {
         Self::hand_off(&mut g, conn);
     }
 
-    fn discard(self: &Arc<Self>, conn: ServerConn) {
+    fn discard(self: &Arc<Self>, conn: Box<ServerConn>) {
         let created = conn.created;
         conn.terminate();
         let mut g = lock(&self.inner);
@@ -687,12 +692,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A checked-out server connection. Return it with [`Pooled::release`] when
 /// it is clean (idle, nothing unanswered); dropping it closes it instead.
 pub struct Pooled {
-    conn: Option<ServerConn>,
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
 }
 
 impl Pooled {
-    fn new(conn: ServerConn, pool: Arc<Pool>) -> Self {
+    fn new(conn: Box<ServerConn>, pool: Arc<Pool>) -> Self {
         Self {
             conn: Some(conn),
             pool,
