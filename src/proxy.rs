@@ -359,6 +359,7 @@ impl Proxy {
         if let Some(http) = http {
             tokio::spawn(http.run(shared.clone()));
         }
+        tokio::spawn(nudge_on_phase_change(shared.clone()));
         let mut phase = shared.phase.clone();
         loop {
             tokio::select! {
@@ -411,6 +412,22 @@ fn start_shard_monitors(shared: &Arc<Shared>) {
         for shard in &db.shards {
             let group = crate::pool::shard_group(name, shard.index);
             crate::reload::start_monitor_for(shared, name, &group, &shard.cluster, &config);
+        }
+    }
+}
+
+/// Sessions relaying a transaction watch the phase through
+/// `ClientInfo::alerted`, which a phase change does not wake by itself:
+/// this task wakes every client after each change.
+async fn nudge_on_phase_change(shared: Arc<Shared>) {
+    let mut phase = shared.phase.clone();
+    loop {
+        let alive = phase.changed().await.is_ok();
+        for client in shared.registry.all() {
+            client.nudge();
+        }
+        if !alive {
+            return;
         }
     }
 }

@@ -123,6 +123,7 @@ async fn login(spec: &LoginSpec, id: u64) -> Result<ServerConn, BackendError> {
         prepared_tick: 0,
         unnamed_owner: None,
         sql_prepared: std::collections::HashMap::new(),
+        params_verified: None,
     };
     let mut out = BytesMut::new();
     frontend::startup_message(

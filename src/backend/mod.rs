@@ -82,20 +82,49 @@ pub struct CancelKey {
 
 /// Session parameters as the server has them: what it reported with
 /// ParameterStatus, plus unreported ones pgsluice set itself.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ServerParams(Vec<(String, String)>);
+#[derive(Debug, Clone, Default)]
+pub struct ServerParams {
+    list: Vec<(String, String)>,
+    /// Changes with every `set`/`remove`, unique across the process: two
+    /// equal generations mean equal contents (see `ServerConn::params_verified`).
+    generation: u64,
+}
+
+impl PartialEq for ServerParams {
+    fn eq(&self, other: &Self) -> bool {
+        self.list == other.list
+    }
+}
+
+impl Eq for ServerParams {}
+
+/// (name, value) pairs as a client expects them, shared between a client and
+/// the servers found to match it.
+pub type ParamList = std::sync::Arc<Vec<(String, String)>>;
+
+/// Source of [`ServerParams`] generations.
+fn next_params_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 impl ServerParams {
+    /// Identifies the current contents (see [`next_params_generation`]).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
+        self.list
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 
     pub fn set(&mut self, name: &str, value: &str) {
+        self.generation = next_params_generation();
         match self
-            .0
+            .list
             .iter_mut()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
         {
@@ -104,16 +133,17 @@ impl ServerParams {
                     value.clone_into(v);
                 }
             }
-            None => self.0.push((name.to_owned(), value.to_owned())),
+            None => self.list.push((name.to_owned(), value.to_owned())),
         }
     }
 
     pub fn remove(&mut self, name: &str) {
-        self.0.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        self.generation = next_params_generation();
+        self.list.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+        self.list.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 }
 
@@ -146,6 +176,9 @@ pub struct ServerConn {
     /// SQL-level prepared statements (`PREPARE name AS …`) this server holds,
     /// by name, with the PREPARE text that created them (empty: unknown).
     pub sql_prepared: std::collections::HashMap<String, std::sync::Arc<str>>,
+    /// The client parameters this server was last found to match, and the
+    /// generation of `params` then (`ClientParams::sync_sql_for`).
+    pub params_verified: Option<(ParamList, u64)>,
 }
 
 /// A pgsluice-named prepared statement a server holds.

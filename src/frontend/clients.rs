@@ -229,6 +229,52 @@ impl ClientInfo {
             }
         })
     }
+
+    /// Wakes what [`ClientInfo::alerted`] waits on (after a phase change).
+    pub fn nudge(&self) {
+        self.kill_waker.wake();
+    }
+
+    /// Resolves once the client is killed or `phase` holds a value the
+    /// session has not seen (`Alert::Phase(false)`: its sender is gone).
+    /// As cheap as [`ClientInfo::killed`]: the relay loop keeps it in its
+    /// `select!` instead of `phase.changed()`, whose waiter-list
+    /// registration cost more than the rest of a poll. Whoever changes the
+    /// phase must [`ClientInfo::nudge`] every client afterwards
+    /// (`proxy::nudge_on_phase_change`).
+    pub fn alerted<'a, T>(
+        &'a self,
+        phase: &'a tokio::sync::watch::Receiver<T>,
+    ) -> impl Future<Output = Alert> + 'a {
+        let check = move || {
+            if self.killed.load(Ordering::Acquire) {
+                return Some(Alert::Killed);
+            }
+            match phase.has_changed() {
+                Ok(false) => None,
+                Ok(true) => Some(Alert::Phase(true)),
+                Err(_) => Some(Alert::Phase(false)),
+            }
+        };
+        std::future::poll_fn(move |cx| {
+            if let Some(a) = check() {
+                return Poll::Ready(a);
+            }
+            self.kill_waker.register(cx.waker());
+            match check() {
+                Some(a) => Poll::Ready(a),
+                None => Poll::Pending,
+            }
+        })
+    }
+}
+
+/// What [`ClientInfo::alerted`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alert {
+    Killed,
+    /// The phase changed (`false`: its sender is gone).
+    Phase(bool),
 }
 
 /// The clients logged in now, by pid.

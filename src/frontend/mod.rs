@@ -34,7 +34,9 @@ use crate::proxy::{ClientPermit, Shared};
 use crate::tls::{ClientStream, common_name};
 
 pub use cancel::{CancelRegistry, CancelSlot};
-pub use clients::{ClientHandle, ClientIdentity, ClientInfo, ClientRegistry, ClientState, Link};
+pub use clients::{
+    Alert, ClientHandle, ClientIdentity, ClientInfo, ClientRegistry, ClientState, Link,
+};
 pub use effects::{Effects, Feature, SqlPrepared, scan as scan_effects};
 pub use params::{ClientParams, parse_options};
 pub use relay::{RelayState, ServerEvent, client_tag_inspected, server_tag_inspected};

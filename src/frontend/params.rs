@@ -27,7 +27,9 @@ const NOT_PARAMETERS: &[&str] = &["user", "database", "options", "replication"];
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientParams {
     /// (name, value) the client expects, names as the client spelled them.
-    wanted: Vec<(String, String)>,
+    /// Shared with the servers that were last found to match it
+    /// (`ServerConn::params_verified`); copied on change.
+    wanted: crate::backend::ParamList,
     /// `pgsluice.*` settings from the startup packet: pgsluice's own, never
     /// sent to a server.
     own: Vec<(String, String)>,
@@ -77,8 +79,8 @@ impl ClientParams {
     }
 
     pub fn set(&mut self, name: &str, value: &str) {
-        match self
-            .wanted
+        let wanted = std::sync::Arc::make_mut(&mut self.wanted);
+        match wanted
             .iter_mut()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
         {
@@ -87,7 +89,7 @@ impl ClientParams {
                     value.clone_into(v);
                 }
             }
-            None => self.wanted.push((name.to_owned(), value.to_owned())),
+            None => wanted.push((name.to_owned(), value.to_owned())),
         }
     }
 
@@ -122,6 +124,30 @@ impl ClientParams {
         {
             self.set(name, value);
         }
+    }
+
+    /// [`ClientParams::sync_sql`] for `server`, skipped when the server
+    /// was last found to match exactly these parameters (this client's or
+    /// another's with the same values: one exact comparison, usually a
+    /// pointer comparison) and its own have not changed since. Every change
+    /// of the server's parameters, including `set_by_pooler` (which moves
+    /// only with them), gives them a new generation, so a remembered match
+    /// is never stale.
+    pub fn sync_sql_for(&self, server: &mut crate::backend::ServerConn) -> Option<String> {
+        let generation = server.params.generation();
+        if let Some((wanted, verified_at)) = &server.params_verified {
+            if *verified_at == generation
+                && (std::sync::Arc::ptr_eq(wanted, &self.wanted) || **wanted == *self.wanted)
+            {
+                return None;
+            }
+        }
+        let sql = self.sync_sql(&server.params, &server.set_by_pooler);
+        server.params_verified = match sql {
+            None => Some((std::sync::Arc::clone(&self.wanted), generation)),
+            Some(_) => None,
+        };
+        sql
     }
 
     /// The SQL that makes `server` match, or `None` when it already does.
@@ -166,19 +192,19 @@ impl ClientParams {
     /// the client adopts PostgreSQL's canonical spelling); unreported ones are
     /// recorded as set by the pooler.
     pub fn after_sync(&mut self, server: &mut crate::backend::ServerConn) {
-        let wanted: Vec<(String, String)> = self.wanted.clone();
-        for (name, value) in wanted {
+        let wanted = std::sync::Arc::clone(&self.wanted);
+        for (name, value) in wanted.iter() {
             let pooler_set = server
                 .set_by_pooler
                 .iter()
-                .any(|n| n.eq_ignore_ascii_case(&name));
-            match server.params.get(&name) {
+                .any(|n| n.eq_ignore_ascii_case(name));
+            match server.params.get(name) {
                 Some(current) if !pooler_set => {
                     let current = current.to_owned();
-                    self.set(&name, &current);
+                    self.set(name, &current);
                 }
                 _ => {
-                    server.params.set(&name, &value);
+                    server.params.set(name, value);
                     if !pooler_set {
                         server.set_by_pooler.push(name.clone());
                     }
@@ -254,7 +280,7 @@ impl ClientParams {
             })
             .collect();
         let mut keep = before.into_iter();
-        self.wanted.retain(|_| keep.next().unwrap_or(true));
+        std::sync::Arc::make_mut(&mut self.wanted).retain(|_| keep.next().unwrap_or(true));
         for (name, value) in captured {
             if !reported(server, name) {
                 server.params.set(name, value);

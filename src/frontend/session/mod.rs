@@ -34,11 +34,12 @@ use super::statements::{ClientStatements, Replies, Verdict};
 use crate::backend::{self, QueryOutcome};
 use crate::cluster::{Attached, Cluster};
 use crate::config::PoolMode;
+use crate::frontend::Alert;
 use crate::pool::{NodePools, Pool, PoolError, Pooled};
 use crate::protocol::{self, ErrorFields, Scanner, Segment, Severity, TxStatus, sqlstate};
 use crate::proxy::{Phase, Shared};
 use route::{ClientRoute, Scan, Why};
-use window::{Window, send};
+use window::{Window, emit, flush_carry};
 
 /// First read of a client's next request: most fit, and an allocation this
 /// small is served from the allocator's thread cache (the buffer is freed
@@ -545,7 +546,7 @@ impl Session {
                 return Ok(Attach::Failed(e));
             }
         };
-        if let Some(sql) = self.params.sync_sql(&server.params, &server.set_by_pooler) {
+        if let Some(sql) = self.params.sync_sql_for(&mut server) {
             match server.run_internal(&sql, INTERNAL_QUERY_TIMEOUT).await {
                 Ok(QueryOutcome::Done(TxStatus::Idle)) => self.params.after_sync(&mut server),
                 Ok(QueryOutcome::Failed {
@@ -731,8 +732,10 @@ impl Session {
                 r = server.stream.read_buf(&mut server.buf) => Ev::Server(r),
                 r = client.read_buf(&mut self.cbuf) => Ev::Client(r),
                 _ = timer => Ev::Timer,
-                r = self.phase.changed() => Ev::Phase(r.is_ok()),
-                () = self.client.killed() => Ev::Killed,
+                a = self.client.alerted(&self.phase) => match a {
+                    Alert::Killed => Ev::Killed,
+                    Alert::Phase(alive) => Ev::Phase(alive),
+                },
             };
             match ev {
                 Ev::Server(Ok(n)) if n > 0 => {
@@ -766,7 +769,9 @@ impl Session {
                         return Ok(step);
                     }
                 }
-                Ev::Phase(true) => {}
+                Ev::Phase(true) => {
+                    self.phase.borrow_and_update();
+                }
                 Ev::Phase(false) => return Ok(Step::Exit(Exit::Closed)),
                 Ev::Killed => return Ok(Step::Exit(Exit::Killed)),
             }
@@ -1027,6 +1032,10 @@ impl Session {
             return Ok(ServerFlow::Ok);
         };
         let mut window = self.window.take();
+        // What a retry window held, and what follows it in this read, go to
+        // the client in one write (not one for the held part and another
+        // for the rest).
+        let mut carry = BytesMut::new();
         let now = Instant::now();
         let mut pos = 0;
         let mut written = 0;
@@ -1040,7 +1049,8 @@ impl Session {
                     // Forward what came before, then treat the server as lost.
                     tracing::warn!(error = %e, "server sent a malformed message");
                     self.relay.server_unusable = true;
-                    send(client, &mut window, &server.buf[written..pos]).await?;
+                    emit(client, &mut window, &mut carry, &server.buf[written..pos]).await?;
+                    flush_carry(client, &mut carry).await?;
                     server.buf.clear();
                     self.window = window;
                     return Ok(ServerFlow::Lost);
@@ -1055,10 +1065,10 @@ impl Session {
                     && (shows_rows || w.held.len() + (pos - written) > route::RETRY_HOLD_LIMIT)
                 {
                     // The client is about to see results: no retry now.
-                    send(client, &mut window, &server.buf[written..pos]).await?;
+                    emit(client, &mut window, &mut carry, &server.buf[written..pos]).await?;
                     written = pos;
                     if let Some(w) = window.take() {
-                        client.write_all(&w.held).await?;
+                        carry = w.held;
                     }
                 } else if header.tag == b'E' && *whole && w.failed.is_none() {
                     w.on_error(&ErrorFields::parse(
@@ -1103,7 +1113,8 @@ impl Session {
                         match verdict {
                             Verdict::Forward => {}
                             Verdict::Swallow => {
-                                send(client, &mut window, &server.buf[written..pos]).await?;
+                                emit(client, &mut window, &mut carry, &server.buf[written..pos])
+                                    .await?;
                                 written = end;
                             }
                             Verdict::Desync => {
@@ -1156,7 +1167,8 @@ impl Session {
                             // Statement mode cannot hold a transaction open:
                             // answer with an error instead of this
                             // ReadyForQuery and roll the server back.
-                            send(client, &mut window, &server.buf[written..pos]).await?;
+                            emit(client, &mut window, &mut carry, &server.buf[written..pos])
+                                .await?;
                             self.out.clear();
                             protocol::error_response(
                                 &mut self.out,
@@ -1166,7 +1178,7 @@ impl Session {
                                  the transaction was rolled back",
                             );
                             protocol::ready_for_query(&mut self.out, TxStatus::Idle);
-                            send(client, &mut window, &self.out).await?;
+                            emit(client, &mut window, &mut carry, &self.out).await?;
                             written = end;
                             self.rollback_pending = true;
                         }
@@ -1183,17 +1195,18 @@ impl Session {
                         self.out.clear();
                         self.replies.take_ready(&mut self.out);
                         if !self.out.is_empty() {
-                            send(client, &mut window, &server.buf[written..pos]).await?;
-                            send(client, &mut window, &self.out).await?;
+                            emit(client, &mut window, &mut carry, &server.buf[written..pos])
+                                .await?;
+                            emit(client, &mut window, &mut carry, &self.out).await?;
                             written = pos;
                         }
                     }
                     if header.tag == b'Z' && window.as_ref().is_some_and(|w| w.failed.is_none()) {
                         // The read finished without showing a row: done.
-                        send(client, &mut window, &server.buf[written..pos]).await?;
+                        emit(client, &mut window, &mut carry, &server.buf[written..pos]).await?;
                         written = pos;
                         if let Some(w) = window.take() {
-                            client.write_all(&w.held).await?;
+                            carry = w.held;
                         }
                     }
                 }
@@ -1206,7 +1219,8 @@ impl Session {
                 }
             }
         }
-        send(client, &mut window, &server.buf[written..pos]).await?;
+        emit(client, &mut window, &mut carry, &server.buf[written..pos]).await?;
+        flush_carry(client, &mut carry).await?;
         server.buf.advance(pos);
         if window
             .as_ref()

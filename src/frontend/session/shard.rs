@@ -1291,7 +1291,7 @@ impl Session {
                 }
             };
             let mut server = server;
-            if let Some(sql) = self.params.sync_sql(&server.params, &server.set_by_pooler) {
+            if let Some(sql) = self.params.sync_sql_for(&mut server) {
                 match server.run_internal(&sql, INTERNAL_QUERY_TIMEOUT).await {
                     Ok(QueryOutcome::Done(TxStatus::Idle)) => self.params.after_sync(&mut server),
                     _ => {

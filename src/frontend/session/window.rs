@@ -116,6 +116,36 @@ pub(super) async fn send(
     }
 }
 
+/// [`send`], except that once a window has closed in the middle of a read,
+/// the rest of that read joins what the window held (`carry`) so that
+/// [`flush_carry`] writes both with one syscall.
+pub(super) async fn emit(
+    client: &mut ClientStream,
+    window: &mut Option<Box<Window>>,
+    carry: &mut BytesMut,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    if window.is_none() && !carry.is_empty() {
+        carry.extend_from_slice(bytes);
+        Ok(())
+    } else {
+        send(client, window, bytes).await
+    }
+}
+
+/// Writes what [`emit`] gathered.
+pub(super) async fn flush_carry(
+    client: &mut ClientStream,
+    carry: &mut BytesMut,
+) -> std::io::Result<()> {
+    if carry.is_empty() {
+        return Ok(());
+    }
+    let result = client.write_all(carry).await;
+    carry.clear();
+    result
+}
+
 impl Session {
     /// A windowed request failed before the client saw a row, and the
     /// server has answered in full: send it again.
