@@ -123,8 +123,12 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit
                 return refuse_login(&mut stream, e).await;
             }
         };
-        session.run(stream).await;
-        drop(permit);
+        // The session runs as a task of its own, so that the login's state
+        // (the largest part of this future) is freed now instead of being
+        // kept for the life of the connection: an idle client costs the
+        // session's future only (docs/benchmarks.md, RSS per idle client).
+        let run = session.run(stream, permit);
+        tokio::spawn(run.instrument(tracing::Span::current()));
     }
     .instrument(span)
     .await

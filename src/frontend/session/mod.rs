@@ -111,15 +111,6 @@ fn read_draining(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usiz
     }
 }
 
-/// The idle wait was interrupted by a phase change: look again, or stop
-/// when the proxy is gone (nothing will serve this client).
-fn phase_step(changed: Result<(), tokio::sync::watch::error::RecvError>) -> Step {
-    match changed {
-        Ok(()) => Step::Continue,
-        Err(_) => Step::Exit(Exit::Closed),
-    }
-}
-
 /// Client bytes kept back from the attached server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Held {
@@ -307,7 +298,9 @@ impl Session {
         &self.pools[self.node]
     }
 
-    pub async fn run(mut self, mut client: ClientStream) {
+    /// Serves the logged-in client until it leaves; `permit` (its place
+    /// under `max_client_conn`) is given back at the end.
+    pub async fn run(mut self, mut client: ClientStream, permit: crate::proxy::ClientPermit) {
         let exit = match self.run_loop(&mut client).await {
             Ok(exit) => exit,
             Err(e) => {
@@ -316,16 +309,17 @@ impl Session {
             }
         };
         tracing::debug!(?exit, "client session ended");
+        // The end of a session is boxed: its futures' state is not part of
+        // every live session's task.
         if exit == Exit::Killed {
             let why = self.client.kill_reason();
-            let _ = self
-                .close_with(&mut client, sqlstate::ADMIN_SHUTDOWN, &why)
-                .await;
+            let _ = Box::pin(self.close_with(&mut client, sqlstate::ADMIN_SHUTDOWN, &why)).await;
         }
-        self.put_back_server().await;
+        Box::pin(self.put_back_server()).await;
         self.shared.cancels.unregister(self.pid);
         // Dropping the socket closes it (FIN); no separate shutdown call.
         drop(client);
+        drop(permit);
     }
 
     async fn run_loop(&mut self, client: &mut ClientStream) -> std::io::Result<Exit> {
@@ -336,9 +330,25 @@ impl Session {
                     Step::Exit(e) => return Ok(e),
                 }
             }
-            if let Step::Exit(e) = self.relay_step(client).await? {
+            // Boxed: the relay's state exists only while a server is
+            // attached, not in every idle session's task.
+            if let Step::Exit(e) = Box::pin(self.relay_step(client)).await? {
                 return Ok(e);
             }
+        }
+    }
+
+    /// What [`ClientInfo::alerted`](crate::frontend::ClientInfo::alerted)
+    /// reported: a kill ends the session; a phase change is marked seen (the
+    /// caller's loop then acts on the new phase).
+    fn on_alert(&mut self, alert: Alert) -> Step {
+        match alert {
+            Alert::Killed => Step::Exit(Exit::Killed),
+            Alert::Phase(true) => {
+                self.phase.borrow_and_update();
+                Step::Continue
+            }
+            Alert::Phase(false) => Step::Exit(Exit::Closed),
         }
     }
 
@@ -358,10 +368,15 @@ impl Session {
                 // Plain TCP: wait for readiness without a buffer, then one
                 // draining read (see `read_draining`).
                 ClientStream::Plain(tcp) => {
-                    tokio::select! {
-                        r = tcp.readable() => r?,
-                        r = self.phase.changed() => return Ok(phase_step(r)),
-                        () = self.client.killed() => return Ok(Step::Exit(Exit::Killed)),
+                    let alert = tokio::select! {
+                        r = tcp.readable() => {
+                            r?;
+                            None
+                        }
+                        a = self.client.alerted(&self.phase) => Some(a),
+                    };
+                    if let Some(a) = alert {
+                        return Ok(self.on_alert(a));
                     }
                     self.cbuf.reserve(CLIENT_FIRST_READ);
                     read_draining(tcp, &mut self.cbuf)
@@ -370,10 +385,13 @@ impl Session {
                 // only a read tells.
                 ClientStream::Tls(tls) => {
                     self.cbuf.reserve(CLIENT_FIRST_READ);
-                    tokio::select! {
-                        r = tls.read_buf(&mut self.cbuf) => r,
-                        r = self.phase.changed() => return Ok(phase_step(r)),
-                        () = self.client.killed() => return Ok(Step::Exit(Exit::Killed)),
+                    let read = tokio::select! {
+                        r = tls.read_buf(&mut self.cbuf) => Ok(r),
+                        a = self.client.alerted(&self.phase) => Err(a),
+                    };
+                    match read {
+                        Ok(r) => r,
+                        Err(a) => return Ok(self.on_alert(a)),
                     }
                 }
             };
@@ -415,7 +433,9 @@ impl Session {
                 self.cbuf.advance(header.total_len);
                 Ok(Step::Continue)
             }
-            _ => self.route_and_attach(client).await,
+            // Boxed: checkout and routing state exists only while a request
+            // is being placed, not in every idle session's task.
+            _ => Box::pin(self.route_and_attach(client)).await,
         }
     }
 
@@ -725,17 +745,15 @@ impl Session {
                 Server(std::io::Result<usize>),
                 Client(std::io::Result<usize>),
                 Timer,
-                Phase(bool),
-                Killed,
+                Alert(Alert),
             }
             let ev = tokio::select! {
+                // Polled in this order (no random start: no RNG per poll).
+                biased;
                 r = server.stream.read_buf(&mut server.buf) => Ev::Server(r),
                 r = client.read_buf(&mut self.cbuf) => Ev::Client(r),
                 _ = timer => Ev::Timer,
-                a = self.client.alerted(&self.phase) => match a {
-                    Alert::Killed => Ev::Killed,
-                    Alert::Phase(alive) => Ev::Phase(alive),
-                },
+                a = self.client.alerted(&self.phase) => Ev::Alert(a),
             };
             match ev {
                 Ev::Server(Ok(n)) if n > 0 => {
@@ -769,11 +787,11 @@ impl Session {
                         return Ok(step);
                     }
                 }
-                Ev::Phase(true) => {
-                    self.phase.borrow_and_update();
+                Ev::Alert(a) => {
+                    if let Step::Exit(e) = self.on_alert(a) {
+                        return Ok(Step::Exit(e));
+                    }
                 }
-                Ev::Phase(false) => return Ok(Step::Exit(Exit::Closed)),
-                Ev::Killed => return Ok(Step::Exit(Exit::Killed)),
             }
         }
     }
