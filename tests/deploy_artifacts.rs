@@ -125,7 +125,16 @@ async fn dashboard_alerts_and_runbook_use_only_exported_metrics() {
     c.batch_execute("SELECT 1/0")
         .await
         .expect_err("division by zero");
-    let exposition = support::http_get(http, "/metrics").await;
+    // Replica lag series exist once the monitor has measured a replica:
+    // on a loaded machine that can come after the first scrape.
+    let mut exposition = support::http_get(http, "/metrics").await;
+    let waited = std::time::Instant::now();
+    while !exposition.contains("pgsluice_replica_lag_seconds{")
+        && waited.elapsed() < std::time::Duration::from_secs(15)
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        exposition = support::http_get(http, "/metrics").await;
+    }
     let exported = exported_names(&exposition);
     assert!(
         exported.contains("pgsluice_build_info")
