@@ -7,7 +7,13 @@ Subcommands:
   ticks PID                       print utime+stime (clock ticks) of PID from /proc/PID/stat
   scram-secret PASSWORD           print a SCRAM-SHA-256 secret (random salt, 4096 iterations)
   record ...                      parse one pgbench run, append a CSV row, print a summary
-  report --csv F --meta F --md F  write the markdown report (also printed to stdout)
+  report --csv F --meta F --md F [--png F] [--micro F]
+                                  write the markdown report (also printed to stdout), with
+                                  the chart (--png, default: the .md path with .png) and the
+                                  micro-benchmark fragment (--micro, if the file exists)
+  chart --csv F --png F           draw tps and p99 per workload (gnuplot) into a PNG
+  micro-report --criterion DIR --since EPOCH --md F
+                                  criterion results newer than EPOCH as a markdown fragment
 """
 
 import argparse
@@ -18,10 +24,16 @@ import hashlib
 import hmac
 import math
 import os
+import re
 import socket
+import json
+import shutil
 import statistics
 import struct
+import subprocess
 import sys
+import tempfile
+import time
 
 CSV_FIELDS = [
     "round", "workload", "target", "position", "status", "tps", "transactions",
@@ -288,8 +300,11 @@ def cmd_report(argv):
     ap.add_argument("--csv", required=True)
     ap.add_argument("--meta", required=True)
     ap.add_argument("--md", required=True)
+    ap.add_argument("--png", default="", help="chart path (default: the --md path with .png)")
+    ap.add_argument("--micro", default="", help="markdown fragment of bench/micro.sh, if it ran")
     a = ap.parse_args(argv)
     meta = read_meta(a.meta)
+    png = a.png or os.path.splitext(a.md)[0] + ".png"
     with open(a.csv, newline="") as f:
         rows = list(csv.DictReader(f))
 
@@ -395,6 +410,20 @@ def cmd_report(argv):
             wl, f1(cpu["pgbouncer"], 1), f1(cpu["pgsluice"], 1), cr,
             f1(rss["pgbouncer"], 0), f1(rss["pgsluice"], 0)))
 
+    L.append("")
+    why = write_chart(rows, png, chart_title(rows, meta))
+    if why is None:
+        rel = os.path.relpath(os.path.abspath(png), os.path.dirname(os.path.abspath(a.md)))
+        L.append("![tps and p99 per workload for direct, pgbouncer and pgsluice](%s)" % rel)
+        L.append("")
+        L.append("The chart shows the medians of the tables on this page: tps (top) and p99 latency "
+                 "(bottom) per workload, one bar per target; `pgsluice, primary only` is the same "
+                 "process with reads kept on the primary (see below). A missing bar is a target whose "
+                 "runs all failed (`failed`) or, for p99, a `-C` workload (`n/a`). It is drawn by "
+                 "`bench/bench.py` with gnuplot; `bench/bench.py chart --csv %s --png FILE` redraws it." %
+                 meta.get("csv_rel", a.csv))
+    else:
+        L.append("(No chart: %s.)" % why)
     if route_lines:
         L.append("")
         L.append("### Read routing: 2 replicas vs primary only")
@@ -430,6 +459,23 @@ def cmd_report(argv):
     L.append("|---|---:|---:|---:|---:|---:|")
     L.extend(cpu_lines)
     L.append("")
+    L.append("## Micro-benchmarks")
+    L.append("")
+    L.append("Criterion benches in `benches/`, run by `bench/micro.sh` (a stage of `bench/run.sh` unless "
+             "`--no-micro`): the cost of pgsluice's own pieces without PostgreSQL. `codec`: framing and "
+             "scanning server output, startup parsing, message builders, session-state prefilter; "
+             "`classify`: the read/write classifier and its cache; `shard`: shard placement; `relay`: "
+             "pgsluice's real client session on loopback TCP between a raw client and a *scripted "
+             "PostgreSQL peer* (it answers a fixed script and runs no SQL), compared with the same client "
+             "straight to the peer; `pool`: pool checkout and release with 1, 16 and 256 tasks sharing "
+             "20 real connections (to the scripted peer) on a 2-thread runtime. See `bench/README.md`.")
+    L.append("")
+    micro = ""
+    if a.micro and os.path.exists(a.micro):
+        with open(a.micro) as f:
+            micro = f.read().strip()
+    L.append(micro or "(Not run in this run: `--no-micro`, `--standin`, or `bench/micro.sh` failed.)")
+    L.append("")
     L.append("## Raw per-round numbers")
     L.append("")
     L.append("`pos` = position of the run within its round's workload group (targets are rotated per round).")
@@ -458,6 +504,273 @@ def cmd_report(argv):
     print(text)
     return 0
 
+# ---------------------------------------------------------------- chart
+
+CHART_TARGETS = [  # (target, legend, colour)
+    ("direct", "direct", "#8c8c8c"),
+    ("pgbouncer", "pgbouncer", "#1f77b4"),
+    ("pgsluice", "pgsluice", "#d62728"),
+    ("pgsluice-primary", "pgsluice, primary only", "#f4a582"),
+]
+
+
+def chart_series(rows):
+    """Per workload and target: median tps and p99 over rounds (None when no run succeeded),
+    and whether the target ran that workload at all."""
+    out = []
+    for wl, args, _desc in WORKLOADS:
+        runs = {t: [r for r in rows if r["workload"] == wl and r["target"] == t] for t, _l, _c in CHART_TARGETS}
+        if not any(runs.values()):
+            continue
+        connect = "-C" in args.split()
+        cell = {}
+        for t, _l, _c in CHART_TARGETS:
+            ok = [r for r in runs[t] if r["status"] == "ok"]
+            cell[t] = {
+                "ran": bool(runs[t]),
+                "tps": med([num(r["tps"]) for r in ok]),
+                "p99": None if connect else med([num(r["p99_ms"]) for r in ok]),
+                "connect": connect,
+            }
+        out.append((wl, cell))
+    return out
+
+
+def write_chart(rows, png, title):
+    """Draws two panels (tps, p99) of grouped bars per workload with gnuplot.
+    Returns None on success, else why no chart was drawn."""
+    gnuplot = shutil.which("gnuplot")
+    if gnuplot is None:
+        return "gnuplot is not installed (Debian: apt-get install -y gnuplot-nox)"
+    series = chart_series(rows)
+    if not series:
+        return "no results to draw"
+    targets = [t for t in CHART_TARGETS if any(c[t[0]]["ran"] for _wl, c in series)]
+    n = len(targets)
+    gap = 1
+
+    def table(metric, fmt_value):
+        lines = []
+        for wl, cell in series:
+            vals, ys, labels = [], [], []
+            for t, _l, _c in targets:
+                c = cell[t]
+                v = c[metric]
+                vals.append("?" if v is None else "%g" % v)
+                ys.append("0" if v is None else "%g" % v)
+                if v is not None:
+                    labels.append(fmt_value(v))
+                elif not c["ran"]:
+                    labels.append("")
+                elif metric == "p99" and c["connect"]:
+                    labels.append("n/a (-C)")
+                else:
+                    labels.append("failed")
+            lines.append("\t".join([wl] + vals + ys + labels))
+        return "\n".join(lines) + "\n"
+
+    def panel(datafile, ylabel, panel_title):
+        bars = []
+        labels = []
+        for j, (_t, legend, colour) in enumerate(targets):
+            first = "'%s' using %d:xtic(1)" % (datafile, 2 + j) if j == 0 else "'' using %d" % (2 + j)
+            bars.append("%s title '%s' lc rgb '%s'" % (first, legend, colour))
+            off = (j - (n - 1) / 2.0) / (n + gap)
+            labels.append("'%s' using ($0%+.4f):%d:%d with labels rotate by 90 left offset 0,0.4 "
+                          "font ',8' notitle" % (datafile, off, 2 + n + j, 2 + 2 * n + j))
+        return "\n".join([
+            "set title '%s' offset 0,-0.5" % panel_title,
+            "set ylabel '%s'" % ylabel,
+            "plot " + ", \\\n     ".join(bars + labels),
+        ])
+
+    with tempfile.TemporaryDirectory(prefix="pgsluice-chart.") as tmp:
+        tps_dat = os.path.join(tmp, "tps.dat")
+        p99_dat = os.path.join(tmp, "p99.dat")
+        with open(tps_dat, "w") as f:
+            f.write(table("tps", lambda v: "{:,.0f}".format(v)))
+        with open(p99_dat, "w") as f:
+            f.write(table("p99", lambda v: "%.2f" % v))
+        script = "\n".join([
+            "set terminal pngcairo size 1400,1000 font 'sans,11'",
+            "set output '%s'" % png.replace("'", "''"),
+            "set datafile separator '\\t'",
+            "set datafile missing '?'",
+            "set style data histograms",
+            "set style histogram clustered gap %d" % gap,
+            "set style fill solid 0.9 border rgb '#404040'",
+            "set boxwidth 1",
+            "set grid ytics lc rgb '#dddddd'",
+            "set key at screen 0.5,0.945 center top horizontal noenhanced samplen 2 width 2",
+            "set tmargin 5",
+            "set xtics noenhanced nomirror scale 0",
+            "set xrange [-0.6:%g]" % (len(series) - 0.4),
+            "set ytics nomirror",
+            "set border 3",
+            "set offsets 0,0,graph 0.18,0",
+            "set yrange [0:*]",
+            "set format y \"%.0f\"",
+            "set multiplot layout 2,1 title '%s' noenhanced" % title.replace("'", "''"),
+            panel(tps_dat, "transactions/s", "Throughput (tps, higher is better)"),
+            "set format y \"%g\"",
+            "unset key",
+            panel(p99_dat, "ms", "p99 latency (ms, lower is better; -C runs: not comparable, not drawn)"),
+            "unset multiplot",
+            "",
+        ])
+        script_path = os.path.join(tmp, "chart.gp")
+        with open(script_path, "w") as f:
+            f.write(script)
+        os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+        r = subprocess.run([gnuplot, script_path], capture_output=True, text=True)
+        if r.returncode != 0:
+            return "gnuplot failed: " + (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1]
+    return None
+
+
+def chart_title(rows, meta):
+    rounds = len({r["round"] for r in rows})
+    t = "pgbench through direct / pgbouncer / pgsluice: medians over %d round%s" % (rounds, "" if rounds == 1 else "s")
+    if meta.get("date"):
+        t += ", " + meta["date"]
+    if meta.get("commit"):
+        t += ", pgsluice " + meta["commit"]
+    return t
+
+
+def cmd_chart(argv):
+    ap = argparse.ArgumentParser(prog="bench.py chart")
+    ap.add_argument("--csv", required=True)
+    ap.add_argument("--png", required=True)
+    ap.add_argument("--meta", default="")
+    a = ap.parse_args(argv)
+    with open(a.csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    meta = read_meta(a.meta) if a.meta else {}
+    why = write_chart(rows, a.png, chart_title(rows, meta))
+    if why:
+        print("no chart: " + why, file=sys.stderr)
+        return 1
+    print("wrote " + a.png)
+    return 0
+
+
+# ---------------------------------------------------------------- micro-benchmarks
+
+def fmt_ns(ns):
+    if ns is None:
+        return "—"
+    if ns < 1e3:
+        return "%.1f ns" % ns
+    if ns < 1e6:
+        return "%.2f µs" % (ns / 1e3)
+    if ns < 1e9:
+        return "%.2f ms" % (ns / 1e6)
+    return "%.2f s" % (ns / 1e9)
+
+
+def fmt_rate(per_s, unit):
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if per_s >= scale:
+            return "%.2f %s%s/s" % (per_s / scale, prefix, unit)
+    return "%.1f %s/s" % (per_s, unit)
+
+
+def micro_rows(criterion_dir, since):
+    """(full id, median ns, low ns, high ns, throughput) per criterion benchmark whose result
+    was written at or after `since`, in the order they ran."""
+    found = []
+    for bench_json in glob.glob(os.path.join(glob.escape(criterion_dir), "**", "new", "benchmark.json"), recursive=True):
+        est_json = os.path.join(os.path.dirname(bench_json), "estimates.json")
+        if not os.path.exists(est_json):
+            continue
+        mtime = os.path.getmtime(est_json)
+        if mtime < since:
+            continue
+        with open(bench_json) as f:
+            bench = json.load(f)
+        with open(est_json) as f:
+            est = json.load(f)
+        median = est["median"]
+        found.append((mtime, bench.get("full_id") or bench.get("title") or bench_json,
+                      median["point_estimate"], median["confidence_interval"]["lower_bound"],
+                      median["confidence_interval"]["upper_bound"], bench.get("throughput")))
+    found.sort(key=lambda r: r[0])
+    return [r[1:] for r in found]
+
+
+def micro_table(rows):
+    L = ["| bench | median | 95% CI of median | per message / op | throughput |",
+         "|---|---:|---:|---:|---:|"]
+    for full_id, ns, lo, hi, tp in rows:
+        per, rate = "—", "—"
+        msgs = re.search(r"(\d+)_msgs", full_id)
+        if tp and "Elements" in tp and tp["Elements"]:
+            n = tp["Elements"]
+            unit = "msg" if msgs else "op"
+            per = fmt_ns(ns / n) + (" per %s" % unit)
+            rate = fmt_rate(n * 1e9 / ns, unit)
+        elif tp and "Bytes" in tp and tp["Bytes"]:
+            rate = "%.1f MiB/s" % (tp["Bytes"] * 1e9 / ns / 1048576)
+            if msgs:
+                per = fmt_ns(ns / int(msgs.group(1))) + " per msg"
+        else:
+            per = fmt_ns(ns) + " per op"
+            rate = fmt_rate(1e9 / ns, "op")
+        L.append("| `%s` | %s | %s – %s | %s | %s |" % (full_id, fmt_ns(ns), fmt_ns(lo), fmt_ns(hi), per, rate))
+    return L
+
+
+def relay_overhead(rows):
+    """pgsluice − direct per request, for relay cases measured both ways."""
+    by = {r[0]: r[1] for r in rows}
+    L = []
+    for full_id, ns, _lo, _hi, _tp in rows:
+        if "/pgsluice" not in full_id or not full_id.startswith("relay/"):
+            continue
+        direct = by.get(full_id.replace("/pgsluice", "/direct"))
+        if direct is None:
+            continue
+        case = full_id.replace("/pgsluice", "")
+        msgs = re.search(r"(\d+)_msgs", full_id)
+        per_msg = fmt_ns((ns - direct) / int(msgs.group(1))) if msgs else "—"
+        L.append("| `%s` | %s | %s | %s | %s |" % (case, fmt_ns(direct), fmt_ns(ns), fmt_ns(ns - direct), per_msg))
+    if not L:
+        return []
+    return ["", "Relay cost per request (`relay/…`: the same client straight to the scripted peer, "
+            "then through pgsluice; the difference is what pgsluice adds, all on one thread):", "",
+            "| case | direct | through pgsluice | pgsluice adds | per message |",
+            "|---|---:|---:|---:|---:|"] + L
+
+
+def cmd_micro_report(argv):
+    ap = argparse.ArgumentParser(prog="bench.py micro-report")
+    ap.add_argument("--criterion", required=True, help="criterion's output dir (<target>/criterion)")
+    ap.add_argument("--since", type=float, required=True, help="only results written at or after this epoch")
+    ap.add_argument("--md", required=True)
+    ap.add_argument("--command", default="bench/micro.sh")
+    ap.add_argument("--commit", default="")
+    a = ap.parse_args(argv)
+    rows = micro_rows(a.criterion, a.since)
+    if not rows:
+        print("no criterion results newer than the run start in " + a.criterion, file=sys.stderr)
+        return 1
+    L = ["Generated by `%s` on %s%s: criterion, release build, one run on the same shared "
+         "2-core machine (expect ±10–20%% between runs, more for the fastest cases). Median time per "
+         "iteration with the 95%% confidence interval of the median; per-message cost divides it by "
+         "the messages in the case's name (`…/N_msgs`), per-op cost by the operations per "
+         "iteration." % (a.command, time.strftime("%Y-%m-%d %H:%M %Z"),
+                         (" at pgsluice " + a.commit) if a.commit else ""),
+         ""]
+    L += micro_table(rows)
+    L += relay_overhead(rows)
+    text = "\n".join(L) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(a.md)), exist_ok=True)
+    with open(a.md, "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
 
 def main():
     if len(sys.argv) < 2:
@@ -465,7 +778,8 @@ def main():
         return 2
     cmd, rest = sys.argv[1], sys.argv[2:]
     fn = {"freeport": cmd_freeport, "authprobe": cmd_authprobe, "ticks": cmd_ticks, "scram-secret": cmd_scram_secret,
-          "record": cmd_record, "report": cmd_report}.get(cmd)
+          "record": cmd_record, "report": cmd_report, "chart": cmd_chart,
+          "micro-report": cmd_micro_report}.get(cmd)
     if fn is None:
         print("unknown subcommand: " + cmd, file=sys.stderr)
         return 2

@@ -2,13 +2,16 @@
 # End-to-end benchmark: pgbench directly against PostgreSQL vs through pgbouncer vs through
 # pgsluice, interleaved over several rounds. See bench/README.md.
 #
-# usage: bench/run.sh [--rounds N] [--duration SECS] [--quick] [--standin]
+# usage: bench/run.sh [--rounds N] [--duration SECS] [--quick] [--standin] [--no-micro]
 #   --rounds N        rounds of all workloads x all targets (default 3)
 #   --duration SECS   pgbench -T per run (default 15)
 #   --quick           smoke test: 1 round, 5 s; writes bench/results/quick.{md,csv}
 #   --standin         harness self-test: a second pgbouncer (bench/standin-demo.sh) plays
 #                     pgsluice; writes bench/results/standin.{md,csv}
-# Other runs write docs/benchmarks.md and bench/results/latest.csv.
+#   --no-micro        skip the criterion micro-benchmarks (bench/micro.sh), run after the
+#                     pgbench runs and included in the report (not with --standin)
+# Other runs write docs/benchmarks.md (with its chart, docs/benchmarks.png) and
+# bench/results/latest.csv; --quick/--standin draw bench/results/{quick,standin}.png.
 # environment:
 #   PGSLUICE_BIN           pgsluice binary (default: <repo>/target/release/pgsluice)
 #   BENCH_PGBOUNCER_AUTH   force pgbouncer's client auth_type (default: whatever pgsluice asks for)
@@ -26,6 +29,7 @@ usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' 
 ROUNDS=3
 DURATION=15
 STANDIN=0
+MICRO=1
 while [ $# -gt 0 ]; do
   case $1 in
     --rounds) [ $# -ge 2 ] || die "--rounds needs a value"; ROUNDS=$2; shift 2 ;;
@@ -34,6 +38,7 @@ while [ $# -gt 0 ]; do
     --duration=*) DURATION=${1#*=}; shift ;;
     --quick) ROUNDS=1; DURATION=5; shift ;;
     --standin) STANDIN=1; shift ;;
+    --no-micro) MICRO=0; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
@@ -401,6 +406,23 @@ join() { local IFS=$'\x1f'; local s="$*"; printf '%s' "${s//$'\x1f'/ ;; }"; }
 
 mkdir -p "$(dirname "$OUT_CSV")" "$(dirname "$OUT_MD")"
 cp "$RESULTS" "$OUT_CSV"
-py report --csv "$OUT_CSV" --meta "$WORK/meta.txt" --md "$OUT_MD"
+# Micro-benchmarks (criterion, no PostgreSQL): after the pgbench runs, so a failure here
+# loses none of them; the report includes the fragment.
+MICRO_MD=''
+if [ "$MICRO" = 1 ] && [ "$STANDIN" = 0 ]; then
+  log "micro-benchmarks: bench/micro.sh (cargo bench, release)"
+  if "$BENCH_DIR/micro.sh" --out "$BENCH_DIR/results/micro.md"; then
+    MICRO_MD=$BENCH_DIR/results/micro.md
+  else
+    log "warning: bench/micro.sh failed; the report says so"
+  fi
+fi
+# The chart needs gnuplot: install it like pgbouncer (the report says so if it is missing).
+if ! command -v gnuplot >/dev/null && [ "$(id -u)" -eq 0 ]; then
+  log "gnuplot not found: installing gnuplot-nox with apt-get (for the chart)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gnuplot-nox; } \
+    >"$WORK/apt-gnuplot.log" 2>&1 || { tail -n 10 "$WORK/apt-gnuplot.log" >&2; log "warning: could not install gnuplot-nox: no chart"; }
+fi
+py report --csv "$OUT_CSV" --meta "$WORK/meta.txt" --md "$OUT_MD" --micro "$MICRO_MD"
 FAILED=$(awk -F, 'NR > 1 && $5 != "ok"' "$OUT_CSV" | wc -l)
 log "done in $((ELAPSED / 60)) min $((ELAPSED % 60)) s: wrote ${OUT_MD#"$REPO"/} and ${OUT_CSV#"$REPO"/}; failed runs: $FAILED"
