@@ -2,12 +2,15 @@
 # End-to-end benchmark: pgbench directly against PostgreSQL vs through pgbouncer vs through
 # pgsluice, interleaved over several rounds. See bench/README.md.
 #
-# usage: bench/run.sh [--rounds N] [--duration SECS] [--quick] [--standin]
+# usage: bench/run.sh [--rounds N] [--duration SECS] [--quick] [--standin] [--no-scale] [--soak-minutes N]
 #   --rounds N        rounds of all workloads x all targets (default 3)
 #   --duration SECS   pgbench -T per run (default 15)
 #   --quick           smoke test: 1 round, 5 s; writes bench/results/quick.{md,csv}
 #   --standin         harness self-test: a second pgbouncer (bench/standin-demo.sh) plays
 #                     pgsluice; writes bench/results/standin.{md,csv}
+#   --no-scale        skip the scale stages (bench/scale.sh: idle-client memory, 50,000
+#                     clients, spike, soak), which otherwise run after the pgbench rounds
+#   --soak-minutes N  soak length passed to bench/scale.sh (default 30)
 # Other runs write docs/benchmarks.md and bench/results/latest.csv.
 # environment:
 #   PGSLUICE_BIN           pgsluice binary (default: <repo>/target/release/pgsluice)
@@ -26,6 +29,8 @@ usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' 
 ROUNDS=3
 DURATION=15
 STANDIN=0
+RUN_SCALE=1
+SCALE_ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
     --rounds) [ $# -ge 2 ] || die "--rounds needs a value"; ROUNDS=$2; shift 2 ;;
@@ -34,6 +39,9 @@ while [ $# -gt 0 ]; do
     --duration=*) DURATION=${1#*=}; shift ;;
     --quick) ROUNDS=1; DURATION=5; shift ;;
     --standin) STANDIN=1; shift ;;
+    --no-scale) RUN_SCALE=0; shift ;;
+    --soak-minutes) [ $# -ge 2 ] || die "--soak-minutes needs a value"; SCALE_ARGS+=(--soak-minutes "$2"); shift 2 ;;
+    --soak-minutes=*) SCALE_ARGS+=(--soak-minutes "${1#*=}"); shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
@@ -404,3 +412,18 @@ cp "$RESULTS" "$OUT_CSV"
 py report --csv "$OUT_CSV" --meta "$WORK/meta.txt" --md "$OUT_MD"
 FAILED=$(awk -F, 'NR > 1 && $5 != "ok"' "$OUT_CSV" | wc -l)
 log "done in $((ELAPSED / 60)) min $((ELAPSED % 60)) s: wrote ${OUT_MD#"$REPO"/} and ${OUT_CSV#"$REPO"/}; failed runs: $FAILED"
+
+# ------------------------------------------------------------------ 6. scale stages
+# bench/scale.sh starts its own demo and pgbouncer: stop this run's first, then put its
+# report (bench/results/scale*.md) into this report as a section.
+if [ "$RUN_SCALE" = 1 ] && [ "$STANDIN" = 0 ]; then
+  [ -n "$BOUNCER_PID" ] && { stop_pid "$BOUNCER_PID" TERM 10; BOUNCER_PID=''; }
+  [ -n "$DEMO_PID" ] && stop_demo
+  [ "$QUICK" = 1 ] && SCALE_ARGS+=(--quick)
+  SCALE_MD=$BENCH_DIR/results/scale.md
+  [ "$QUICK" = 1 ] && SCALE_MD=$BENCH_DIR/results/scale-quick.md
+  log "scale stages: bench/scale.sh ${SCALE_ARGS[*]}"
+  PGSLUICE_BIN=$BIN "$BENCH_DIR/scale.sh" "${SCALE_ARGS[@]}" || die "bench/scale.sh failed"
+  python3 "$BENCH_DIR/scale.py" splice --doc "$OUT_MD" --section "$SCALE_MD"
+  log "added ${SCALE_MD#"$REPO"/} to ${OUT_MD#"$REPO"/}"
+fi

@@ -1,0 +1,452 @@
+#!/usr/bin/env python3
+"""Helpers for bench/scale.sh (python3 standard library only).
+
+Subcommands:
+  event FILE EVENT                   print the last JSON line of FILE whose "event" is EVENT
+  field FILE EVENT KEY               print one field of that line (empty if missing)
+  record --csv F --stage S --run R [--jsonl FILE] [--ticks] [KEY=VALUE ...]
+                                     append rows (stage,run,key,value) to the CSV: the fields of
+                                     FILE's ready/done/summary events, per-second ticks with
+                                     --ticks, and the KEY=VALUE pairs
+  waitmax BEFORE AFTER               highest pgsluice_client_wait_seconds bucket bound whose
+                                     count grew between two /metrics scrapes (seconds)
+  judge --csv F                      compute each stage's verdict rows (appended to the CSV)
+  report --csv F --meta F --md F     write the markdown fragment
+  splice --doc F --section F         put the section into F between scale markers (or append)
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import statistics
+import sys
+
+FIELDS = ["stage", "run", "key", "value"]
+BEGIN = "<!-- bench/scale.sh: begin -->"
+END = "<!-- bench/scale.sh: end -->"
+
+
+def events(path, name):
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line.startswith("{"):
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                if obj.get("event") == name:
+                    out.append(obj)
+    except OSError:
+        pass
+    return out
+
+
+def cmd_event(a):
+    ev = events(a[0], a[1])
+    if not ev:
+        return 1
+    print(json.dumps(ev[-1]))
+    return 0
+
+
+def cmd_field(a):
+    ev = events(a[0], a[1])
+    v = ev[-1].get(a[2]) if ev else None
+    print("" if v is None else v)
+    return 0
+
+
+def flat(prefix, obj):
+    for k, v in obj.items():
+        if k in ("event", "tps_timeline", "error_samples"):
+            continue
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                yield "%s%s.%s" % (prefix, k, k2), v2
+        else:
+            yield prefix + k, "" if v is None else v
+
+
+def cmd_record(argv):
+    p = argparse.ArgumentParser(prog="scale.py record")
+    p.add_argument("--csv", required=True)
+    p.add_argument("--stage", required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--jsonl")
+    p.add_argument("--ticks", action="store_true")
+    p.add_argument("kv", nargs="*")
+    a = p.parse_args(argv)
+    rows = []
+    if a.jsonl:
+        for name in ("ready", "done", "summary"):
+            ev = events(a.jsonl, name)
+            if ev:
+                rows += [(name + "." + k, v) for k, v in flat("", ev[-1])]
+                for i, s in enumerate(ev[-1].get("error_samples") or []):
+                    rows.append(("%s.error_sample.%d" % (name, i), s))
+        if a.ticks:
+            for t in events(a.jsonl, "tick"):
+                for k in ("target", "connected", "tps", "p50_ms", "p99_ms", "max_ms", "logins", "login_max_ms", "errors"):
+                    rows.append(("tick.%d.%s" % (t["t"], k), "" if t.get(k) is None else t[k]))
+    for kv in a.kv:
+        k, _, v = kv.partition("=")
+        rows.append((k, v))
+    new = not os.path.exists(a.csv) or os.path.getsize(a.csv) == 0
+    with open(a.csv, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(FIELDS)
+        for k, v in rows:
+            w.writerow([a.stage, a.run, k, v])
+    return 0
+
+
+def metric_buckets(path):
+    out = {}
+    rx = re.compile(r'^pgsluice_client_wait_seconds_bucket\{(.*)\}\s+([0-9.eE+]+)')
+    with open(path) as f:
+        for line in f:
+            m = rx.match(line)
+            if not m:
+                continue
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            le = labels.get("le", "")
+            key = (tuple(sorted((k, v) for k, v in labels.items() if k != "le")), le)
+            out[key] = out.get(key, 0) + float(m.group(2))
+    return out
+
+
+def cmd_waitmax(a):
+    before, after = metric_buckets(a[0]), metric_buckets(a[1])
+    if not after:
+        print("")
+        return 0
+    # Per label set: the smallest bound whose cumulative count covers all new samples.
+    worst = 0.0
+    groups = {}
+    for (lab, le), n in after.items():
+        groups.setdefault(lab, []).append((float("inf") if le == "+Inf" else float(le), n - before.get((lab, le), 0)))
+    for lab, bs in groups.items():
+        bs.sort()
+        total = bs[-1][1]
+        if total <= 0:
+            continue
+        for bound, n in bs:
+            if n >= total:
+                worst = max(worst, bound)
+                break
+    print("inf" if math.isinf(worst) else worst)
+    return 0
+
+
+# ---------------------------------------------------------------- reading the CSV
+
+def load(path):
+    data = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            data.setdefault(r["stage"], {}).setdefault(r["run"], {})[r["key"]] = r["value"]
+    return data
+
+
+def num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def fmt(v, nd=0, suffix=""):
+    x = num(v)
+    if x is None:
+        return "—" if v in (None, "") else str(v)
+    if nd == 0:
+        return "{:,}".format(int(round(x))) + suffix
+    return ("{:,.%df}" % nd).format(x) + suffix
+
+
+def ticks(run):
+    out = {}
+    for k, v in run.items():
+        m = re.match(r"tick\.(\d+)\.(\w+)$", k)
+        if m:
+            out.setdefault(int(m.group(1)), {})[m.group(2)] = v
+    return dict(sorted(out.items()))
+
+
+def errs(run, prefixes=("summary", "done", "ready")):
+    for p in prefixes:
+        if p + ".errors" in run:
+            return run[p + ".errors"]
+    return None
+
+
+def err_codes(run):
+    codes = {}
+    for k, v in run.items():
+        m = re.match(r"(summary|done|ready)\.errors_by_code\.(.+)$", k)
+        if m:
+            codes[m.group(2)] = max(codes.get(m.group(2), 0), int(float(v)))
+    return ", ".join("%s ×%d" % kv for kv in sorted(codes.items())) or "none"
+
+
+def cmd_judge(argv):
+    p = argparse.ArgumentParser(prog="scale.py judge")
+    p.add_argument("--csv", required=True)
+    a = p.parse_args(argv)
+    d = load(a.csv)
+    rows = []
+    if "clients50k" in d:
+        s = d["clients50k"]
+        base = [num(s[r].get("summary.tps")) for r in ("baseline-before", "baseline-after") if r in s]
+        base = [b for b in base if b]
+        held = num(s.get("with-idle", {}).get("summary.tps"))
+        if base and held:
+            ratio = held / statistics.mean(base)
+            errors = sum(num(errs(s[r])) or 0 for r in s if r != "verdict")
+            verified = num(s.get("idle", {}).get("verified"))
+            want = num(s.get("idle", {}).get("idle_clients"))
+            ok = ratio >= 0.9 and errors == 0 and verified == want
+            rows += [("clients50k", "verdict", "tps_ratio", "%.3f" % ratio),
+                     ("clients50k", "verdict", "errors", int(errors)),
+                     ("clients50k", "verdict", "pass", "yes" if ok else "no")]
+    if "spike" in d and "spike" in d["spike"]:
+        r = d["spike"]["spike"]
+        t = ticks(r)
+        up, down = num(r.get("up_s")), num(r.get("down_s"))
+        pre = [num(v.get("tps")) for k, v in t.items() if up and up - 7 < k <= up]
+        pre = [x for x in pre if x is not None]
+        ref = statistics.median(pre) if pre else None
+        rec = None
+        if ref and down:
+            for k, v in t.items():
+                if k > down and (num(v.get("tps")) or 0) >= 0.9 * ref:
+                    rec = k - down
+                    break
+        timeout = num(r.get("checkout_timeout_s")) or 30
+        maxw = max(num(r.get("summary.max_ms")) or 0, 0) / 1000
+        ok = (num(errs(r)) == 0 and maxw < timeout and rec is not None and rec <= 5)
+        rows += [("spike", "verdict", "pre_spike_tps_median", "" if ref is None else int(ref)),
+                 ("spike", "verdict", "recovery_s", "" if rec is None else rec),
+                 ("spike", "verdict", "max_wait_s", "%.3f" % maxw),
+                 ("spike", "verdict", "pass", "yes" if ok else "no")]
+    if "soak" in d and "soak" in d["soak"]:
+        r = d["soak"]["soak"]
+        samples = sorted((int(k), num(v)) for k, v in d["soak"].get("rss", {}).items())
+        ref_t = num(r.get("reference_s")) or 120
+        ref = next((v for t, v in samples if t >= ref_t), None)
+        end = samples[-1][1] if samples else None
+        if ref and end:
+            growth = (end - ref) / ref
+            ok = abs(growth) <= 0.05 and num(errs(r)) == 0
+            rows += [("soak", "verdict", "rss_reference_kb", int(ref)),
+                     ("soak", "verdict", "rss_end_kb", int(end)),
+                     ("soak", "verdict", "rss_min_kb", int(min(v for _, v in samples))),
+                     ("soak", "verdict", "rss_max_kb", int(max(v for _, v in samples))),
+                     ("soak", "verdict", "rss_change_pct", "%.2f" % (100 * growth)),
+                     ("soak", "verdict", "pass", "yes" if ok else "no")]
+    with open(a.csv, "a", newline="") as f:
+        w = csv.writer(f)
+        for row in rows:
+            w.writerow(row)
+    return 0
+
+
+# ---------------------------------------------------------------- report
+
+def read_meta(path):
+    meta = {}
+    with open(path) as f:
+        for line in f:
+            k, _, v = line.rstrip("\n").partition("=")
+            meta[k] = v
+    return meta
+
+
+def cmd_report(argv):
+    p = argparse.ArgumentParser(prog="scale.py report")
+    p.add_argument("--csv", required=True)
+    p.add_argument("--meta", required=True)
+    p.add_argument("--md", required=True)
+    a = p.parse_args(argv)
+    d = load(a.csv)
+    m = read_meta(a.meta)
+    L = []
+    L.append("## Scale: idle-client memory, many clients, spike, soak")
+    L.append("")
+    L.append("Measured by `bench/scale.sh` on %s (%s, %s cores, %s, %s), commit %s, %s. One machine, "
+             "shared with other work: read the ratios, not the absolute tps." %
+             (m.get("date"), m.get("cpu"), m.get("nproc"), m.get("mem"), m.get("kernel"), m.get("commit"), m.get("pgsluice_bin")))
+    L.append("")
+    L.append("- Reproduce: `%s`" % m.get("command"))
+    L.append("- Versions: %s; %s; %s." % (m.get("pg_version"), m.get("pgbouncer_version"), m.get("loadgen")))
+    L.append("- Limits seen: %s." % m.get("limits"))
+    L.append("- Setup: %s." % m.get("setup"))
+    for n in filter(None, m.get("notes", "").split(" ;; ")):
+        L.append("- Note: %s" % n)
+    L.append("")
+
+    if "idle-memory" in d:
+        s = d["idle-memory"]
+        L.append("### RSS per idle client")
+        L.append("")
+        L.append("RSS of the pooler process after a short warm-up, then with N logged-in idle clients "
+                 "(SCRAM logins by `loadgen idle`, all verified with `SELECT 1` before they close), "
+                 "then after they closed. Same loadgen, same N, same run for both poolers.")
+        L.append("")
+        L.append("| pooler | idle clients | server-side sockets seen | RSS before | RSS with clients | **per idle client** | RSS after close | login ramp | errors |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        for tgt in ("pgsluice", "pgbouncer"):
+            r = s.get(tgt)
+            if not r:
+                continue
+            L.append("| %s | %s | %s | %s kB | %s kB | **%s kB** | %s kB | %s s (%s logins/s) | %s |" % (
+                tgt, fmt(r.get("clients")), fmt(r.get("established")), fmt(r.get("rss_before_kb")),
+                fmt(r.get("rss_held_kb")), fmt(r.get("kb_per_client"), 2), fmt(r.get("rss_after_close_kb")),
+                fmt(r.get("ready.ramp_s"), 1), fmt(r.get("ready.logins_per_s")), err_codes(r)))
+        L.append("")
+
+    if "clients50k" in d:
+        s = d["clients50k"]
+        v = s.get("verdict", {})
+        idle = s.get("idle", {})
+        L.append("### Many concurrent clients on one pgsluice")
+        L.append("")
+        L.append("Active clients run `SELECT abalance FROM pgbench_accounts WHERE aid = $1`-style point selects "
+                 "(simple protocol, like `pgbench -S`) for the same time without, with, and again without "
+                 "the idle clients held open; ratio = with / mean(without).")
+        L.append("")
+        L.append("- Requested: %s concurrent clients; **held: %s** (%s idle + %s active) from %s source addresses; %s" % (
+            fmt(idle.get("requested_total")), fmt(idle.get("total")), fmt(idle.get("idle_clients")),
+            fmt(idle.get("active_clients")), idle.get("sources", "?"), idle.get("reduced_reason") or "not reduced."))
+        L.append("- Idle clients: %s logged in in %s s (%s logins/s at concurrency %s), %s verified with `SELECT 1` at the end, "
+                 "%s closed while idle; pgsluice RSS %s kB → %s kB with them (%s kB per client); established sockets on the pgsluice port during the active run: %s." % (
+                     fmt(idle.get("opened")), fmt(idle.get("ramp_s"), 1), fmt(idle.get("logins_per_s")),
+                     idle.get("concurrency", "?"), fmt(idle.get("verified")), fmt(idle.get("closed_while_idle")),
+                     fmt(idle.get("rss_before_kb")), fmt(idle.get("rss_held_kb")), fmt(idle.get("kb_per_client"), 2),
+                     fmt(idle.get("established"))))
+        L.append("")
+        L.append("| run | active clients | idle clients | tps | p50 ms | p99 ms | max ms | errors |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---|")
+        for run in ("baseline-before", "with-idle", "baseline-after"):
+            r = s.get(run)
+            if not r:
+                continue
+            L.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                run, fmt(r.get("active_clients")), fmt(r.get("idle_clients")), fmt(r.get("summary.tps")),
+                fmt(r.get("summary.p50_ms"), 2), fmt(r.get("summary.p99_ms"), 2), fmt(r.get("summary.max_ms"), 1),
+                err_codes(r)))
+        L.append("")
+        if v:
+            L.append("**Result:** with/without = %s (target ≥ 0.90), errors %s: **%s**%s." % (
+                v.get("tps_ratio"), v.get("errors"), "pass" if v.get("pass") == "yes" else "fail",
+                " at the reduced size" if idle.get("reduced_reason") else ""))
+            L.append("")
+
+    if "spike" in d and "spike" in d["spike"]:
+        r = d["spike"]["spike"]
+        v = d["spike"].get("verdict", {})
+        L.append("### Spike")
+        L.append("")
+        L.append("`loadgen active --schedule %s`: at second %s the extra clients all start connecting (SCRAM login) "
+                 "within the same second, at second %s they disconnect. Wait = time from sending a query to its "
+                 "answer (includes pgsluice's checkout wait); pgsluice's own `client_wait_seconds` histogram "
+                 "put the longest checkout wait at ≤ %s s." % (
+                     r.get("schedule"), r.get("up_s"), r.get("down_s"), r.get("metrics_wait_max_s") or "?"))
+        L.append("")
+        L.append("- Transactions %s, tps %s, errors: %s; logins %s (p99 %s ms, max %s ms); query wait p99 %s ms, **max %s ms** "
+                 "(checkout_timeout %s s)." % (
+                     fmt(r.get("summary.tx")), fmt(r.get("summary.tps")), err_codes(r), fmt(r.get("summary.logins")),
+                     fmt(r.get("summary.login_p99_ms"), 1), fmt(r.get("summary.login_max_ms"), 1),
+                     fmt(r.get("summary.p99_ms"), 1), fmt(r.get("summary.max_ms"), 1), r.get("checkout_timeout_s")))
+        if v:
+            L.append("- Pre-spike median tps %s; tps back to ≥ 90%% of it %s s after the drop (target ≤ 5 s): **%s**." % (
+                fmt(v.get("pre_spike_tps_median")), v.get("recovery_s") or "never",
+                "pass" if v.get("pass") == "yes" else "fail"))
+        L.append("")
+        L.append("| second | clients asked | logged in | tps | p99 ms | max ms | logins | errors (cumulative) |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for t, x in ticks(r).items():
+            L.append("| %d | %s | %s | %s | %s | %s | %s | %s |" % (
+                t, fmt(x.get("target")), fmt(x.get("connected")), fmt(x.get("tps")), fmt(x.get("p99_ms"), 1),
+                fmt(x.get("max_ms"), 1), fmt(x.get("logins")), fmt(x.get("errors"))))
+        L.append("")
+
+    if "soak" in d and "soak" in d["soak"]:
+        r = d["soak"]["soak"]
+        v = d["soak"].get("verdict", {})
+        rss = sorted((int(k), num(x)) for k, x in d["soak"].get("rss", {}).items())
+        L.append("### Soak")
+        L.append("")
+        L.append("%s min of %s clients, %s%% TPC-B-like write transactions and the rest point selects, every client "
+                 "logging out and in again after ~%s transactions; pgsluice RSS sampled every %s s." % (
+                     r.get("minutes"), r.get("clients"), r.get("write_pct"), r.get("reconnect_after"), r.get("sample_s")))
+        L.append("")
+        L.append("- Transactions %s (%s tps), logins %s, p99 %s ms, max %s ms, errors: %s." % (
+            fmt(r.get("summary.tx")), fmt(r.get("summary.tps")), fmt(r.get("summary.logins")),
+            fmt(r.get("summary.p99_ms"), 1), fmt(r.get("summary.max_ms"), 1), err_codes(r)))
+        if v:
+            L.append("- RSS at %s s (reference) %s kB, at the end %s kB: **%s%%** (target within ±5%%; min %s, max %s kB): **%s**." % (
+                r.get("reference_s"), fmt(v.get("rss_reference_kb")), fmt(v.get("rss_end_kb")), v.get("rss_change_pct"),
+                fmt(v.get("rss_min_kb")), fmt(v.get("rss_max_kb")), "pass" if v.get("pass") == "yes" else "fail"))
+        if rss:
+            step = max(1, len(rss) // 12)
+            pick = rss[::step]
+            if pick[-1] != rss[-1]:
+                pick.append(rss[-1])
+            L.append("- RSS over time (s: kB): " + ", ".join("%d: %s" % (t, fmt(x)) for t, x in pick) + ".")
+        L.append("")
+
+    text = "\n".join(L) + "\n"
+    with open(a.md, "w") as f:
+        f.write(text)
+    sys.stdout.write(text)
+    return 0
+
+
+def cmd_splice(argv):
+    p = argparse.ArgumentParser(prog="scale.py splice")
+    p.add_argument("--doc", required=True)
+    p.add_argument("--section", required=True)
+    a = p.parse_args(argv)
+    with open(a.section) as f:
+        section = f.read().rstrip("\n")
+    try:
+        with open(a.doc) as f:
+            doc = f.read()
+    except FileNotFoundError:
+        doc = ""
+    block = "%s\n%s\n%s\n" % (BEGIN, section, END)
+    if BEGIN in doc and END in doc:
+        head, rest = doc.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        doc = head + block + tail.lstrip("\n")
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block
+    with open(a.doc, "w") as f:
+        f.write(doc)
+    return 0
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.stderr.write(__doc__)
+        return 2
+    cmd, rest = sys.argv[1], sys.argv[2:]
+    table = {"event": cmd_event, "field": cmd_field, "record": cmd_record, "waitmax": cmd_waitmax,
+             "judge": cmd_judge, "report": cmd_report, "splice": cmd_splice}
+    if cmd not in table:
+        sys.stderr.write(__doc__)
+        return 2
+    return table[cmd](rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
