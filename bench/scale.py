@@ -81,6 +81,7 @@ def cmd_record(argv):
     p.add_argument("--run", required=True)
     p.add_argument("--jsonl")
     p.add_argument("--ticks", action="store_true")
+    p.add_argument("--prefix", default="", help="prefix for the keys read from --jsonl (ticks: tick.T.PREFIXkey)")
     p.add_argument("kv", nargs="*")
     a = p.parse_args(argv)
     rows = []
@@ -88,13 +89,13 @@ def cmd_record(argv):
         for name in ("ready", "done", "summary"):
             ev = events(a.jsonl, name)
             if ev:
-                rows += [(name + "." + k, v) for k, v in flat("", ev[-1])]
+                rows += [(a.prefix + name + "." + k, v) for k, v in flat("", ev[-1])]
                 for i, s in enumerate(ev[-1].get("error_samples") or []):
-                    rows.append(("%s.error_sample.%d" % (name, i), s))
+                    rows.append(("%s%s.error_sample.%d" % (a.prefix, name, i), s))
         if a.ticks:
             for t in events(a.jsonl, "tick"):
                 for k in ("target", "connected", "tps", "p50_ms", "p99_ms", "max_ms", "logins", "login_max_ms", "errors"):
-                    rows.append(("tick.%d.%s" % (t["t"], k), "" if t.get(k) is None else t[k]))
+                    rows.append(("tick.%d.%s%s" % (t["t"], a.prefix.replace(".", "_"), k), "" if t.get(k) is None else t[k]))
     for kv in a.kv:
         k, _, v = kv.partition("=")
         rows.append((k, v))
@@ -191,7 +192,7 @@ def errs(run, prefixes=("summary", "done", "ready")):
 def err_codes(run):
     codes = {}
     for k, v in run.items():
-        m = re.match(r"(summary|done|ready)\.errors_by_code\.(.+)$", k)
+        m = re.match(r"(?:burst\.)?(summary|done|ready)\.errors_by_code\.(.+)$", k)
         if m:
             codes[m.group(2)] = max(codes.get(m.group(2), 0), int(float(v)))
     return ", ".join("%s ×%d" % kv for kv in sorted(codes.items())) or "none"
@@ -220,22 +221,26 @@ def cmd_judge(argv):
     if "spike" in d and "spike" in d["spike"]:
         r = d["spike"]["spike"]
         t = ticks(r)
+        for v in t.values():
+            v["total_tps"] = (num(v.get("tps")) or 0) + (num(v.get("burst_tps")) or 0)
         up, down = num(r.get("up_s")), num(r.get("down_s"))
-        pre = [num(v.get("tps")) for k, v in t.items() if up and up - 7 < k <= up]
+        pre = [num(v.get("total_tps")) for k, v in t.items() if up and up - 7 < k <= up]
         pre = [x for x in pre if x is not None]
         ref = statistics.median(pre) if pre else None
         rec = None
         if ref and down:
             for k, v in t.items():
-                if k > down and (num(v.get("tps")) or 0) >= 0.9 * ref:
+                if k > down and v["total_tps"] >= 0.9 * ref:
                     rec = k - down
                     break
         timeout = num(r.get("checkout_timeout_s")) or 30
-        maxw = max(num(r.get("summary.max_ms")) or 0, 0) / 1000
-        ok = (num(errs(r)) == 0 and maxw < timeout and rec is not None and rec <= 5)
+        maxw = max(num(r.get("summary.max_ms")) or 0, num(r.get("burst.summary.max_ms")) or 0) / 1000
+        nerr = (num(errs(r)) or 0) + (num(r.get("burst.summary.errors")) or 0)
+        ok = (nerr == 0 and maxw < timeout and rec is not None and rec <= 5)
         rows += [("spike", "verdict", "pre_spike_tps_median", "" if ref is None else int(ref)),
                  ("spike", "verdict", "recovery_s", "" if rec is None else rec),
                  ("spike", "verdict", "max_wait_s", "%.3f" % maxw),
+                 ("spike", "verdict", "errors", int(nerr)),
                  ("spike", "verdict", "pass", "yes" if ok else "no")]
     if "soak" in d and "soak" in d["soak"]:
         r = d["soak"]["soak"]
@@ -270,6 +275,13 @@ def read_meta(path):
     return meta
 
 
+def stage_meta(d, stage):
+    m = d.get(stage, {}).get("meta", {})
+    if not m:
+        return ""
+    return "Measured %s at commit %s (pgsluice %s): `%s`." % (m.get("date"), m.get("commit"), m.get("pgsluice_bin"), m.get("command"))
+
+
 def cmd_report(argv):
     p = argparse.ArgumentParser(prog="scale.py report")
     p.add_argument("--csv", required=True)
@@ -281,11 +293,11 @@ def cmd_report(argv):
     L = []
     L.append("## Scale: idle-client memory, many clients, spike, soak")
     L.append("")
-    L.append("Measured by `bench/scale.sh` on %s (%s, %s cores, %s, %s), commit %s, %s. One machine, "
+    L.append("Written by `bench/scale.sh` on %s (%s, %s cores, %s, %s), commit %s, %s. One machine, "
              "shared with other work: read the ratios, not the absolute tps." %
              (m.get("date"), m.get("cpu"), m.get("nproc"), m.get("mem"), m.get("kernel"), m.get("commit"), m.get("pgsluice_bin")))
     L.append("")
-    L.append("- Reproduce: `%s`" % m.get("command"))
+    L.append("- Report written by: `%s`; each stage below names the run that measured it." % m.get("command"))
     L.append("- Versions: %s; %s; %s." % (m.get("pg_version"), m.get("pgbouncer_version"), m.get("loadgen")))
     L.append("- Limits seen: %s." % m.get("limits"))
     L.append("- Setup: %s." % m.get("setup"))
@@ -296,6 +308,8 @@ def cmd_report(argv):
     if "idle-memory" in d:
         s = d["idle-memory"]
         L.append("### RSS per idle client")
+        L.append("")
+        L.append(stage_meta(d, "idle-memory"))
         L.append("")
         L.append("RSS of the pooler process after a short warm-up, then with N logged-in idle clients "
                  "(SCRAM logins by `loadgen idle`, all verified with `SELECT 1` before they close), "
@@ -318,6 +332,8 @@ def cmd_report(argv):
         v = s.get("verdict", {})
         idle = s.get("idle", {})
         L.append("### Many concurrent clients on one pgsluice")
+        L.append("")
+        L.append(stage_meta(d, "clients50k"))
         L.append("")
         L.append("Active clients run `SELECT abalance FROM pgbench_accounts WHERE aid = $1`-style point selects "
                  "(simple protocol, like `pgbench -S`) for the same time without, with, and again without "
@@ -355,28 +371,42 @@ def cmd_report(argv):
         v = d["spike"].get("verdict", {})
         L.append("### Spike")
         L.append("")
-        L.append("`loadgen active --schedule %s`: at second %s the extra clients all start connecting (SCRAM login) "
-                 "within the same second, at second %s they disconnect. Wait = time from sending a query to its "
-                 "answer (includes pgsluice's checkout wait); pgsluice's own `client_wait_seconds` histogram "
-                 "put the longest checkout wait at ≤ %s s." % (
-                     r.get("schedule"), r.get("up_s"), r.get("down_s"), r.get("metrics_wait_max_s") or "?"))
+        L.append(stage_meta(d, "spike"))
         L.append("")
-        L.append("- Transactions %s, tps %s, errors: %s; logins %s (p99 %s ms, max %s ms); query wait p99 %s ms, **max %s ms** "
-                 "(checkout_timeout %s s)." % (
-                     fmt(r.get("summary.tx")), fmt(r.get("summary.tps")), err_codes(r), fmt(r.get("summary.logins")),
-                     fmt(r.get("summary.login_p99_ms"), 1), fmt(r.get("summary.login_max_ms"), 1),
-                     fmt(r.get("summary.p99_ms"), 1), fmt(r.get("summary.max_ms"), 1), r.get("checkout_timeout_s")))
+        L.append("Two load generators: %s clients connected throughout (`loadgen active --clients %s`), and a burst "
+                 "(`loadgen active --schedule %s`) whose %s clients all start logging in (SCRAM) at second %s and leave at "
+                 "second %s; a separate process at `nice -n 10`, so its client-side PBKDF2 work neither stalls the steady clients' runtime nor takes the pooler's CPU first. "
+                 "Wait = time from sending a query to its answer (includes pgsluice's checkout wait); pgsluice's own "
+                 "`client_wait_seconds` histogram put the longest checkout wait at ≤ %s s. Pooler CPU = the demo "
+                 "process's utime+stime per second (200%% = both cores)." % (
+                     r.get("base_clients"), r.get("base_clients"), r.get("burst_schedule"), r.get("burst_clients"),
+                     r.get("up_s"), r.get("down_s"), r.get("metrics_wait_max_s") or "?"))
+        L.append("")
+        L.append("| clients | transactions | tps | logins | login p99 / max ms | query wait p99 ms | **max wait ms** | errors |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---|")
+        for lab, p in (("steady %s" % r.get("base_clients"), ""), ("burst %s" % r.get("burst_clients"), "burst.")):
+            L.append("| %s | %s | %s | %s | %s / %s | %s | **%s** | %s |" % (
+                lab, fmt(r.get(p + "summary.tx")), fmt(r.get(p + "summary.tps")), fmt(r.get(p + "summary.logins")),
+                fmt(r.get(p + "summary.login_p99_ms"), 1), fmt(r.get(p + "summary.login_max_ms"), 1),
+                fmt(r.get(p + "summary.p99_ms"), 1), fmt(r.get(p + "summary.max_ms"), 1),
+                fmt(r.get(p + "summary.errors"))))
+        L.append("")
         if v:
-            L.append("- Pre-spike median tps %s; tps back to ≥ 90%% of it %s s after the drop (target ≤ 5 s): **%s**." % (
-                fmt(v.get("pre_spike_tps_median")), v.get("recovery_s") or "never",
-                "pass" if v.get("pass") == "yes" else "fail"))
-        L.append("")
-        L.append("| second | clients asked | logged in | tps | p99 ms | max ms | logins | errors (cumulative) |")
-        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+            L.append("**Result:** errors %s; longest wait %s s (checkout_timeout %s s); pre-spike median tps %s, back to ≥ 90%% "
+                     "of it %s s after the drop (target ≤ 5 s): **%s**." % (
+                         v.get("errors"), v.get("max_wait_s"), r.get("checkout_timeout_s"), fmt(v.get("pre_spike_tps_median")),
+                         v.get("recovery_s") or "never", "pass" if v.get("pass") == "yes" else "fail"))
+            L.append("")
+        L.append("| second | clients asked | logged in | tps steady | tps burst | p99 ms steady / burst | max ms steady / burst | logins | pooler CPU % | errors (cumulative) |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for t, x in ticks(r).items():
-            L.append("| %d | %s | %s | %s | %s | %s | %s | %s |" % (
-                t, fmt(x.get("target")), fmt(x.get("connected")), fmt(x.get("tps")), fmt(x.get("p99_ms"), 1),
-                fmt(x.get("max_ms"), 1), fmt(x.get("logins")), fmt(x.get("errors"))))
+            L.append("| %d | %s | %s | %s | %s | %s / %s | %s / %s | %s | %s | %s |" % (
+                t, fmt((num(x.get("target")) or 0) + (num(x.get("burst_target")) or 0)),
+                fmt((num(x.get("connected")) or 0) + (num(x.get("burst_connected")) or 0)),
+                fmt(x.get("tps")), fmt(x.get("burst_tps")), fmt(x.get("p99_ms"), 1), fmt(x.get("burst_p99_ms"), 1),
+                fmt(x.get("max_ms"), 1), fmt(x.get("burst_max_ms"), 1),
+                fmt((num(x.get("logins")) or 0) + (num(x.get("burst_logins")) or 0)), fmt(x.get("pooler_cpu_pct")),
+                fmt((num(x.get("errors")) or 0) + (num(x.get("burst_errors")) or 0))))
         L.append("")
 
     if "soak" in d and "soak" in d["soak"]:
@@ -384,6 +414,8 @@ def cmd_report(argv):
         v = d["soak"].get("verdict", {})
         rss = sorted((int(k), num(x)) for k, x in d["soak"].get("rss", {}).items())
         L.append("### Soak")
+        L.append("")
+        L.append(stage_meta(d, "soak"))
         L.append("")
         L.append("%s min of %s clients, %s%% TPC-B-like write transactions and the rest point selects, every client "
                  "logging out and in again after ~%s transactions; pgsluice RSS sampled every %s s." % (

@@ -2,8 +2,9 @@
 # Scale stages of issue 7: RSS per idle client (pgsluice vs pgbouncer), many concurrent
 # clients on one pgsluice, a client spike, and a soak. See bench/README.md.
 #
-# usage: bench/scale.sh [--stages LIST] [--quick] [--soak-minutes N] [--clients N]
+# usage: bench/scale.sh [--stages LIST] [--merge] [--quick] [--soak-minutes N] [--clients N]
 #   --stages LIST      comma-separated subset of idle-memory,clients50k,spike,soak (default: all)
+#   --merge            keep the other stages' rows of an earlier run in the output CSV/report
 #   --quick            small sizes: 2,000 idle/total clients, spike to 500, 1-minute soak;
 #                      writes bench/results/scale-quick.{md,csv}
 #   --soak-minutes N   soak length (default 30)
@@ -27,6 +28,7 @@ usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' 
 ARGS=("$@")
 STAGES=idle-memory,clients50k,spike,soak
 QUICK=0
+MERGE=0
 SOAK_MINUTES=30
 TOTAL_CLIENTS=''
 while [ $# -gt 0 ]; do
@@ -34,6 +36,7 @@ while [ $# -gt 0 ]; do
     --stages) [ $# -ge 2 ] || die "--stages needs a value"; STAGES=$2; shift 2 ;;
     --stages=*) STAGES=${1#*=}; shift ;;
     --quick) QUICK=1; shift ;;
+    --merge) MERGE=1; shift ;;
     --soak-minutes) [ $# -ge 2 ] || die "--soak-minutes needs a value"; SOAK_MINUTES=$2; shift 2 ;;
     --soak-minutes=*) SOAK_MINUTES=${1#*=}; shift ;;
     --clients) [ $# -ge 2 ] || die "--clients needs a value"; TOTAL_CLIENTS=$2; shift 2 ;;
@@ -368,15 +371,50 @@ stage_clients50k() {
 
 # ------------------------------------------------------------------ stage: spike
 stage_spike() {
-  local up=$SPIKE_BEFORE down=$((SPIKE_BEFORE + SPIKE_HOLD)) total=$((SPIKE_BEFORE + SPIKE_HOLD + SPIKE_AFTER)) sched
-  sched="0:$SPIKE_BASE,$up:$SPIKE_PEAK,$down:$SPIKE_BASE"
-  log "spike: $SPIKE_BASE -> $SPIKE_PEAK clients at ${up}s, back at ${down}s (${total}s)"
+  local up=$SPIKE_BEFORE down=$((SPIKE_BEFORE + SPIKE_HOLD)) total=$((SPIKE_BEFORE + SPIKE_HOLD + SPIKE_AFTER))
+  local burst=$((SPIKE_PEAK - SPIKE_BASE)) sched base_pid burst_pid rc=0 f cpu
+  sched="0:0,$up:$burst,$down:0"
+  log "spike: $SPIKE_BASE steady clients; $burst more log in at ${up}s and leave at ${down}s (${total}s)"
   scrape "$WORK/metrics-before"
-  loadgen_active "$WORK/spike.jsonl" "$total" --port "$SLUICE_PORT" --schedule "$sched" --sources 2
+  # The burst runs in its own process: its clients' PBKDF2 work must not stall the steady
+  # clients' runtime (on a real launch day they are other machines).
+  "$LOADGEN" active --port "$SLUICE_PORT" --clients "$SPIKE_BASE" --duration "$total" --sources 1 \
+    >"$WORK/spike-base.jsonl" 2>"$WORK/spike-base.jsonl.err" &
+  base_pid=$!
+  # nice: on a launch day the burst's clients are other machines; here they share the 2
+  # cores, and their PBKDF2 work should not take the pooler's CPU first.
+  nice -n 10 "$LOADGEN" active --port "$SLUICE_PORT" --schedule "$sched" --duration "$total" --sources 4 \
+    >"$WORK/spike-burst.jsonl" 2>"$WORK/spike-burst.jsonl.err" &
+  burst_pid=$!
+  LOADGEN_PIDS+=("$base_pid" "$burst_pid")
+  # Pooler CPU per second: utime+stime of the demo process over /proc/uptime's clock.
+  (
+    hz=$(getconf CLK_TCK)
+    cpu_now() { awk '{ sub(/.*\) /, ""); split($0, f, " "); print f[12] + f[13] }' "/proc/$DEMO_PID/stat"; }
+    prev=$(cpu_now) prev_t=$(cut -d' ' -f1 /proc/uptime)
+    for ((t = 1; t <= total; t++)); do
+      sleep 1
+      cur=$(cpu_now) || break
+      cur_t=$(cut -d' ' -f1 /proc/uptime)
+      awk -v t="$t" -v d="$((cur - prev))" -v hz="$hz" -v a="$prev_t" -v b="$cur_t" \
+        'BEGIN { printf "tick.%d.pooler_cpu_pct=%.0f\n", t, 100 * d / hz / (b - a) }'
+      prev=$cur prev_t=$cur_t
+    done
+  ) >"$WORK/spike-cpu" &
+  SAMPLER_PID=$!
+  for f in "$base_pid" "$burst_pid"; do wait "$f" || rc=$?; done
+  LOADGEN_PIDS=()
+  wait "$SAMPLER_PID" 2>/dev/null || true
+  SAMPLER_PID=''
+  [ "$rc" -eq 0 ] || { tail -n 5 "$WORK"/spike-*.err >&2; die "loadgen (spike) failed (exit $rc)"; }
   scrape "$WORK/metrics-after"
-  spy record --csv "$RESULTS" --stage spike --run spike --jsonl "$WORK/spike.jsonl" --ticks \
-    schedule="$sched" up_s="$up" down_s="$down" checkout_timeout_s="$CHECKOUT_TIMEOUT_S" \
+  spy record --csv "$RESULTS" --stage spike --run spike --jsonl "$WORK/spike-base.jsonl" --ticks \
+    base_clients="$SPIKE_BASE" burst_clients="$burst" burst_schedule="$sched" up_s="$up" down_s="$down" \
+    checkout_timeout_s="$CHECKOUT_TIMEOUT_S" \
     metrics_wait_max_s="$(spy waitmax "$WORK/metrics-before" "$WORK/metrics-after")"
+  spy record --csv "$RESULTS" --stage spike --run spike --jsonl "$WORK/spike-burst.jsonl" --ticks --prefix burst.
+  mapfile -t cpu <"$WORK/spike-cpu"
+  [ "${#cpu[@]}" -eq 0 ] || spy record --csv "$RESULTS" --stage spike --run spike "${cpu[@]}"
   check_alive spike
 }
 
@@ -403,7 +441,14 @@ stage_soak() {
 }
 
 # ------------------------------------------------------------------ run
+if [ "$MERGE" = 1 ] && [ -s "$OUT_CSV" ]; then
+  # Keep the rows of the stages not run now (verdicts are recomputed below).
+  awk -F, -v stages=",$STAGES," 'NR == 1 || (index(stages, "," $1 ",") == 0 && $2 != "verdict")' "$OUT_CSV" >"$RESULTS"
+fi
+CMD="bench/scale.sh ${ARGS[*]}"
 for s in ${STAGES//,/ }; do
+  spy record --csv "$RESULTS" --stage "$s" --run meta commit="$COMMIT" date="$(date '+%Y-%m-%d %H:%M %Z')" \
+    command="${CMD% }" pgsluice_bin="$BIN_DATE"
   case $s in
     idle-memory) stage_idle_memory ;;
     clients50k) stage_clients50k ;;
@@ -414,7 +459,6 @@ done
 spy judge --csv "$RESULTS"
 
 ELAPSED=$(( $(date +%s) - START_EPOCH ))
-CMD="bench/scale.sh ${ARGS[*]}"
 {
   echo "date=$(date '+%Y-%m-%d %H:%M:%S %Z')"
   echo "cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
