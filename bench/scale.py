@@ -391,6 +391,11 @@ def cmd_report(argv):
                 fmt(r.get(p + "summary.p99_ms"), 1), fmt(r.get(p + "summary.max_ms"), 1),
                 fmt(r.get(p + "summary.errors"))))
         L.append("")
+        L.append("Listen queue overflows during the stage (system-wide TcpExt counters; pgsluice listens with a "
+                 "backlog of 1024, net.core.somaxconn caps it): ListenOverflows +%s, SyncookiesSent +%s. Dropped SYNs "
+                 "are retried by the client's kernel after 1 s, 3 s, …, which shows up as login time, not as errors." % (
+                     r.get("listen_overflows", "?"), r.get("syncookies_sent", "?")))
+        L.append("")
         if v:
             L.append("**Result:** errors %s; longest wait %s s (checkout_timeout %s s); pre-spike median tps %s, back to ≥ 90%% "
                      "of it %s s after the drop (target ≤ 5 s): **%s**." % (

@@ -240,6 +240,8 @@ fi
 # ------------------------------------------------------------------ helpers
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 established() { ss -Htn state established "( sport = :$1 )" | wc -l; }
+# tcpext NAME -> a TcpExt counter from /proc/net/netstat (system-wide, since boot)
+tcpext() { awk -v n="$1" '$1 == "TcpExt:" { if (!h) { for (i = 2; i <= NF; i++) k[i] = $i; h = 1 } else for (i = 2; i <= NF; i++) if (k[i] == n) print $i }' /proc/net/netstat; }
 scrape() { python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' "http://127.0.0.1:$ADMIN_PORT/metrics" >"$1" || : >"$1"; }
 check_alive() { alive "$DEMO_PID" || die "pgsluice (demo pid $DEMO_PID) died during $1"; }
 
@@ -372,10 +374,11 @@ stage_clients50k() {
 # ------------------------------------------------------------------ stage: spike
 stage_spike() {
   local up=$SPIKE_BEFORE down=$((SPIKE_BEFORE + SPIKE_HOLD)) total=$((SPIKE_BEFORE + SPIKE_HOLD + SPIKE_AFTER))
-  local burst=$((SPIKE_PEAK - SPIKE_BASE)) sched base_pid burst_pid rc=0 f cpu
+  local burst=$((SPIKE_PEAK - SPIKE_BASE)) sched base_pid burst_pid rc=0 f cpu ovf syn
   sched="0:0,$up:$burst,$down:0"
   log "spike: $SPIKE_BASE steady clients; $burst more log in at ${up}s and leave at ${down}s (${total}s)"
   scrape "$WORK/metrics-before"
+  ovf=$(tcpext ListenOverflows) syn=$(tcpext SyncookiesSent)
   # The burst runs in its own process: its clients' PBKDF2 work must not stall the steady
   # clients' runtime (on a real launch day they are other machines).
   "$LOADGEN" active --port "$SLUICE_PORT" --clients "$SPIKE_BASE" --duration "$total" --sources 1 \
@@ -410,7 +413,8 @@ stage_spike() {
   scrape "$WORK/metrics-after"
   spy record --csv "$RESULTS" --stage spike --run spike --jsonl "$WORK/spike-base.jsonl" --ticks \
     base_clients="$SPIKE_BASE" burst_clients="$burst" burst_schedule="$sched" up_s="$up" down_s="$down" \
-    checkout_timeout_s="$CHECKOUT_TIMEOUT_S" \
+    checkout_timeout_s="$CHECKOUT_TIMEOUT_S" listen_overflows="$(( $(tcpext ListenOverflows) - ovf ))" \
+    syncookies_sent="$(( $(tcpext SyncookiesSent) - syn ))" \
     metrics_wait_max_s="$(spy waitmax "$WORK/metrics-before" "$WORK/metrics-after")"
   spy record --csv "$RESULTS" --stage spike --run spike --jsonl "$WORK/spike-burst.jsonl" --ticks --prefix burst.
   mapfile -t cpu <"$WORK/spike-cpu"
