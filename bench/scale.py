@@ -378,7 +378,8 @@ def cmd_report(argv):
                  "second %s; a separate process at `nice -n 10`, so its client-side PBKDF2 work neither stalls the steady clients' runtime nor takes the pooler's CPU first. "
                  "Wait = time from sending a query to its answer (includes pgsluice's checkout wait); pgsluice's own "
                  "`client_wait_seconds` histogram put the longest checkout wait at ≤ %s s. Pooler CPU = the demo "
-                 "process's utime+stime per second (200%% = both cores)." % (
+                 "process's utime+stime per second (200%% = both cores); run-queue % = how much of that second its main thread "
+                 "(the runtime's only thread by default) was runnable but waiting for a core (`/proc/PID/schedstat`)." % (
                      r.get("base_clients"), r.get("base_clients"), r.get("burst_schedule"), r.get("burst_clients"),
                      r.get("up_s"), r.get("down_s"), r.get("metrics_wait_max_s") or "?"))
         L.append("")
@@ -402,15 +403,16 @@ def cmd_report(argv):
                          v.get("errors"), v.get("max_wait_s"), r.get("checkout_timeout_s"), fmt(v.get("pre_spike_tps_median")),
                          v.get("recovery_s") or "never", "pass" if v.get("pass") == "yes" else "fail"))
             L.append("")
-        L.append("| second | clients asked | logged in | tps steady | tps burst | p99 ms steady / burst | max ms steady / burst | logins | pooler CPU % | errors (cumulative) |")
-        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        L.append("| second | clients asked | logged in | tps steady | tps burst | p99 ms steady / burst | max ms steady / burst | logins | pooler CPU % | pooler run-queue % | errors (cumulative) |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for t, x in ticks(r).items():
-            L.append("| %d | %s | %s | %s | %s | %s / %s | %s / %s | %s | %s | %s |" % (
+            L.append("| %d | %s | %s | %s | %s | %s / %s | %s / %s | %s | %s | %s | %s |" % (
                 t, fmt((num(x.get("target")) or 0) + (num(x.get("burst_target")) or 0)),
                 fmt((num(x.get("connected")) or 0) + (num(x.get("burst_connected")) or 0)),
                 fmt(x.get("tps")), fmt(x.get("burst_tps")), fmt(x.get("p99_ms"), 1), fmt(x.get("burst_p99_ms"), 1),
                 fmt(x.get("max_ms"), 1), fmt(x.get("burst_max_ms"), 1),
                 fmt((num(x.get("logins")) or 0) + (num(x.get("burst_logins")) or 0)), fmt(x.get("pooler_cpu_pct")),
+                fmt(x.get("pooler_runq_pct")),
                 fmt((num(x.get("errors")) or 0) + (num(x.get("burst_errors")) or 0))))
         L.append("")
 

@@ -394,14 +394,17 @@ stage_spike() {
   (
     hz=$(getconf CLK_TCK)
     cpu_now() { awk '{ sub(/.*\) /, ""); split($0, f, " "); print f[12] + f[13] }' "/proc/$DEMO_PID/stat"; }
-    prev=$(cpu_now) prev_t=$(cut -d' ' -f1 /proc/uptime)
+    # /proc/PID/schedstat field 2: ns the main thread (the runtime's only thread with the
+    # default worker_threads = 1) waited on a run queue, i.e. runnable but not running.
+    runq_now() { cut -d' ' -f2 "/proc/$DEMO_PID/schedstat"; }
+    prev=$(cpu_now) prev_t=$(cut -d' ' -f1 /proc/uptime) prev_q=$(runq_now)
     for ((t = 1; t <= total; t++)); do
       sleep 1
       cur=$(cpu_now) || break
-      cur_t=$(cut -d' ' -f1 /proc/uptime)
-      awk -v t="$t" -v d="$((cur - prev))" -v hz="$hz" -v a="$prev_t" -v b="$cur_t" \
-        'BEGIN { printf "tick.%d.pooler_cpu_pct=%.0f\n", t, 100 * d / hz / (b - a) }'
-      prev=$cur prev_t=$cur_t
+      cur_t=$(cut -d' ' -f1 /proc/uptime) cur_q=$(runq_now)
+      awk -v t="$t" -v d="$((cur - prev))" -v hz="$hz" -v a="$prev_t" -v b="$cur_t" -v q="$((cur_q - prev_q))" \
+        'BEGIN { printf "tick.%d.pooler_cpu_pct=%.0f\ntick.%d.pooler_runq_pct=%.0f\n", t, 100 * d / hz / (b - a), t, q / 1e7 / (b - a) }'
+      prev=$cur prev_t=$cur_t prev_q=$cur_q
     done
   ) >"$WORK/spike-cpu" &
   SAMPLER_PID=$!
