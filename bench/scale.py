@@ -378,7 +378,7 @@ def cmd_report(argv):
                  "second %s; a separate process at `nice -n 10`, so its client-side PBKDF2 work neither stalls the steady clients' runtime nor takes the pooler's CPU first. "
                  "Wait = time from sending a query to its answer (includes pgsluice's checkout wait); pgsluice's own "
                  "`client_wait_seconds` histogram put the longest checkout wait at ≤ %s s. Pooler CPU = the demo "
-                 "process's utime+stime per second (200%% = both cores); run-queue % = how much of that second its main thread "
+                 "process's utime+stime per second (200%% = both cores); run-queue %% = how much of that second its main thread "
                  "(the runtime's only thread by default) was runnable but waiting for a core (`/proc/PID/schedstat`)." % (
                      r.get("base_clients"), r.get("base_clients"), r.get("burst_schedule"), r.get("burst_clients"),
                      r.get("up_s"), r.get("down_s"), r.get("metrics_wait_max_s") or "?"))
