@@ -282,6 +282,51 @@ def stage_meta(d, stage):
     return "Measured %s at commit %s (pgsluice %s): `%s`." % (m.get("date"), m.get("commit"), m.get("pgsluice_bin"), m.get("command"))
 
 
+def verdict(v):
+    return {"yes": "**pass**", "no": "**fail**"}.get(v.get("pass"), "—")
+
+
+def summary(d):
+    """One row per issue-7 target: what was asked, what was measured, and the verdict."""
+    rows = []
+    im = d.get("idle-memory", {})
+    if "pgsluice" in im and "pgbouncer" in im:
+        a, b = num(im["pgsluice"].get("kb_per_client")), num(im["pgbouncer"].get("kb_per_client"))
+        ok = a is not None and b is not None and a <= b
+        rows.append(("RSS per idle client", "≤ pgbouncer's", "pgsluice %s kB, pgbouncer %s kB (%s clients each)" % (
+            fmt(a, 2), fmt(b, 2), fmt(im["pgsluice"].get("clients"))), "**pass**" if ok else "**fail**"))
+    c = d.get("clients50k", {})
+    if c.get("verdict"):
+        idle = c.get("idle", {})
+        reduced = bool(idle.get("reduced_reason"))
+        rows.append(("%s concurrent clients, 1 pgsluice" % fmt(idle.get("requested_total")),
+                     "tps of the active clients ≥ 0.90 × without idle ones; 0 errors",
+                     "held %s (%s active): ratio %s, errors %s%s" % (
+                         fmt(idle.get("total")), fmt(idle.get("active_clients")), c["verdict"].get("tps_ratio"),
+                         c["verdict"].get("errors"), "; size reduced by the open-files limit" if reduced else ""),
+                     ("not reached (%s at the reduced size)" % verdict(c["verdict"]).strip("*")) if reduced else verdict(c["verdict"])))
+    sp = d.get("spike", {})
+    if sp.get("verdict") and "spike" in sp:
+        v, r = sp["verdict"], sp["spike"]
+        rows.append(("spike %s → %s → %s clients" % (r.get("base_clients"),
+                                                     fmt((num(r.get("base_clients")) or 0) + (num(r.get("burst_clients")) or 0)),
+                                                     r.get("base_clients")),
+                     "0 errors; waits < checkout_timeout; tps back within 5 s",
+                     "errors %s, longest wait %s s, back after %s s" % (v.get("errors"), v.get("max_wait_s"), v.get("recovery_s") or "never"),
+                     verdict(v)))
+    so = d.get("soak", {})
+    if so.get("verdict") and "soak" in so:
+        v, r = so["verdict"], so["soak"]
+        rows.append(("soak (%s min)" % r.get("minutes"), "RSS at end within ±5%% of RSS at %s s; 0 errors" % r.get("reference_s"),
+                     "RSS %s%%, errors %s" % (v.get("rss_change_pct"), fmt(errs(r))),
+                     verdict(v) + ("" if r.get("minutes") == "30" else " (the target is 30 min)")))
+    if not rows:
+        return []
+    out = ["| target (issue 7) | asks | measured | result |", "|---|---|---|---|"]
+    out += ["| %s | %s | %s | %s |" % row for row in rows]
+    return out + [""]
+
+
 def cmd_report(argv):
     p = argparse.ArgumentParser(prog="scale.py report")
     p.add_argument("--csv", required=True)
@@ -304,6 +349,7 @@ def cmd_report(argv):
     for n in filter(None, m.get("notes", "").split(" ;; ")):
         L.append("- Note: %s" % n)
     L.append("")
+    L += summary(d)
 
     if "idle-memory" in d:
         s = d["idle-memory"]
@@ -348,6 +394,9 @@ def cmd_report(argv):
                      idle.get("concurrency", "?"), fmt(idle.get("verified")), fmt(idle.get("closed_while_idle")),
                      fmt(idle.get("rss_before_kb")), fmt(idle.get("rss_held_kb")), fmt(idle.get("kb_per_client"), 2),
                      fmt(idle.get("established"))))
+        if "idle-memory" in d:
+            L.append("- The idle-memory stage ran first in the same process and its clients' freed memory stayed in the "
+                     "allocator, so this RSS delta understates the cost per client: use the idle-memory table.")
         L.append("")
         L.append("| run | active clients | idle clients | tps | p50 ms | p99 ms | max ms | errors |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---|")

@@ -474,7 +474,7 @@ ELAPSED=$(( $(date +%s) - START_EPOCH ))
   echo "kernel=$(uname -sr)"
   echo "commit=$COMMIT"
   echo "pgsluice_bin=pgsluice $BIN_DATE"
-  echo "command=${CMD% } (PGSLUICE_BIN=target/release/pgsluice; $((ELAPSED / 60)) min $((ELAPSED % 60)) s)"
+  echo "command=${CMD% } (PGSLUICE_BIN=${BIN#"$REPO"/}; $((ELAPSED / 60)) min $((ELAPSED % 60)) s)"
   echo "pg_version=$(psql -p "$PRIMARY_PORT" -Atqc 'select version()' 2>/dev/null | cut -d, -f1)"
   echo "pgbouncer_version=$(pgbouncer --version 2>/dev/null | head -n1)"
   echo "loadgen=examples/loadgen.rs (tokio-postgres, 2 worker threads, release build)"
