@@ -3,6 +3,7 @@
 # pgsluice, interleaved over several rounds. See bench/README.md.
 #
 # usage: bench/run.sh [--rounds N] [--duration SECS] [--quick] [--standin] [--no-micro]
+#                     [--no-scale] [--soak-minutes N]
 #   --rounds N        rounds of all workloads x all targets (default 3)
 #   --duration SECS   pgbench -T per run (default 15)
 #   --quick           smoke test: 1 round, 5 s; writes bench/results/quick.{md,csv}
@@ -10,6 +11,9 @@
 #                     pgsluice; writes bench/results/standin.{md,csv}
 #   --no-micro        skip the criterion micro-benchmarks (bench/micro.sh), run after the
 #                     pgbench runs and included in the report (not with --standin)
+#   --no-scale        skip the scale stages (bench/scale.sh: idle-client memory, 50,000
+#                     clients, spike, soak), which otherwise run after the pgbench rounds
+#   --soak-minutes N  soak length passed to bench/scale.sh (default 30)
 # Other runs write docs/benchmarks.md (with its chart, docs/benchmarks.png) and
 # bench/results/latest.csv; --quick/--standin draw bench/results/{quick,standin}.png.
 # environment:
@@ -30,6 +34,8 @@ ROUNDS=3
 DURATION=15
 STANDIN=0
 MICRO=1
+RUN_SCALE=1
+SCALE_ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
     --rounds) [ $# -ge 2 ] || die "--rounds needs a value"; ROUNDS=$2; shift 2 ;;
@@ -39,6 +45,9 @@ while [ $# -gt 0 ]; do
     --quick) ROUNDS=1; DURATION=5; shift ;;
     --standin) STANDIN=1; shift ;;
     --no-micro) MICRO=0; shift ;;
+    --no-scale) RUN_SCALE=0; shift ;;
+    --soak-minutes) [ $# -ge 2 ] || die "--soak-minutes needs a value"; SCALE_ARGS+=(--soak-minutes "$2"); shift 2 ;;
+    --soak-minutes=*) SCALE_ARGS+=(--soak-minutes "${1#*=}"); shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
@@ -426,3 +435,18 @@ fi
 py report --csv "$OUT_CSV" --meta "$WORK/meta.txt" --md "$OUT_MD" --micro "$MICRO_MD"
 FAILED=$(awk -F, 'NR > 1 && $5 != "ok"' "$OUT_CSV" | wc -l)
 log "done in $((ELAPSED / 60)) min $((ELAPSED % 60)) s: wrote ${OUT_MD#"$REPO"/} and ${OUT_CSV#"$REPO"/}; failed runs: $FAILED"
+
+# ------------------------------------------------------------------ 6. scale stages
+# bench/scale.sh starts its own demo and pgbouncer: stop this run's first, then put its
+# report (bench/results/scale*.md) into this report as a section.
+if [ "$RUN_SCALE" = 1 ] && [ "$STANDIN" = 0 ]; then
+  [ -n "$BOUNCER_PID" ] && { stop_pid "$BOUNCER_PID" TERM 10; BOUNCER_PID=''; }
+  [ -n "$DEMO_PID" ] && stop_demo
+  [ "$QUICK" = 1 ] && SCALE_ARGS+=(--quick)
+  SCALE_MD=$BENCH_DIR/results/scale.md
+  [ "$QUICK" = 1 ] && SCALE_MD=$BENCH_DIR/results/scale-quick.md
+  log "scale stages: bench/scale.sh ${SCALE_ARGS[*]}"
+  PGSLUICE_BIN=$BIN "$BENCH_DIR/scale.sh" "${SCALE_ARGS[@]}" || die "bench/scale.sh failed"
+  python3 "$BENCH_DIR/scale.py" splice --doc "$OUT_MD" --section "$SCALE_MD"
+  log "added ${SCALE_MD#"$REPO"/} to ${OUT_MD#"$REPO"/}"
+fi
