@@ -111,6 +111,41 @@ impl FakeSaltKey {
     }
 }
 
+/// [`ScramSecret::derive`], remembered: a plaintext password configured for
+/// SCRAM is stretched with PBKDF2 (4,096 rounds, ~0.5 ms) once per password
+/// and salt instead of at every login, as PostgreSQL stores the derived
+/// secret. Derivation is a pure function of its inputs, so a remembered
+/// result is always the right one. Keys are an HMAC of the password under
+/// the salt (no plaintext is kept); the cache is emptied when it reaches
+/// [`DERIVED_CACHE_MAX`] entries.
+fn derive_cached(password: &[u8], salt: &[u8], iterations: u32) -> ScramSecret {
+    type Cache = std::collections::HashMap<([u8; 32], u32), ScramSecret>;
+    static CACHE: std::sync::Mutex<Option<Cache>> = std::sync::Mutex::new(None);
+    // The salt's length first: no two (salt, password) pairs share an input.
+    let mut key_input = (salt.len() as u64).to_be_bytes().to_vec();
+    key_input.extend_from_slice(salt);
+    key_input.extend_from_slice(password);
+    let key = (
+        secret::hmac(b"pgsluice derived SCRAM secret", &key_input),
+        iterations,
+    );
+    let lock = || CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(found) = lock().as_ref().and_then(|c| c.get(&key)) {
+        return found.clone();
+    }
+    let derived = ScramSecret::derive(password, salt, iterations);
+    let mut guard = lock();
+    let cache = guard.get_or_insert_with(Cache::new);
+    if cache.len() >= DERIVED_CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(key, derived.clone());
+    derived
+}
+
+/// Bound of [`derive_cached`]'s cache (one entry per user and password).
+const DERIVED_CACHE_MAX: usize = 4096;
+
 /// The random values one exchange needs, drawn by the caller.
 #[derive(Debug, Clone)]
 pub struct Nonces {
@@ -239,7 +274,7 @@ impl ClientAuth {
                 // A plaintext password is turned into a secret with the
                 // fake salt: stable per user, unknown to clients.
                 Some(Secret::Plain(p)) => scram(Box::new(ScramServer::new(
-                    ScramSecret::derive(
+                    derive_cached(
                         p.as_bytes(),
                         &fake.salt_for(user),
                         secret::DEFAULT_ITERATIONS,

@@ -245,3 +245,39 @@ fn long_password() {
         assert_eq!(step, AuthStep::Done);
     }
 }
+
+#[test]
+fn derived_secrets_are_remembered_per_password_and_salt() {
+    let salt = [7u8; 16];
+    let first = derive_cached(b"secret-one", &salt, 4096);
+    assert!(first == ScramSecret::derive(b"secret-one", &salt, 4096));
+    // Remembered: the same result again.
+    assert!(derive_cached(b"secret-one", &salt, 4096) == first);
+    // A changed password, salt or iteration count is derived afresh.
+    assert!(
+        derive_cached(b"secret-two", &salt, 4096)
+            == ScramSecret::derive(b"secret-two", &salt, 4096)
+    );
+    assert!(
+        derive_cached(b"secret-one", &[8u8; 16], 4096)
+            == ScramSecret::derive(b"secret-one", &[8u8; 16], 4096)
+    );
+    assert!(
+        derive_cached(b"secret-one", &salt, 4097)
+            == ScramSecret::derive(b"secret-one", &salt, 4097)
+    );
+    // Logins with a plaintext password still succeed, and fail with a wrong one.
+    let plain = Secret::Plain("pw".into());
+    assert_eq!(
+        login(Method::ScramSha256, Some(&plain), b"pw").0,
+        AuthStep::Done
+    );
+    assert_eq!(
+        login(Method::ScramSha256, Some(&plain), b"pw").0,
+        AuthStep::Done
+    );
+    assert!(matches!(
+        login(Method::ScramSha256, Some(&plain), b"wrong").0,
+        AuthStep::Failed(_)
+    ));
+}
