@@ -29,8 +29,10 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::config::General;
 
-/// Backlog of the listening socket (capped by `net.core.somaxconn`).
-const BACKLOG: u32 = 1024;
+/// Accept queue length (the kernel caps it at `net.core.somaxconn`): a burst
+/// of thousands of new clients overflowed 1,024 here (bench/scale.sh spike),
+/// and every dropped SYN costs its client a retransmit of a second or more.
+const BACKLOG: u32 = 4096;
 /// After steering, the listener closes once nothing arrived for this long
 /// (handshakes already under way finish within a round trip).
 const QUIET: Duration = Duration::from_millis(200);

@@ -187,6 +187,21 @@ fn health(url: &str, timeout: std::time::Duration) -> ExitCode {
     }
 }
 
+/// Every client and server connection is a descriptor: the soft open-files
+/// limit (often 1,024) is raised to the hard one, as far as the process may
+/// without privileges. Logged; a failure only warns.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => tracing::warn!(error = %e, soft, hard, "cannot raise the open-files limit"),
+        },
+        Ok((soft, _)) => tracing::info!(limit = soft, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
+    }
+}
+
 fn run(path: &std::path::Path) -> Result<()> {
     let config = Config::load(path).context("invalid configuration")?;
     let log = pgsluice::logging::init(config.general.log_format, &config.general.log_level)
@@ -203,6 +218,7 @@ fn run(path: &std::path::Path) -> Result<()> {
         let file = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
         shared.reloads.set_config_file(file);
         tracing::info!(addr = %proxy.local_addr()?, version = env!("CARGO_PKG_VERSION"), "pgsluice listening");
+        raise_open_files_limit();
         if let Some(http) = proxy.http_addr() {
             tracing::info!(addr = %http, "HTTP endpoint: /health /ready /metrics");
         }
@@ -296,6 +312,7 @@ fn demo(port: u16, max_connections: u32) -> Result<()> {
                 format!("cannot listen on 127.0.0.1:{port}; pick another with --port")
             })?;
             let addr = proxy.local_addr()?;
+            raise_open_files_limit();
             let mut out = std::io::stdout().lock();
             writeln!(
                 out,
