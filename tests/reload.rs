@@ -47,13 +47,18 @@ fn config_text(listen: &str, replicas: usize, bob: bool, pool: usize, extra: &st
     )
 }
 
-/// bob exists on the servers (and, replicated, on the replicas).
+/// bob exists on the servers (and, replicated, on the replicas). Tests of
+/// this binary run at once against one cluster: one creates at a time
+/// (concurrent CREATE ROLE / GRANT can fail with 23505 or "tuple
+/// concurrently updated").
 async fn create_bob() {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = ONE_AT_A_TIME.lock().await;
     superuser(0)
         .await
         .batch_execute(&format!(
             "DO $$ BEGIN CREATE ROLE {BOB} LOGIN PASSWORD '{BOB_PASSWORD}'; \
-             EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$; \
              CREATE TABLE IF NOT EXISTS reload_t (v int); GRANT ALL ON reload_t TO PUBLIC"
         ))
         .await
