@@ -3,7 +3,7 @@
 # pgsluice, interleaved over several rounds. See bench/README.md.
 #
 # usage: bench/run.sh [--rounds N] [--duration SECS] [--quick] [--standin] [--no-micro]
-#                     [--no-scale] [--soak-minutes N]
+#                     [--no-scale] [--soak-minutes N] [--no-callgrind]
 #   --rounds N        rounds of all workloads x all targets (default 3)
 #   --duration SECS   pgbench -T per run (default 15)
 #   --quick           smoke test: 1 round, 5 s; writes bench/results/quick.{md,csv}
@@ -14,6 +14,8 @@
 #   --no-scale        skip the scale stages (bench/scale.sh: idle-client memory, 50,000
 #                     clients, spike, soak), which otherwise run after the pgbench rounds
 #   --soak-minutes N  soak length passed to bench/scale.sh (default 30)
+#   --no-callgrind    skip the last stage: instructions per transaction of pgsluice and
+#                     pgbouncer under callgrind (bench/callgrind.sh, about 5 min)
 # Other runs write docs/benchmarks.md (with its chart, docs/benchmarks.png) and
 # bench/results/latest.csv; --quick/--standin draw bench/results/{quick,standin}.png.
 # environment:
@@ -35,6 +37,7 @@ DURATION=15
 STANDIN=0
 MICRO=1
 RUN_SCALE=1
+RUN_CALLGRIND=1
 SCALE_ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -46,6 +49,7 @@ while [ $# -gt 0 ]; do
     --standin) STANDIN=1; shift ;;
     --no-micro) MICRO=0; shift ;;
     --no-scale) RUN_SCALE=0; shift ;;
+    --no-callgrind) RUN_CALLGRIND=0; shift ;;
     --soak-minutes) [ $# -ge 2 ] || die "--soak-minutes needs a value"; SCALE_ARGS+=(--soak-minutes "$2"); shift 2 ;;
     --soak-minutes=*) SCALE_ARGS+=(--soak-minutes "${1#*=}"); shift ;;
     -h|--help) usage; exit 0 ;;
@@ -449,4 +453,16 @@ if [ "$RUN_SCALE" = 1 ] && [ "$STANDIN" = 0 ]; then
   PGSLUICE_BIN=$BIN "$BENCH_DIR/scale.sh" "${SCALE_ARGS[@]}" || die "bench/scale.sh failed"
   python3 "$BENCH_DIR/scale.py" splice --doc "$OUT_MD" --section "$SCALE_MD"
   log "added ${SCALE_MD#"$REPO"/} to ${OUT_MD#"$REPO"/}"
+fi
+
+# ------------------------------------------------------------------ 7. callgrind
+# Instructions per transaction for both poolers (bench/callgrind.sh starts its own demo and
+# pgbouncer under valgrind): machine load does not change the counts.
+if [ "$RUN_CALLGRIND" = 1 ] && [ "$STANDIN" = 0 ]; then
+  [ -n "$BOUNCER_PID" ] && { stop_pid "$BOUNCER_PID" TERM 10; BOUNCER_PID=''; }
+  [ -n "$DEMO_PID" ] && stop_demo
+  CG_MD=$BENCH_DIR/results/callgrind.md
+  [ "$QUICK" = 1 ] && CG_MD=$BENCH_DIR/results/callgrind-quick.md
+  log "callgrind: bench/callgrind.sh"
+  PGSLUICE_BIN=$BIN "$BENCH_DIR/callgrind.sh" --out "$CG_MD" --doc "$OUT_MD" || die "bench/callgrind.sh failed"
 fi

@@ -442,7 +442,7 @@ def cmd_report(argv):
                 fmt(r.get(p + "summary.errors"))))
         L.append("")
         L.append("Listen queue overflows during the stage (system-wide TcpExt counters; pgsluice listens with a "
-                 "backlog of 1024, net.core.somaxconn caps it): ListenOverflows +%s, SyncookiesSent +%s. Dropped SYNs "
+                 "backlog of 4096 since 9f5e98f (1024 before), net.core.somaxconn caps it): ListenOverflows +%s, SyncookiesSent +%s. Dropped SYNs "
                  "are retried by the client's kernel after 1 s, 3 s, …, which shows up as login time, not as errors." % (
                      r.get("listen_overflows", "?"), r.get("syncookies_sent", "?")))
         L.append("")
