@@ -9,6 +9,8 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+mod support;
+
 use bytes::{BufMut, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use pgsluice::backend::ServerParams;
@@ -17,48 +19,7 @@ use pgsluice::protocol::{
     self, PG_MAX_MESSAGE_LEN, PROTOCOL_3_0, Scanner, Segment, Severity, StartupParams, TxStatus,
     read_startup, sqlstate,
 };
-
-fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
-    buf.put_u8(tag);
-    let at = buf.len();
-    buf.put_i32(0);
-    body(buf);
-    let len = (buf.len() - at) as i32;
-    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
-}
-
-fn row_description(buf: &mut BytesMut, columns: &[(&str, u32, i16)]) {
-    message(buf, b'T', |b| {
-        b.put_i16(columns.len() as i16);
-        for (name, type_oid, size) in columns {
-            b.put_slice(name.as_bytes());
-            b.put_u8(0);
-            b.put_u32(16_400); // table oid
-            b.put_i16(1); // column number
-            b.put_u32(*type_oid);
-            b.put_i16(*size);
-            b.put_i32(-1); // type modifier
-            b.put_i16(0); // text format
-        }
-    });
-}
-
-fn data_row(buf: &mut BytesMut, values: &[&[u8]]) {
-    message(buf, b'D', |b| {
-        b.put_i16(values.len() as i16);
-        for v in values {
-            b.put_i32(v.len() as i32);
-            b.put_slice(v);
-        }
-    });
-}
-
-fn command_complete(buf: &mut BytesMut, tag: &str) {
-    message(buf, b'C', |b| {
-        b.put_slice(tag.as_bytes());
-        b.put_u8(0);
-    });
-}
+use support::{data_row, row_description};
 
 /// What `pgbench -S` gets back for `SELECT abalance FROM pgbench_accounts
 /// WHERE aid = …`: RowDescription, one DataRow, CommandComplete, ReadyForQuery.
@@ -66,7 +27,7 @@ fn pgbench_select_response() -> BytesMut {
     let mut b = BytesMut::new();
     row_description(&mut b, &[("abalance", 23, 4)]);
     data_row(&mut b, &[b"-2817"]);
-    command_complete(&mut b, "SELECT 1");
+    protocol::command_complete(&mut b, "SELECT 1");
     protocol::ready_for_query(&mut b, TxStatus::Idle);
     b
 }
@@ -95,7 +56,7 @@ fn thousand_row_response() -> BytesMut {
             ],
         );
     }
-    command_complete(&mut b, "SELECT 1000");
+    protocol::command_complete(&mut b, "SELECT 1000");
     protocol::ready_for_query(&mut b, TxStatus::Idle);
     b
 }

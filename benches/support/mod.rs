@@ -53,7 +53,7 @@ fn cstr(buf: &mut BytesMut, s: &str) {
     buf.put_u8(0);
 }
 
-fn row_description(buf: &mut BytesMut, columns: &[(&str, u32, i16)]) {
+pub fn row_description(buf: &mut BytesMut, columns: &[(&str, u32, i16)]) {
     message(buf, b'T', |b| {
         b.put_i16(columns.len() as i16);
         for (i, (name, type_oid, size)) in columns.iter().enumerate() {
@@ -68,7 +68,7 @@ fn row_description(buf: &mut BytesMut, columns: &[(&str, u32, i16)]) {
     });
 }
 
-fn data_row(buf: &mut BytesMut, values: &[&[u8]]) {
+pub fn data_row(buf: &mut BytesMut, values: &[&[u8]]) {
     message(buf, b'D', |b| {
         b.put_i16(values.len() as i16);
         for v in values {
