@@ -70,6 +70,8 @@ pub struct Shared {
     pub log: OnceLock<crate::logging::LogControl>,
     /// Logged-in clients, for the admin console and metrics.
     pub registry: ClientRegistry,
+    /// Clients' session-parameter lists, shared when identical.
+    pub param_lists: crate::frontend::ParamInterner,
     /// The proxy's phase switch (weak: the phase channel closes when the
     /// proxy is gone), for the admin console's `SHUTDOWN`.
     phase_tx: std::sync::Weak<watch::Sender<Phase>>,
@@ -310,6 +312,7 @@ impl Proxy {
             fake_salt_key: crate::auth::FakeSaltKey::random(),
             tls,
             registry: ClientRegistry::new(),
+            param_lists: Default::default(),
             phase_tx: Arc::downgrade(&phase_tx),
             clients: AtomicUsize::new(0),
             clients_gone: Notify::new(),

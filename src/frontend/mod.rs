@@ -38,7 +38,7 @@ pub use clients::{
     Alert, ClientHandle, ClientIdentity, ClientInfo, ClientRegistry, ClientState, Link,
 };
 pub use effects::{Effects, Feature, SqlPrepared, scan as scan_effects};
-pub use params::{ClientParams, parse_options};
+pub use params::{ClientParams, ParamInterner, parse_options};
 pub use relay::{RelayState, ServerEvent, client_tag_inspected, server_tag_inspected};
 pub(crate) use session::route::preview as preview_route;
 pub use statements::{PreparedStats, Statement, StatementRegistry};
@@ -351,8 +351,9 @@ async fn login(
         }
     }
     let defaults = welcome_params(&pools).await?;
-    let client_params = ClientParams::from_startup(&params, &defaults)
+    let mut client_params = ClientParams::from_startup(&params, &defaults)
         .map_err(|e| refused(sqlstate::FEATURE_NOT_SUPPORTED, e.0))?;
+    client_params.share(&shared.param_lists);
     if let Some(v) = client_params.own("pgsluice.route") {
         if session::route::parse_route_mode(v).is_none() {
             return Err(refused(

@@ -39,6 +39,40 @@ pub struct ClientParams {
 #[error("{0}")]
 pub struct ParamError(pub String);
 
+/// A parameter list held without keeping it alive.
+type WeakParamList = std::sync::Weak<Vec<(String, String)>>;
+
+/// How many distinct parameter lists [`ParamInterner`] remembers.
+const INTERNED_LISTS: usize = 64;
+
+/// The parameter lists of recent logins, held weakly: a list lives as long
+/// as a client (or a server's `params_verified`) holds it.
+#[derive(Debug, Default)]
+pub struct ParamInterner {
+    recent: std::sync::Mutex<Vec<WeakParamList>>,
+}
+
+impl ParamInterner {
+    /// Replaces `list` by an equal live list if one is known; otherwise
+    /// remembers `list` (forgetting dead lists, then the oldest).
+    fn intern(&self, list: &mut crate::backend::ParamList) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        for known in recent.iter() {
+            if let Some(known) = known.upgrade() {
+                if *known == **list {
+                    *list = known;
+                    return;
+                }
+            }
+        }
+        recent.retain(|w| w.strong_count() > 0);
+        if recent.len() >= INTERNED_LISTS {
+            recent.remove(0);
+        }
+        recent.push(std::sync::Arc::downgrade(list));
+    }
+}
+
 impl ClientParams {
     /// From the startup packet and the pool's reported defaults.
     pub fn from_startup(
@@ -79,6 +113,10 @@ impl ClientParams {
     }
 
     pub fn set(&mut self, name: &str, value: &str) {
+        if self.get(name) == Some(value) {
+            // Unchanged: a shared list stays shared.
+            return;
+        }
         let wanted = std::sync::Arc::make_mut(&mut self.wanted);
         match wanted
             .iter_mut()
@@ -91,6 +129,15 @@ impl ClientParams {
             }
             None => wanted.push((name.to_owned(), value.to_owned())),
         }
+    }
+
+    /// Shares an identical parameter list another live client already
+    /// holds (clients of one application send the same startup
+    /// parameters), so each idle client does not keep its own copy of a
+    /// dozen name/value strings (about 470 bytes). Copy-on-write keeps
+    /// them apart when one changes (`set`).
+    pub fn share(&mut self, interner: &ParamInterner) {
+        interner.intern(&mut self.wanted);
     }
 
     /// A `pgsluice.*` startup setting (lower-case name), the last given.
@@ -439,6 +486,32 @@ mod tests {
             ]
         );
         assert!(parse_options("-d 5").is_err());
+    }
+
+    #[test]
+    fn identical_lists_are_shared_and_copied_on_change() {
+        let interner = ParamInterner::default();
+        let mut a = ClientParams::from_startup(&startup(&[("user", "u")]), &defaults()).unwrap();
+        let mut b = ClientParams::from_startup(&startup(&[("user", "u")]), &defaults()).unwrap();
+        let mut c = ClientParams::from_startup(
+            &startup(&[("user", "u"), ("application_name", "other")]),
+            &defaults(),
+        )
+        .unwrap();
+        a.share(&interner);
+        b.share(&interner);
+        c.share(&interner);
+        assert!(std::sync::Arc::ptr_eq(&a.wanted, &b.wanted));
+        assert!(!std::sync::Arc::ptr_eq(&a.wanted, &c.wanted));
+        b.set("DateStyle", "German");
+        assert_eq!(b.get("DateStyle"), Some("German"));
+        assert_ne!(a.get("DateStyle"), Some("German"));
+        // A list nobody holds any more is not handed out.
+        drop(a);
+        drop(b);
+        let mut d = ClientParams::from_startup(&startup(&[("user", "u")]), &defaults()).unwrap();
+        d.share(&interner);
+        assert_eq!(std::sync::Arc::strong_count(&d.wanted), 1);
     }
 
     #[test]
