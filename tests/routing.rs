@@ -681,6 +681,11 @@ async fn a_write_after_a_prepare_only_batch_on_a_replica_goes_to_the_primary() {
         }
         assert_eq!(tags, "2DCZ");
     }
+    // Counted on the primary: the inserts came from other clients, so a
+    // replica may not have replayed the last one yet.
+    c.batch_execute("SET pgsluice.route = primary")
+        .await
+        .expect("route to the primary");
     let rows = c
         .simple_query("SELECT count(*) FROM routing_pf")
         .await
