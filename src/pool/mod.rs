@@ -305,6 +305,34 @@ impl Pool {
         lock(&self.inner).login_failure = None;
     }
 
+    /// An idle server connection if one can be had at once: no wait, no
+    /// new connection. `None` sends the caller to [`Pool::checkout_by`],
+    /// whose larger future it can then box (the common case needs none).
+    pub fn try_checkout_idle(self: &Arc<Self>) -> Option<Pooled> {
+        if self.gate.is_paused() {
+            return None;
+        }
+        let mut g = lock(&self.inner);
+        if g.closed {
+            return None;
+        }
+        self.take_idle(&mut g)
+    }
+
+    /// The most recently used clean idle connection; stale ones met on the
+    /// way are closed.
+    fn take_idle(self: &Arc<Self>, g: &mut Inner) -> Option<Pooled> {
+        while let Some(mut conn) = g.idle.pop() {
+            if conn.is_clean_idle() && !retired(&conn) && !self.outdated(&conn) {
+                self.stats.assigned(Duration::ZERO);
+                return Some(Pooled::new(conn, self.clone()));
+            }
+            g.open -= 1;
+            tracing::debug!(pool = %self.label, pid = conn.process_id(), "dropping stale idle server connection");
+        }
+        None
+    }
+
     /// Takes a server connection, waiting up to `checkout_timeout`.
     pub async fn checkout(self: &Arc<Self>) -> Result<Pooled, PoolError> {
         let started = Instant::now();
@@ -329,13 +357,8 @@ impl Pool {
             if g.closed {
                 return Err(PoolError::Closed(self.label.clone()));
             }
-            while let Some(mut conn) = g.idle.pop() {
-                if conn.is_clean_idle() && !retired(&conn) && !self.outdated(&conn) {
-                    self.stats.assigned(Duration::ZERO);
-                    return Ok(Pooled::new(conn, self.clone()));
-                }
-                g.open -= 1;
-                tracing::debug!(pool = %self.label, pid = conn.process_id(), "dropping stale idle server connection");
+            if let Some(conn) = self.take_idle(&mut g) {
+                return Ok(conn);
             }
             let (tx, rx) = oneshot::channel();
             let id = g.next_waiter;

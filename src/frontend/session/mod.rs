@@ -195,6 +195,9 @@ pub struct Session {
     sout: BytesMut,
     /// The client's unnamed statement, kept to prepare it again elsewhere.
     unnamed: tracked::Unnamed,
+    /// The text of `unnamed` changes no session state (its effects scan
+    /// found nothing).
+    unnamed_plain: bool,
     unnamed_generation: u64,
     /// After pgsluice itself reported an error for a statement name, the
     /// client's messages up to its next Sync are dropped, as PostgreSQL
@@ -286,6 +289,7 @@ impl Session {
             sql_prepared: std::collections::HashMap::new(),
             batch_was_open: false,
             unnamed: None,
+            unnamed_plain: false,
             unnamed_generation: 0,
             window: None,
             replanned: false,
@@ -300,8 +304,28 @@ impl Session {
 
     /// Serves the logged-in client until it leaves; `permit` (its place
     /// under `max_client_conn`) is given back at the end.
-    pub async fn run(mut self, mut client: ClientStream, permit: crate::proxy::ClientPermit) {
-        let exit = match self.run_loop(&mut client).await {
+    ///
+    /// Not an `async fn`: an async fn keeps its arguments twice in its
+    /// future (as captured arguments and as the body's locals; rustc issue
+    /// 62958), which cost every live session 968 bytes. The `async move`
+    /// block below uses what it captured in place.
+    // The lint's suggestion, an async fn, is exactly what this avoids.
+    #[allow(clippy::manual_async_fn)]
+    pub fn run(
+        mut self,
+        mut client: ClientStream,
+        permit: crate::proxy::ClientPermit,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        // No `let` rebinding in the block: that would store them twice again.
+        async move {
+            self.run_to_end(&mut client).await;
+            drop(client);
+            drop(permit);
+        }
+    }
+
+    async fn run_to_end(&mut self, client: &mut ClientStream) {
+        let exit = match self.run_loop(client).await {
             Ok(exit) => exit,
             Err(e) => {
                 tracing::debug!(error = %e, "client connection error");
@@ -313,13 +337,11 @@ impl Session {
         // every live session's task.
         if exit == Exit::Killed {
             let why = self.client.kill_reason();
-            let _ = Box::pin(self.close_with(&mut client, sqlstate::ADMIN_SHUTDOWN, &why)).await;
+            let _ = Box::pin(self.close_with(client, sqlstate::ADMIN_SHUTDOWN, &why)).await;
         }
         Box::pin(self.put_back_server()).await;
         self.shared.cancels.unregister(self.pid);
-        // Dropping the socket closes it (FIN); no separate shutdown call.
-        drop(client);
-        drop(permit);
+        // The caller drops the socket, which closes it (FIN).
     }
 
     async fn run_loop(&mut self, client: &mut ClientStream) -> std::io::Result<Exit> {
@@ -359,7 +381,8 @@ impl Session {
     async fn idle_step(&mut self, client: &mut ClientStream) -> std::io::Result<Step> {
         if self.cbuf.is_empty() {
             if *self.phase.borrow() >= Phase::Draining {
-                return self.close_for_shutdown(client).await;
+                // Rare paths are boxed: their futures would size every idle session.
+                return Box::pin(self.close_for_shutdown(client)).await;
             }
             if self.cbuf.capacity() > IDLE_BUFFER_KEEP {
                 self.cbuf = BytesMut::new();
@@ -407,14 +430,15 @@ impl Session {
             Ok(Some(h)) => h,
             Ok(None) => return self.read_client(client).await,
             Err(e) => {
-                return self
-                    .close_with(client, sqlstate::PROTOCOL_VIOLATION, &e.to_string())
+                let message = e.to_string();
+                return Box::pin(self.close_with(client, sqlstate::PROTOCOL_VIOLATION, &message))
                     .await;
             }
         };
         if !protocol::is_frontend_message(header.tag) {
             let e = protocol::ProtocolError::UnknownMessage(header.tag);
-            return self.close_with(client, e.sqlstate(), &e.to_string()).await;
+            let message = e.to_string();
+            return Box::pin(self.close_with(client, e.sqlstate(), &message)).await;
         }
         let whole = self.cbuf.len() >= header.total_len;
         match header.tag {
@@ -449,7 +473,7 @@ impl Session {
             return Ok(match self.attach(client, 0, started, deadline).await? {
                 Attach::Attached => Step::Continue,
                 Attach::Failed(e) => {
-                    self.refuse_checkout(client, e).await?;
+                    Box::pin(self.refuse_checkout(client, e)).await?;
                     Step::Continue
                 }
                 Attach::Exit(step) => step,
@@ -458,11 +482,15 @@ impl Session {
         let req = match self.scan_front() {
             Ok(Scan::Ready(req)) => req,
             Ok(Scan::NeedMore) => return self.read_client(client).await,
-            Err(e) => return self.close_with(client, e.sqlstate(), &e.to_string()).await,
+            Err(e) => {
+                let message = e.to_string();
+                return Box::pin(self.close_with(client, e.sqlstate(), &message)).await;
+            }
         };
         let mut req = req;
         if self.shard.is_some() {
-            if let Some(step) = self.shard_idle(client, &mut req).await? {
+            // Sharding is boxed: its state would size every request.
+            if let Some(step) = Box::pin(self.shard_idle(client, &mut req)).await? {
                 return Ok(step);
             }
         }
@@ -484,7 +512,7 @@ impl Session {
             match self.attach(client, node, started, deadline).await? {
                 Attach::Attached => {
                     if self.shard.is_some() {
-                        if let Some(step) = self.shard_after_attach(client).await? {
+                        if let Some(step) = Box::pin(self.shard_after_attach(client)).await? {
                             return Ok(step);
                         }
                     }
@@ -503,7 +531,7 @@ impl Session {
                     }
                 }
                 Attach::Failed(e) => {
-                    self.refuse_checkout(client, e).await?;
+                    Box::pin(self.refuse_checkout(client, e)).await?;
                     return Ok(Step::Continue);
                 }
                 Attach::Exit(step) => return Ok(step),
@@ -552,12 +580,15 @@ impl Session {
     ) -> std::io::Result<Attach> {
         self.node = node;
         self.client.waiting(node, started);
-        let checkout = self
-            .cancel
-            .abortable(self.pools[node].checkout_by(started, deadline));
-        let checked_out = tokio::select! {
-            r = checkout => r,
-            () = self.client.killed() => return Ok(Attach::Exit(Step::Exit(Exit::Killed))),
+        // An idle server is taken without a future; waiting for one (or for
+        // a new connection) is boxed, as is the parameter sync below, so
+        // that this future, boxed once per request, stays small.
+        let checked_out = match self.pools[node].try_checkout_idle() {
+            Some(server) => Ok(server),
+            None => match Box::pin(self.wait_checkout(node, started, deadline)).await {
+                Some(r) => r,
+                None => return Ok(Attach::Exit(Step::Exit(Exit::Killed))),
+            },
         };
         let mut server = match checked_out {
             Ok(s) => s,
@@ -567,28 +598,9 @@ impl Session {
             }
         };
         if let Some(sql) = self.params.sync_sql_for(&mut server) {
-            match server.run_internal(&sql, INTERNAL_QUERY_TIMEOUT).await {
-                Ok(QueryOutcome::Done(TxStatus::Idle)) => self.params.after_sync(&mut server),
-                Ok(QueryOutcome::Failed {
-                    error,
-                    status: TxStatus::Idle,
-                }) => {
-                    server.release();
-                    return Ok(Attach::Exit(
-                        self.close_with(client, &error.code, &error.message).await?,
-                    ));
-                }
-                Ok(_) | Err(_) => {
-                    drop(server);
-                    return Ok(Attach::Exit(
-                        self.close_with(
-                            client,
-                            sqlstate::CONNECTION_FAILURE,
-                            "server connection failed while applying session parameters",
-                        )
-                        .await?,
-                    ));
-                }
+            match Box::pin(self.sync_params(client, server, sql)).await? {
+                Ok(synced) => server = synced,
+                Err(step) => return Ok(Attach::Exit(step)),
             }
         }
         self.cancel.attach(server.cancel_key);
@@ -604,6 +616,58 @@ impl Session {
             self.on_node = Some(route.cluster.attach(node));
         }
         Ok(Attach::Attached)
+    }
+
+    /// Waits for a server on `node` (the pool has no idle one); `None` when
+    /// the client was killed meanwhile.
+    async fn wait_checkout(
+        &self,
+        node: usize,
+        started: Instant,
+        deadline: Instant,
+    ) -> Option<Result<Pooled, PoolError>> {
+        let checkout = self
+            .cancel
+            .abortable(self.pools[node].checkout_by(started, deadline));
+        tokio::select! {
+            r = checkout => Some(r),
+            () = self.client.killed() => None,
+        }
+    }
+
+    /// Makes a checked-out server's session parameters the client's with
+    /// `sql`; the server back, or the step that ends the session.
+    async fn sync_params(
+        &mut self,
+        client: &mut ClientStream,
+        mut server: Pooled,
+        sql: String,
+    ) -> std::io::Result<Result<Pooled, Step>> {
+        match server.run_internal(&sql, INTERNAL_QUERY_TIMEOUT).await {
+            Ok(QueryOutcome::Done(TxStatus::Idle)) => {
+                self.params.after_sync(&mut server);
+                Ok(Ok(server))
+            }
+            Ok(QueryOutcome::Failed {
+                error,
+                status: TxStatus::Idle,
+            }) => {
+                server.release();
+                Ok(Err(self
+                    .close_with(client, &error.code, &error.message)
+                    .await?))
+            }
+            Ok(_) | Err(_) => {
+                drop(server);
+                Ok(Err(self
+                    .close_with(
+                        client,
+                        sqlstate::CONNECTION_FAILURE,
+                        "server connection failed while applying session parameters",
+                    )
+                    .await?))
+            }
+        }
     }
 
     /// Answers the client's pending request with an error (the connection
@@ -888,8 +952,8 @@ impl Session {
                 Ok(Scan::Ready(req)) => req,
                 Ok(Scan::NeedMore) => return Ok(None),
                 Err(e) => {
-                    return self
-                        .close_with(client, e.sqlstate(), &e.to_string())
+                    let message = e.to_string();
+                    return Box::pin(self.close_with(client, e.sqlstate(), &message))
                         .await
                         .map(Some);
                 }
@@ -897,10 +961,7 @@ impl Session {
             let quiet = self.relay.quiet() && self.replies.is_empty();
             let mut req = req;
             if self.shard.is_some() {
-                match self
-                    .shard_relay(client, &mut req, request_start, quiet)
-                    .await?
-                {
+                match Box::pin(self.shard_relay(client, &mut req, request_start, quiet)).await? {
                     shard::Relay::Go => {}
                     shard::Relay::Hold(held) => {
                         self.held = Some(held);
@@ -995,8 +1056,8 @@ impl Session {
                 Ok(Segment::Start { header, .. }) if !protocol::is_frontend_message(header.tag) => {
                     self.write_server_prefix(pos).await;
                     let e = protocol::ProtocolError::UnknownMessage(header.tag);
-                    return self
-                        .close_with(client, e.sqlstate(), &e.to_string())
+                    let message = e.to_string();
+                    return Box::pin(self.close_with(client, e.sqlstate(), &message))
                         .await
                         .map(Some);
                 }
@@ -1015,15 +1076,19 @@ impl Session {
                 Ok(Segment::NeedMore) => break,
                 Err(e) => {
                     self.write_server_prefix(pos).await;
-                    return self
-                        .close_with(client, sqlstate::PROTOCOL_VIOLATION, &e.to_string())
-                        .await
-                        .map(Some);
+                    let message = e.to_string();
+                    return Box::pin(self.close_with(
+                        client,
+                        sqlstate::PROTOCOL_VIOLATION,
+                        &message,
+                    ))
+                    .await
+                    .map(Some);
                 }
             }
         }
         if !self.write_server_prefix(pos).await {
-            return self.server_lost(client).await.map(Some);
+            return Box::pin(self.server_lost(client)).await.map(Some);
         }
         Ok(end)
     }
@@ -1083,10 +1148,17 @@ impl Session {
                     && (shows_rows || w.held.len() + (pos - written) > route::RETRY_HOLD_LIMIT)
                 {
                     // The client is about to see results: no retry now.
-                    emit(client, &mut window, &mut carry, &server.buf[written..pos]).await?;
-                    written = pos;
-                    if let Some(w) = window.take() {
-                        carry = w.held;
+                    if w.held.is_empty() && carry.is_empty() {
+                        // All the window held is this read's, from
+                        // `written` on: it stays there and goes out with
+                        // the rest of the read, uncopied.
+                        window = None;
+                    } else {
+                        emit(client, &mut window, &mut carry, &server.buf[written..pos]).await?;
+                        written = pos;
+                        if let Some(w) = window.take() {
+                            carry = w.held;
+                        }
                     }
                 } else if header.tag == b'E' && *whole && w.failed.is_none() {
                     w.on_error(&ErrorFields::parse(
@@ -1220,11 +1292,17 @@ impl Session {
                         }
                     }
                     if header.tag == b'Z' && window.as_ref().is_some_and(|w| w.failed.is_none()) {
-                        // The read finished without showing a row: done.
-                        emit(client, &mut window, &mut carry, &server.buf[written..pos]).await?;
-                        written = pos;
-                        if let Some(w) = window.take() {
-                            carry = w.held;
+                        // The read finished without showing a row: done
+                        // (uncopied when all it held is in this read).
+                        if window.as_ref().is_some_and(|w| w.held.is_empty()) && carry.is_empty() {
+                            window = None;
+                        } else {
+                            emit(client, &mut window, &mut carry, &server.buf[written..pos])
+                                .await?;
+                            written = pos;
+                            if let Some(w) = window.take() {
+                                carry = w.held;
+                            }
                         }
                     }
                 }

@@ -38,15 +38,21 @@ impl Session {
     /// server hold, in their current form, the statements the request binds
     /// or describes whose shape there is not known to be the client's, and
     /// notes in `mismatched` the client names whose shape changed.
+    /// Whether [`Session::check_shapes`] has anything to do for the
+    /// request at the front of `cbuf` (cheap; the check itself is boxed by
+    /// its caller).
+    pub(super) fn shapes_to_check(&self) -> bool {
+        self.statements.has_shapes()
+            && !self.relay.batch_open()
+            && self.relay.quiet()
+            && self.replies.is_empty()
+            && self.cscan.at_boundary()
+            && !self.client_skip
+            && self.relay.tx_status() != TxStatus::Failed
+    }
+
     pub(super) async fn check_shapes(&mut self, limit: usize) {
-        if !self.statements.has_shapes()
-            || self.relay.batch_open()
-            || !self.relay.quiet()
-            || !self.replies.is_empty()
-            || !self.cscan.at_boundary()
-            || self.client_skip
-            || self.relay.tx_status() == TxStatus::Failed
-        {
+        if !self.shapes_to_check() {
             return;
         }
         self.mismatched.clear();

@@ -76,7 +76,11 @@ impl Session {
         client: &mut ClientStream,
         limit: usize,
     ) -> std::io::Result<Option<Step>> {
-        self.check_shapes(limit).await;
+        if self.shapes_to_check() {
+            // Boxed, like the rare exits below: this future is part of the
+            // relay's, which is boxed once per request.
+            Box::pin(self.check_shapes(limit)).await;
+        }
         let max = self.config.general.max_packet_size;
         let now = Instant::now();
         let cbuf = std::mem::take(&mut self.cbuf);
@@ -186,13 +190,13 @@ impl Session {
             }
         }
         if let Some(e) = protocol_error {
-            return self
-                .close_with(client, e.sqlstate(), &e.to_string())
+            let message = e.to_string();
+            return Box::pin(self.close_with(client, e.sqlstate(), &message))
                 .await
                 .map(Some);
         }
         if !server_ok {
-            return self.server_lost(client).await.map(Some);
+            return Box::pin(self.server_lost(client)).await.map(Some);
         }
         Ok(end)
     }
@@ -332,16 +336,27 @@ impl Session {
         };
         PreparedStats::bump(&self.shared.stats.prepared.client_parses);
         if name.is_empty() {
-            let fx = effects::scan(text_of(tail));
-            let can_inject = !self.batch_was_open;
-            let refused = self.note_text(&fx).map_or_else(
-                || self.prepare_sql_names(&fx.sql, can_inject, Instant::now()),
-                Err,
-            );
-            if let Err(error) = refused {
-                self.refuse_parse(error);
-                return;
-            }
+            // Drivers parse the same text again and again: a text already
+            // scanned and found to change nothing is not scanned again.
+            let same = self
+                .unnamed
+                .as_ref()
+                .is_some_and(|(_, old)| old[..] == *tail);
+            let plain = if same && self.unnamed_plain {
+                true
+            } else {
+                let fx = effects::scan(text_of(tail));
+                let can_inject = !self.batch_was_open;
+                let refused = self.note_text(&fx).map_or_else(
+                    || self.prepare_sql_names(&fx.sql, can_inject, Instant::now()),
+                    Err,
+                );
+                if let Err(error) = refused {
+                    self.refuse_parse(error);
+                    return;
+                }
+                fx.is_none()
+            };
             PreparedStats::bump(&self.shared.stats.prepared.server_parses);
             // The unnamed statement lives on the server until the next
             // unnamed Parse or simple Query; remember it in case a later
@@ -354,6 +369,7 @@ impl Session {
                 _ => Bytes::copy_from_slice(tail),
             };
             self.unnamed = Some((generation, kept));
+            self.unnamed_plain = plain;
             if let Some(server) = self.server.as_deref_mut() {
                 server.unnamed_owner = Some((self.pid, generation));
             }
