@@ -5,8 +5,10 @@ Subcommands:
   freeport [N]                    print N distinct free TCP ports on 127.0.0.1
   authprobe HOST PORT USER DB     print the client auth method a server asks for
   ticks PID                       print utime+stime (clock ticks) of PID from /proc/PID/stat
+  ticks-split PID                 print "utime stime" (clock ticks, user and kernel) of PID
   scram-secret PASSWORD           print a SCRAM-SHA-256 secret (random salt, 4096 iterations)
-  record ...                      parse one pgbench run, append a CSV row, print a summary
+  record ...                      parse one pgbench run (or the concurrent halves of a split
+                                  run: --out/--rc repeated), append a CSV row, print a summary
   report --csv F --meta F --md F [--png F] [--micro F]
                                   write the markdown report (also printed to stdout), with
                                   the chart (--png, default: the .md path with .png) and the
@@ -39,6 +41,9 @@ CSV_FIELDS = [
     "round", "workload", "target", "position", "status", "tps", "transactions",
     "failed_tx", "lat_avg_ms", "p50_ms", "p99_ms", "conn_ms", "pooler_cpu_s",
     "pooler_us_per_tx", "pooler_rss_kb", "clients", "duration_s", "started_at",
+    # Added later (older CSVs lack them; the report shows "—"): the pooler's CPU split into
+    # user time (utime, its own code) and kernel time (stime, mostly its socket syscalls).
+    "pooler_user_s", "pooler_sys_s", "pooler_user_us_per_tx", "pooler_sys_us_per_tx",
 ]
 
 # Order and description of the workloads (ids shared with run.sh).
@@ -52,7 +57,9 @@ WORKLOADS = [
      "read-only point selects, named prepared statements, 16 clients "
      "(pgbouncer 1.18 cannot do this in transaction mode: its runs fail)"),
 ]
-TARGETS = ["direct", "pgbouncer", "pgsluice", "pgsluice-primary"]
+TARGETS = ["direct", "pgbouncer", "pgsluice", "pgsluice-primary", "direct-replicas"]
+# direct-replicas: the same pgbench args split in two halves run concurrently straight against
+# each of the two replicas (select-only workloads): the ceiling for pgsluice's routed reads.
 
 
 # ---------------------------------------------------------------- small tools
@@ -112,13 +119,19 @@ def cmd_authprobe(args):
     return 0
 
 
-def read_ticks(pid):
+def read_ticks_split(pid):
+    """(utime, stime) of PID in clock ticks: user-space and kernel CPU time."""
     with open("/proc/%s/stat" % pid) as f:
         data = f.read()
     # comm (field 2) may contain spaces and parentheses: split after the last ')'.
     rest = data[data.rindex(")") + 2:].split()
     # rest[0] is field 3 (state); utime is field 14, stime field 15.
-    return int(rest[11]) + int(rest[12])
+    return int(rest[11]), int(rest[12])
+
+
+def read_ticks(pid):
+    utime, stime = read_ticks_split(pid)
+    return utime + stime
 
 
 def cmd_scram_secret(args):
@@ -135,6 +148,10 @@ def cmd_scram_secret(args):
 
 def cmd_ticks(args):
     print(read_ticks(args[0]))
+
+
+def cmd_ticks_split(args):
+    print("%d %d" % read_ticks_split(args[0]))
 
 
 # ---------------------------------------------------------------- pgbench parsing
@@ -185,6 +202,45 @@ def fmt(v, nd=3):
     return str(v)
 
 
+def run_status(rc, r):
+    """Status of one pgbench process from its exit code and parsed output."""
+    tx = r.get("transactions")
+    if rc == 124 or rc == 137:
+        return "failed:timeout"
+    if rc != 0:
+        return "failed:rc=%d" % rc
+    if tx == 0:
+        return "failed:no-transactions"
+    if tx is None or "tps" not in r:
+        return "failed:unparsed"
+    if r.get("failed_tx", 0) > 0:
+        return "failed:%d-failed-tx" % r["failed_tx"]
+    return "ok"
+
+
+def combine_halves(parts):
+    """One result from pgbench processes that ran concurrently with the same -T (a split run):
+    transactions, failures and tps add up; average latency and connection time are the means
+    weighted by each half's transactions."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    txs = [p.get("transactions") for p in parts]
+    if all(t is not None for t in txs):
+        out["transactions"] = sum(txs)
+    if any("failed_tx" in p for p in parts):
+        out["failed_tx"] = sum(p.get("failed_tx", 0) for p in parts)
+    if all("tps" in p for p in parts):
+        out["tps"] = sum(p["tps"] for p in parts)
+    for key in ("lat_avg_ms", "conn_ms"):
+        pairs = [(p[key], p.get("transactions") or 0) for p in parts if key in p]
+        if len(pairs) == len(parts):
+            weight = sum(w for _v, w in pairs)
+            out[key] = (sum(v * w for v, w in pairs) / weight if weight
+                        else sum(v for v, _w in pairs) / len(pairs))
+    return out
+
+
 def cmd_record(argv):
     ap = argparse.ArgumentParser(prog="bench.py record")
     ap.add_argument("--csv", required=True)
@@ -192,43 +248,54 @@ def cmd_record(argv):
     ap.add_argument("--workload", required=True)
     ap.add_argument("--target", required=True)
     ap.add_argument("--position", required=True)
-    ap.add_argument("--rc", type=int, required=True)
-    ap.add_argument("--out", required=True, help="pgbench stdout+stderr")
+    ap.add_argument("--rc", type=int, action="append", required=True,
+                    help="pgbench exit code; repeat, in the order of --out, for a split run")
+    ap.add_argument("--out", action="append", required=True,
+                    help="pgbench stdout+stderr; repeat for the concurrent halves of a split run")
     ap.add_argument("--log-prefix", default="")
     ap.add_argument("--connect-mode", type=int, default=0)
-    ap.add_argument("--ticks-before", default="")
+    ap.add_argument("--ticks-before", default="", help="utime+stime ticks (without the split)")
     ap.add_argument("--ticks-after", default="")
+    ap.add_argument("--cpu-before", default="", help='"utime stime" ticks (bench.py ticks-split)')
+    ap.add_argument("--cpu-after", default="")
     ap.add_argument("--clk-tck", type=int, default=100)
     ap.add_argument("--rss-kb", default="")
     ap.add_argument("--clients", default="")
     ap.add_argument("--duration", default="")
     ap.add_argument("--started-at", default="")
     a = ap.parse_args(argv)
+    if len(a.rc) != len(a.out):
+        ap.error("give one --rc per --out (got %d and %d)" % (len(a.rc), len(a.out)))
 
-    with open(a.out, errors="replace") as f:
-        text = f.read()
-    r = parse_pgbench(text)
+    texts, parts, statuses = [], [], []
+    for rc, path in zip(a.rc, a.out):
+        with open(path, errors="replace") as f:
+            texts.append(f.read())
+        parts.append(parse_pgbench(texts[-1]))
+        statuses.append(run_status(rc, parts[-1]))
+    r = combine_halves(parts)
     tx = r.get("transactions")
+    bad = [(i, st) for i, st in enumerate(statuses) if st != "ok"]
     status = "ok"
-    if a.rc == 124 or a.rc == 137:
-        status = "failed:timeout"
-    elif a.rc != 0:
-        status = "failed:rc=%d" % a.rc
-    elif tx == 0:
-        status = "failed:no-transactions"
-    elif tx is None or "tps" not in r:
-        status = "failed:unparsed"
-    elif r.get("failed_tx", 0) > 0:
-        status = "failed:%d-failed-tx" % r["failed_tx"]
+    if bad:
+        i, status = bad[0]
+        if len(statuses) > 1:
+            status += "(half-%d)" % (i + 1)
 
     p50 = p99 = None
     if a.log_prefix and not a.connect_mode and status == "ok":
         p50, p99, _ = latency_percentiles(a.log_prefix)
-    cpu_s = us_per_tx = None
-    if a.ticks_before != "" and a.ticks_after != "":
+
+    def per_tx(cpu):
+        return cpu * 1e6 / tx if cpu is not None and status == "ok" and tx else None
+
+    cpu_s = user_s = sys_s = None
+    if a.cpu_before.strip() and a.cpu_after.strip():
+        (ub, sb), (ua, sa) = ([int(x) for x in v.split()] for v in (a.cpu_before, a.cpu_after))
+        user_s, sys_s = (ua - ub) / a.clk_tck, (sa - sb) / a.clk_tck
+        cpu_s = user_s + sys_s
+    elif a.ticks_before != "" and a.ticks_after != "":
         cpu_s = (int(a.ticks_after) - int(a.ticks_before)) / a.clk_tck
-        if status == "ok" and tx:
-            us_per_tx = cpu_s * 1e6 / tx
 
     row = {
         "round": a.round, "workload": a.workload, "target": a.target, "position": a.position,
@@ -239,9 +306,12 @@ def cmd_record(argv):
         "lat_avg_ms": fmt(r.get("lat_avg_ms")),
         "p50_ms": fmt(p50), "p99_ms": fmt(p99),
         "conn_ms": fmt(r.get("conn_ms")),
-        "pooler_cpu_s": fmt(cpu_s, 2), "pooler_us_per_tx": fmt(us_per_tx, 1),
+        "pooler_cpu_s": fmt(cpu_s, 2), "pooler_us_per_tx": fmt(per_tx(cpu_s), 1),
         "pooler_rss_kb": a.rss_kb, "clients": a.clients, "duration_s": a.duration,
         "started_at": a.started_at,
+        "pooler_user_s": fmt(user_s, 2), "pooler_sys_s": fmt(sys_s, 2),
+        "pooler_user_us_per_tx": fmt(per_tx(user_s), 2),
+        "pooler_sys_us_per_tx": fmt(per_tx(sys_s), 2),
     }
     new = not os.path.exists(a.csv) or os.path.getsize(a.csv) == 0
     with open(a.csv, "a", newline="") as f:
@@ -257,10 +327,14 @@ def cmd_record(argv):
         summary += " conn=%sms" % row["conn_ms"]
     if row["pooler_us_per_tx"]:
         summary += " pooler=%sus/tx" % row["pooler_us_per_tx"]
+        if row["pooler_user_us_per_tx"]:
+            summary += " (user %s + sys %s)" % (row["pooler_user_us_per_tx"], row["pooler_sys_us_per_tx"])
     print(summary)
-    if status != "ok":
-        tail = "\n".join(text.strip().splitlines()[-8:])
-        print("  pgbench output (tail):\n    " + tail.replace("\n", "\n    "), file=sys.stderr)
+    for i, (st, text) in enumerate(zip(statuses, texts)):
+        if st != "ok":
+            tail = "\n".join(text.strip().splitlines()[-8:])
+            which = " of half %d" % (i + 1) if len(texts) > 1 else ""
+            print("  pgbench output%s (tail):\n    %s" % (which, tail.replace("\n", "\n    ")), file=sys.stderr)
     return 0
 
 
@@ -316,7 +390,7 @@ def cmd_report(argv):
     def get(wl, tgt, rnd, field):
         for r in by.get((wl, tgt), []):
             if int(r["round"]) == rnd and r["status"] == "ok":
-                return num(r[field])
+                return num(r.get(field))
         return None
 
     L = []
@@ -388,9 +462,15 @@ def cmd_report(argv):
             ratio("pgsluice", "pgbouncer"), ratio("pgsluice", "direct"), ratio("pgbouncer", "direct")))
 
         if (wl, "pgsluice-primary") in by:
-            route_lines.append("| %s | `%s` | %s | %s | %s | %s |" % (
-                wl, args, tps_cell("pgsluice"), tps_cell("pgsluice-primary"),
-                ratio("pgsluice", "pgsluice-primary"), ratio("pgsluice-primary", "pgbouncer")))
+            if (wl, "direct-replicas") in by:
+                replicas = (tps_cell("direct-replicas"), ratio("pgsluice", "direct-replicas"))
+            elif "-S" in args.split():
+                replicas = ("not run", "—")
+            else:
+                replicas = ("n/a (writes)", "—")
+            route_lines.append("| %s | `%s` | %s | %s | %s | %s | %s | %s |" % (
+                (wl, args, tps_cell("pgsluice"), tps_cell("pgsluice-primary"))
+                + replicas + (ratio("pgsluice", "pgsluice-primary"), ratio("pgsluice-primary", "pgbouncer"))))
 
         connect = "-C" in args.split()
         if connect:
@@ -401,13 +481,17 @@ def cmd_report(argv):
             p99 = {t: med([get(wl, t, rn, "p99_ms") for rn in rounds]) for t in TARGETS}
             lat_lines.append("| %s | %s | %s | %s | — | — | — |" % (
                 wl, f1(p99["direct"], 3), f1(p99["pgbouncer"], 3), f1(p99["pgsluice"], 3)))
-        cpu = {t: med([get(wl, t, rn, "pooler_us_per_tx") for rn in rounds]) for t in ("pgbouncer", "pgsluice")}
-        rss = {t: med([get(wl, t, rn, "pooler_rss_kb") for rn in rounds]) for t in ("pgbouncer", "pgsluice")}
+        poolers = ("pgbouncer", "pgsluice")
+        cpu = {t: med([get(wl, t, rn, "pooler_us_per_tx") for rn in rounds]) for t in poolers}
+        user = {t: med([get(wl, t, rn, "pooler_user_us_per_tx") for rn in rounds]) for t in poolers}
+        kern = {t: med([get(wl, t, rn, "pooler_sys_us_per_tx") for rn in rounds]) for t in poolers}
+        rss = {t: med([get(wl, t, rn, "pooler_rss_kb") for rn in rounds]) for t in poolers}
         cr = "—"
         if cpu["pgbouncer"] and cpu["pgsluice"] is not None:
             cr = "%.2f×" % (cpu["pgsluice"] / cpu["pgbouncer"])
-        cpu_lines.append("| %s | %s | %s | %s | %s | %s |" % (
-            wl, f1(cpu["pgbouncer"], 1), f1(cpu["pgsluice"], 1), cr,
+        cpu_lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            wl, f1(user["pgbouncer"], 1), f1(kern["pgbouncer"], 1), f1(cpu["pgbouncer"], 1),
+            f1(user["pgsluice"], 1), f1(kern["pgsluice"], 1), f1(cpu["pgsluice"], 1), cr,
             f1(rss["pgbouncer"], 0), f1(rss["pgsluice"], 0)))
 
     L.append("")
@@ -418,7 +502,8 @@ def cmd_report(argv):
         L.append("")
         L.append("The chart shows the medians of the tables on this page: tps (top) and p99 latency "
                  "(bottom) per workload, one bar per target; `pgsluice, primary only` is the same "
-                 "process with reads kept on the primary (see below). A missing bar is a target whose "
+                 "process with reads kept on the primary and `direct, 2 replicas` is pgbench split "
+                 "straight to the two replicas (select-only workloads; see below). A missing bar is a target whose "
                  "runs all failed (`failed`) or, for p99, a `-C` workload (`n/a`). It is drawn by "
                  "`bench/bench.py` with gnuplot; `bench/bench.py chart --csv %s --png FILE` redraws it." %
                  meta.get("csv_rel", a.csv))
@@ -434,8 +519,17 @@ def cmd_report(argv):
                  "share the same %s cores, so spreading reads cannot add CPU here: the ratio shows the "
                  "routing overhead and balance, not the capacity a real replica tier adds." % meta.get("nproc", "?"))
         L.append("")
-        L.append("| workload | pgbench | pgsluice (routed) tps | pgsluice primary-only tps | routed / primary-only | primary-only / pgbouncer |")
-        L.append("|---|---|---:|---:|---:|---:|")
+        L.append("`direct-replicas` is the ceiling for the routed reads on this box: the same pgbench args "
+                 "split in two halves (`-c N/2 -j 1` each, same `-T` and `-M`) run at the same time "
+                 "straight against each replica, tps summed, p99 from both halves' `-l` logs, failed if "
+                 "either half fails; select-only workloads only (TPC-B writes cannot run on a replica). "
+                 "`pgsluice / direct-replicas` (median of per-round ratios) is the share of that ceiling "
+                 "pgsluice's routed reads reach: 1.00× would mean routing through pgsluice costs nothing "
+                 "over clients that each connect to one replica themselves (the ceiling is itself below "
+                 "`direct` on the primary, since two PostgreSQL instances on the same cores do less than one).")
+        L.append("")
+        L.append("| workload | pgbench | pgsluice (routed) tps | pgsluice primary-only tps | direct-replicas tps | pgsluice / direct-replicas | routed / primary-only | primary-only / pgbouncer |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|")
         L.extend(route_lines)
     L.append("")
     L.append("### Latency")
@@ -450,14 +544,24 @@ def cmd_report(argv):
     L.append("")
     L.append("### Pooler CPU per transaction")
     L.append("")
-    L.append("utime+stime of the pooler process (`/proc/PID/stat` fields 14–15) over the pgbench run, "
-             "divided by the transactions pgbench reported (median over rounds; lower is better). "
+    L.append("CPU time of the pooler process over the pgbench run, divided by the transactions pgbench "
+             "reported (median over rounds; lower is better): user = utime, sys = stime "
+             "(`/proc/PID/stat` fields 14 and 15), total = utime+stime. "
              "On this shared %s-core box this is the steadiest figure: pgbench, PostgreSQL and the "
              "pooler compete for the same cores. RSS = pooler resident memory sampled mid-run." % meta.get("nproc", "?"))
     L.append("")
-    L.append("| workload | pgbouncer µs/tx | pgsluice µs/tx | pgsluice / pgbouncer | pgbouncer RSS kB | pgsluice RSS kB |")
-    L.append("|---|---:|---:|---:|---:|---:|")
+    L.append("| workload | pgbouncer user µs/tx | pgbouncer sys µs/tx | pgbouncer total µs/tx "
+             "| pgsluice user µs/tx | pgsluice sys µs/tx | pgsluice total µs/tx "
+             "| pgsluice / pgbouncer (total) | pgbouncer RSS kB | pgsluice RSS kB |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     L.extend(cpu_lines)
+    L.append("")
+    L.append("The split shows where the time goes: sys (kernel) time is mostly the socket system calls "
+             "that both poolers make for every transaction (reading from and writing to the client and "
+             "server sockets, and waiting for them), so it follows the number of syscalls and bytes; user "
+             "time is the pooler's own code (parsing, routing, pool bookkeeping), where a difference is the "
+             "cost of the implementation itself. (\"—\": no successful run, or a CSV from before the split, "
+             "which has the total only.)")
     L.append("")
     L.append("## Micro-benchmarks")
     L.append("")
@@ -480,13 +584,14 @@ def cmd_report(argv):
     L.append("")
     L.append("`pos` = position of the run within its round's workload group (targets are rotated per round).")
     L.append("")
-    L.append("| round | workload | target | pos | status | tps | p99 ms | conn ms | pooler µs/tx | pooler CPU s | RSS kB |")
-    L.append("|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    L.append("| round | workload | target | pos | status | tps | p99 ms | conn ms | pooler µs/tx | user µs/tx | sys µs/tx | pooler CPU s | RSS kB |")
+    L.append("|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     order = {w[0]: i for i, w in enumerate(WORKLOADS)}
     for r in sorted(rows, key=lambda r: (int(r["round"]), order.get(r["workload"], 99), int(r["position"]))):
-        L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             r["round"], r["workload"], r["target"], r["position"], r["status"], r["tps"] or "—",
             r["p99_ms"] or "—", r["conn_ms"] or "—", r["pooler_us_per_tx"] or "—",
+            r.get("pooler_user_us_per_tx") or "—", r.get("pooler_sys_us_per_tx") or "—",
             r["pooler_cpu_s"] or "—", r["pooler_rss_kb"] or "—"))
     L.append("")
     notes = meta.get("notes", "")
@@ -508,6 +613,7 @@ def cmd_report(argv):
 
 CHART_TARGETS = [  # (target, legend, colour)
     ("direct", "direct", "#8c8c8c"),
+    ("direct-replicas", "direct, 2 replicas", "#c7c7c7"),
     ("pgbouncer", "pgbouncer", "#1f77b4"),
     ("pgsluice", "pgsluice", "#d62728"),
     ("pgsluice-primary", "pgsluice, primary only", "#f4a582"),
@@ -777,7 +883,7 @@ def main():
         print(__doc__, file=sys.stderr)
         return 2
     cmd, rest = sys.argv[1], sys.argv[2:]
-    fn = {"freeport": cmd_freeport, "authprobe": cmd_authprobe, "ticks": cmd_ticks, "scram-secret": cmd_scram_secret,
+    fn = {"freeport": cmd_freeport, "authprobe": cmd_authprobe, "ticks": cmd_ticks, "ticks-split": cmd_ticks_split, "scram-secret": cmd_scram_secret,
           "record": cmd_record, "report": cmd_report, "chart": cmd_chart,
           "micro-report": cmd_micro_report}.get(cmd)
     if fn is None:

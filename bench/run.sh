@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end benchmark: pgbench directly against PostgreSQL vs through pgbouncer vs through
-# pgsluice, interleaved over several rounds. See bench/README.md.
+# pgsluice (and, for the select-only workloads, split directly over the two replicas),
+# interleaved over several rounds. See bench/README.md.
 #
 # usage: bench/run.sh [--rounds N] [--duration SECS] [--quick] [--standin] [--no-micro]
 #                     [--no-scale] [--soak-minutes N] [--no-callgrind]
@@ -68,6 +69,9 @@ PG_MAX_CONNECTIONS=700
 # pgsluice = the product as shipped (reads routed to the 2 replicas);
 # pgsluice-primary = the same process, every statement on the primary
 # (startup option pgsluice.route=primary): like for like with pgbouncer and direct.
+# direct-replicas (added below once the demo printed its two replicas) = the select-only
+# workloads split in two concurrent halves straight to the two replicas: the ceiling for
+# pgsluice's routed reads.
 TARGETS=(direct pgbouncer pgsluice pgsluice-primary)
 WORKLOAD_IDS=(select-simple select-extended tpcb select-500 select-connect select-prepared)
 declare -A WL_ARGS=(
@@ -107,7 +111,7 @@ fi
 WORK=$(mktemp -d /tmp/pgsluice-bench.XXXXXX)
 chmod 755 "$WORK"
 mkdir -p "$WORK/logs" "$WORK/out"
-DEMO_PID='' BOUNCER_PID='' PGBENCH_PID='' SAMPLER_PID=''
+DEMO_PID='' BOUNCER_PID='' PGBENCH_PID='' PGBENCH_PID2='' SAMPLER_PID=''
 NOTES=()
 
 # ------------------------------------------------------------------ cleanup
@@ -138,6 +142,7 @@ cleanup() {
   trap - EXIT
   trap '' INT TERM # finish cleaning up even if signalled again
   if [ -n "$PGBENCH_PID" ]; then stop_pid "$PGBENCH_PID" TERM 5; wait "$PGBENCH_PID" 2>/dev/null; fi
+  if [ -n "$PGBENCH_PID2" ]; then stop_pid "$PGBENCH_PID2" TERM 5; wait "$PGBENCH_PID2" 2>/dev/null; fi
   if [ -n "$SAMPLER_PID" ]; then kill "$SAMPLER_PID" 2>/dev/null; wait "$SAMPLER_PID" 2>/dev/null; fi
   if [ -n "$BOUNCER_PID" ]; then log "stopping pgbouncer (pid $BOUNCER_PID)"; stop_pid "$BOUNCER_PID" TERM 10; fi
   [ -n "$DEMO_PID" ] && stop_demo
@@ -231,6 +236,24 @@ done
 [ "$SLUICE_PORT_SEEN" = "$SLUICE_PORT" ] || log "warning: demo reports port $SLUICE_PORT_SEEN, asked for $SLUICE_PORT"
 SLUICE_PORT=$SLUICE_PORT_SEEN
 
+# The replicas, for the direct-replicas target and for waiting until they have replayed the
+# primary's WAL (all of them). Without exactly two loopback replica lines, direct-replicas is
+# skipped.
+REPLICA_PORTS=()
+while read -r line; do
+  if [[ $line =~ ^127\.0\.0\.1:([0-9]+)$ ]]; then
+    REPLICA_PORTS+=("${BASH_REMATCH[1]}")
+  else
+    log "warning: ignoring replica line '$line' (not 127.0.0.1:PORT)"
+  fi
+done < <(sed -n 's/^replica: //p' "$WORK/demo.out")
+if [ "${#REPLICA_PORTS[@]}" -eq 2 ]; then
+  TARGETS+=(direct-replicas)
+else
+  NOTES+=("direct-replicas was skipped: the demo did not print two replica lines of the form \`replica: 127.0.0.1:PORT\` (found ${#REPLICA_PORTS[@]}).")
+  log "warning: ${#REPLICA_PORTS[@]} usable replica line(s): direct-replicas is skipped"
+fi
+
 if [ "$STANDIN" = 1 ]; then
   [ -s "$STANDIN_POOLER_PIDFILE" ] || die "stand-in did not write its pooler pid"
   SLUICE_PID=$(cat "$STANDIN_POOLER_PIDFILE")
@@ -291,6 +314,34 @@ log "pgbench -i -s $SCALE (through the primary)"
 pgbench -i -s "$SCALE" -q -p "$PRIMARY_PORT" >"$WORK/init.log" 2>&1 ||
   { tail -n 20 "$WORK/init.log" >&2; die "pgbench -i failed"; }
 
+# wait_replicas: wait until every replica has replayed the primary's WAL up to its current
+# flush position, so that runs on the replicas (direct-replicas, routed reads) see the data
+# and no replay of the preparation's VACUUM runs during (and conflicts with) their queries.
+# A replica still behind after 120 s is logged and noted once; the run goes on.
+REPLICA_WAIT_NOTED=0
+wait_replicas() {
+  [ "${#REPLICA_PORTS[@]}" -gt 0 ] || return 0
+  local lsn port ok i
+  lsn=$(psql -p "$PRIMARY_PORT" -Atqc 'select pg_current_wal_flush_lsn()' 2>"$WORK/psql.err") ||
+    { cat "$WORK/psql.err" >&2; die "cannot read the primary's WAL position (pg_current_wal_flush_lsn)"; }
+  for port in "${REPLICA_PORTS[@]}"; do
+    ok=''
+    for ((i = 0; i < 1200; i++)); do
+      ok=$(psql -p "$port" -Atqc "select coalesce(pg_last_wal_replay_lsn() >= '$lsn'::pg_lsn, false)" 2>/dev/null) || ok=''
+      [ "$ok" = t ] && break
+      sleep 0.1
+    done
+    if [ "$ok" != t ]; then
+      log "warning: replica 127.0.0.1:$port has not replayed the primary's WAL up to $lsn after 120 s"
+      if [ "$REPLICA_WAIT_NOTED" = 0 ]; then
+        REPLICA_WAIT_NOTED=1
+        NOTES+=("A replica (127.0.0.1:$port) had not replayed the primary's WAL up to $lsn 120 s after a run's preparation; that run went ahead anyway (see the log for others).")
+      fi
+    fi
+  done
+}
+wait_replicas
+
 CHECKPOINT_OK=1
 if ! psql -p "$PRIMARY_PORT" -Atqc 'CHECKPOINT' >/dev/null 2>"$WORK/psql.err"; then
   CHECKPOINT_OK=0
@@ -303,17 +354,68 @@ prepare() {
   [ "$CHECKPOINT_OK" = 1 ] && cmds+=(-c 'CHECKPOINT')
   psql -p "$PRIMARY_PORT" -v ON_ERROR_STOP=1 -q "${cmds[@]}" >/dev/null 2>"$WORK/prep.err" ||
     { cat "$WORK/prep.err" >&2; die "preparation (VACUUM/CHECKPOINT) failed"; }
+  wait_replicas
   sleep 1
 }
 
-target_port() {
+target_port() { # (direct-replicas has two: run_split uses REPLICA_PORTS)
   case $1 in direct) echo "$PRIMARY_PORT" ;; pgbouncer) echo "$BOUNCER_PORT" ;; pgsluice|pgsluice-primary) echo "$SLUICE_PORT" ;; esac
 }
 target_options() { # libpq PGOPTIONS for a target
   case $1 in pgsluice-primary) echo "-c pgsluice.route=primary" ;; *) echo "" ;; esac
 }
 target_pid() {
-  case $1 in direct) echo '' ;; pgbouncer) echo "$BOUNCER_PID" ;; pgsluice|pgsluice-primary) echo "$SLUICE_PID" ;; esac
+  case $1 in direct|direct-replicas) echo '' ;; pgbouncer) echo "$BOUNCER_PID" ;; pgsluice|pgsluice-primary) echo "$SLUICE_PID" ;; esac
+}
+# workload_targets WORKLOAD -> the targets that run it, in TARGETS order: direct-replicas only
+# for select-only workloads (-S); TPC-B's writes cannot run on a replica.
+workload_targets() {
+  local t
+  for t in "${TARGETS[@]}"; do
+    if [ "$t" = direct-replicas ] && [[ " ${WL_ARGS[$1]} " != *" -S "* ]]; then continue; fi
+    printf '%s\n' "$t"
+  done
+}
+
+# halve_clients HALF ARGS... -> HALF_ARGS = ARGS with `-c N` replaced by half 1 (the larger
+# half when N is odd) or half 2 of N.
+halve_clients() {
+  local half=$1 n
+  shift
+  HALF_ARGS=()
+  while [ $# -gt 0 ]; do
+    if [ "$1" = -c ] && [ $# -ge 2 ]; then
+      n=$2
+      if [ "$half" = 1 ]; then n=$(( (n + 1) / 2 )); else n=$(( n / 2 )); fi
+      [ "$n" -ge 1 ] || die "direct-replicas splits -c between two replicas: -c $2 is too few"
+      HALF_ARGS+=(-c "$n")
+      shift 2
+    else
+      HALF_ARGS+=("$1")
+      shift
+    fi
+  done
+}
+
+# run_split OUT LOGPREFIX ARGS... : the direct-replicas target. Two pgbench processes at the
+# same time, one per replica, each with half of ARGS' clients and -j 1 (ARGS carries -T and
+# -M); LOGPREFIX (may be empty: no -l) is shared, so the -l logs of both halves (one file per
+# process) are merged by the report. Outputs in OUT.1 and OUT.2; exit codes in SPLIT_RC1/2.
+run_split() {
+  local out=$1 prefix=$2 a1 a2 logargs=()
+  shift 2
+  [ -n "$prefix" ] && logargs=(-l --log-prefix="$prefix")
+  halve_clients 1 "$@"; a1=("${HALF_ARGS[@]}")
+  halve_clients 2 "$@"; a2=("${HALF_ARGS[@]}")
+  timeout -k 10 $((DURATION + 90)) pgbench -n -j 1 -p "${REPLICA_PORTS[0]}" "${logargs[@]}" "${a1[@]}" >"$out.1" 2>&1 &
+  PGBENCH_PID=$!
+  timeout -k 10 $((DURATION + 90)) pgbench -n -j 1 -p "${REPLICA_PORTS[1]}" "${logargs[@]}" "${a2[@]}" >"$out.2" 2>&1 &
+  PGBENCH_PID2=$!
+  SPLIT_RC1=0 SPLIT_RC2=0
+  wait "$PGBENCH_PID" || SPLIT_RC1=$?
+  PGBENCH_PID=''
+  wait "$PGBENCH_PID2" || SPLIT_RC2=$?
+  PGBENCH_PID2=''
 }
 
 CLK_TCK=$(getconf CLK_TCK)
@@ -321,7 +423,7 @@ RESULTS="$WORK/results.csv"
 
 run_one() { # ROUND WORKLOAD TARGET POSITION
   local round=$1 wl=$2 tgt=$3 pos=$4 port pid args conn=0 prefix out rc=0
-  local tb='' ta='' rss='' started clients
+  local tb='' ta='' rss='' started clients io
   port=$(target_port "$tgt")
   pid=$(target_pid "$tgt")
   read -ra args <<<"${WL_ARGS[$wl]}"
@@ -331,25 +433,31 @@ run_one() { # ROUND WORKLOAD TARGET POSITION
   out="$WORK/out/r${round}-${wl}-${tgt}.txt"
   prepare
   if [ -n "$pid" ]; then
-    tb=$(py ticks "$pid" 2>/dev/null) || die "$tgt (pid $pid) is no longer running (before $wl, round $round)"
+    tb=$(py ticks-split "$pid" 2>/dev/null) || die "$tgt (pid $pid) is no longer running (before $wl, round $round)"
     ( sleep "$(( (DURATION + 1) / 2 ))"; awk '/^VmRSS/ {print $2}' "/proc/$pid/status" >"$prefix-rss" 2>/dev/null ) &
     SAMPLER_PID=$!
   fi
   started=$(date -Is)
-  PGOPTIONS=$(target_options "$tgt") timeout -k 10 $((DURATION + 90)) \
-    pgbench -n -T "$DURATION" -j "$JOBS" -p "$port" -l --log-prefix="$prefix" "${args[@]}" >"$out" 2>&1 &
-  PGBENCH_PID=$!
-  wait "$PGBENCH_PID" || rc=$?
-  PGBENCH_PID=''
+  if [ "$tgt" = direct-replicas ]; then
+    run_split "$out" "$prefix" -T "$DURATION" "${args[@]}"
+    io=(--rc "$SPLIT_RC1" --out "$out.1" --rc "$SPLIT_RC2" --out "$out.2")
+  else
+    PGOPTIONS=$(target_options "$tgt") timeout -k 10 $((DURATION + 90)) \
+      pgbench -n -T "$DURATION" -j "$JOBS" -p "$port" -l --log-prefix="$prefix" "${args[@]}" >"$out" 2>&1 &
+    PGBENCH_PID=$!
+    wait "$PGBENCH_PID" || rc=$?
+    PGBENCH_PID=''
+    io=(--rc "$rc" --out "$out")
+  fi
   if [ -n "$pid" ]; then
-    ta=$(py ticks "$pid" 2>/dev/null) || ta=""
+    ta=$(py ticks-split "$pid" 2>/dev/null) || ta=""
     wait "$SAMPLER_PID" 2>/dev/null || true
     SAMPLER_PID=''
     rss=$(cat "$prefix-rss" 2>/dev/null || true)
   fi
   py record --csv "$RESULTS" --round "$round" --workload "$wl" --target "$tgt" --position "$pos" \
-    --rc "$rc" --out "$out" --log-prefix "$prefix." --connect-mode "$conn" \
-    --ticks-before "$tb" --ticks-after "$ta" --clk-tck "$CLK_TCK" --rss-kb "$rss" \
+    "${io[@]}" --log-prefix "$prefix." --connect-mode "$conn" \
+    --cpu-before "$tb" --cpu-after "$ta" --clk-tck "$CLK_TCK" --rss-kb "$rss" \
     --clients "$clients" --duration "$DURATION" --started-at "$started" >&2
   rm -f "$prefix".* "$prefix-rss"
   if [ -n "$pid" ] && ! alive "$pid"; then
@@ -360,20 +468,31 @@ run_one() { # ROUND WORKLOAD TARGET POSITION
 WARMUP=$(( DURATION < 5 ? DURATION : 3 ))
 log "warm-up: ${WARMUP}s of -S -c 16 per target (not recorded)"
 for tgt in "${TARGETS[@]}"; do
-  if ! PGOPTIONS=$(target_options "$tgt") pgbench -n -S -c 16 -j "$JOBS" -T "$WARMUP" -p "$(target_port "$tgt")" >"$WORK/warmup-$tgt.txt" 2>&1; then
+  if [ "$tgt" = direct-replicas ]; then
+    run_split "$WORK/warmup-$tgt.txt" '' -S -c 16 -T "$WARMUP"
+    if [ "$SPLIT_RC1" != 0 ] || [ "$SPLIT_RC2" != 0 ]; then
+      log "warning: warm-up on the replicas failed:"
+      tail -n 5 "$WORK/warmup-$tgt.txt.1" "$WORK/warmup-$tgt.txt.2" >&2
+      NOTES+=("The warm-up run on the replicas (direct-replicas) failed.")
+    fi
+  elif ! PGOPTIONS=$(target_options "$tgt") pgbench -n -S -c 16 -j "$JOBS" -T "$WARMUP" -p "$(target_port "$tgt")" >"$WORK/warmup-$tgt.txt" 2>&1; then
     log "warning: warm-up through $tgt failed:"
     tail -n 5 "$WORK/warmup-$tgt.txt" >&2
     NOTES+=("The warm-up run through $tgt failed.")
   fi
 done
 
-TOTAL=$(( ROUNDS * ${#WORKLOAD_IDS[@]} * ${#TARGETS[@]} ))
+TOTAL=0
+for wl in "${WORKLOAD_IDS[@]}"; do
+  TOTAL=$(( TOTAL + ROUNDS * $(workload_targets "$wl" | wc -l) ))
+done
 log "running $TOTAL runs of ${DURATION}s (≈ $(( TOTAL * (DURATION + 4) / 60 )) min)"
 n=0
 for ((round = 1; round <= ROUNDS; round++)); do
   for wl in "${WORKLOAD_IDS[@]}"; do
-    for ((k = 0; k < ${#TARGETS[@]}; k++)); do
-      tgt=${TARGETS[$(( (k + round - 1) % ${#TARGETS[@]} ))]}
+    mapfile -t wl_targets < <(workload_targets "$wl")
+    for ((k = 0; k < ${#wl_targets[@]}; k++)); do
+      tgt=${wl_targets[$(( (k + round - 1) % ${#wl_targets[@]} ))]}
       n=$((n + 1))
       log "[$n/$TOTAL] round $round, $wl (${WL_ARGS[$wl]}), $tgt"
       run_one "$round" "$wl" "$tgt" "$((k + 1))"
@@ -387,14 +506,17 @@ PREP="TRUNCATE pgbench_history; VACUUM pgbench_branches, pgbench_tellers, pgbenc
 [ "$CHECKPOINT_OK" = 1 ] && PREP="$PREP; CHECKPOINT"
 SETTINGS=(
   "pgbench scale $SCALE (\`pgbench -i -s $SCALE\` once, through the primary); every run: \`pgbench -n -T $DURATION -j $JOBS -l <workload args>\` (no -P progress), PGSSLMODE=disable, TCP 127.0.0.1, user app/app"
-  "$ROUNDS round(s); in each round, each workload runs against direct, pgbouncer and pgsluice back to back, the target order rotated by one every round; a ${WARMUP}s unrecorded \`-S -c 16\` warm-up per target before round 1"
-  "before every run, for every target, via the primary: $PREP; then 1 s pause"
+  "$ROUNDS round(s); in each round, each workload runs against every target back to back (${TARGETS[*]}; direct-replicas only for the select-only workloads), the target order rotated by one every round; a ${WARMUP}s unrecorded \`-S -c 16\` warm-up per target before round 1"
+  "before every run, for every target, via the primary: $PREP; then a wait until every replica has replayed the primary's WAL up to its flush position (\`pg_last_wal_replay_lsn()\` ≥ \`pg_current_wal_flush_lsn()\`); then 1 s pause"
   "PostgreSQL: \`${DEMO_CMD[*]} --port PORT --max-connections $PG_MAX_CONNECTIONS\` (primary + 2 streaming replicas); direct = pgbench to the primary"
   "pgsluice: transaction mode (demo default), PGSLUICE_GENERAL__POOL_SIZE=$POOL_SIZE, PGSLUICE_GENERAL__MAX_POOL_SIZE=$POOL_SIZE, PGSLUICE_GENERAL__MAX_CLIENT_CONN=$MAX_CLIENT_CONN; pooler process = the \`demo\` process; client auth it asks for: $SLUICE_AUTH"
   "pgbouncer: pool_mode=transaction, default_pool_size=$POOL_SIZE, reserve_pool_size=0, max_client_conn=$MAX_CLIENT_CONN, auth_type=$BOUNCER_AUTH, auth_file with a $AUTH_FILE_DESC, log_connections=0, log_disconnections=0, listen_backlog=4096, TLS off, run as user $PG_USER with ulimit -n 65536, against the same primary"
   "workloads: $(for w in "${WORKLOAD_IDS[@]}"; do printf '%s = `%s`; ' "$w" "${WL_ARGS[$w]}"; done | sed 's/; $//')"
   "p99 from the per-transaction \`-l\` logs (nearest rank); \`-C\` runs: tps and pgbench's average connection time only"
 )
+if [ "${#REPLICA_PORTS[@]}" -eq 2 ]; then
+  SETTINGS+=("direct-replicas (select-only workloads, those with \`-S\`): the workload's pgbench args split in two halves run at the same time, one straight to each replica (127.0.0.1:${REPLICA_PORTS[0]} and :${REPLICA_PORTS[1]}; \`-c N/2 -j 1\` each, same \`-T\` and \`-M\`): tps = sum of both, p99 from both halves' \`-l\` logs together, average connection time weighted by transactions, failed if either half fails")
+fi
 NOTES+=("The pgbouncer and pgsluice poolers share the 2 cores with pgbench and PostgreSQL; compare per-round ratios and µs/tx rather than absolute tps.")
 join() { local IFS=$'\x1f'; local s="$*"; printf '%s' "${s//$'\x1f'/ ;; }"; }
 {
