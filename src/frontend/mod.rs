@@ -176,10 +176,30 @@ enum LoggedIn {
 /// request (served and done).
 async fn login(
     stream: &mut ClientStream,
+    buf: BytesMut,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    permit: &ClientPermit,
+) -> Result<Option<LoggedIn>, LoginError> {
+    // The authentication's last message (SCRAM's final one) waits here to
+    // go out in one write with AuthenticationOk and the welcome, one
+    // syscall less per login; if the login fails after it, the client gets
+    // it before the error, as from PostgreSQL.
+    let mut pending = BytesMut::new();
+    let result = login_inner(stream, buf, peer, shared, permit, &mut pending).await;
+    if result.is_err() && !pending.is_empty() {
+        let _ = stream.write_all(&pending).await;
+    }
+    result
+}
+
+async fn login_inner(
+    stream: &mut ClientStream,
     mut buf: BytesMut,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     permit: &ClientPermit,
+    pending: &mut BytesMut,
 ) -> Result<Option<LoggedIn>, LoginError> {
     let params = loop {
         let Some(packet) = protocol::read_startup(&mut buf)? else {
@@ -295,7 +315,10 @@ async fn login(
         tracing::debug!(method = method.as_str(), "client authenticated");
         None
     } else {
-        authenticate(stream, &mut buf, shared, method, &user_name, known_user).await?
+        authenticate(
+            stream, &mut buf, shared, method, &user_name, known_user, pending,
+        )
+        .await?
     };
 
     let identity = ClientIdentity {
@@ -311,7 +334,9 @@ async fn login(
         console: crate::admin::is_console_database(&db_name),
     };
     if identity.console {
-        return console_login(stream, buf, shared, identity).await.map(Some);
+        return console_login(stream, buf, shared, identity, std::mem::take(pending))
+            .await
+            .map(Some);
     }
     let Some(db) = config.databases.get(&db_name) else {
         return Err(refused(
@@ -365,7 +390,8 @@ async fn login(
     let (pid, slot) = shared.cancels.register();
     tracing::Span::current().record("client_id", pid);
 
-    let mut out = BytesMut::with_capacity(512);
+    let mut out = std::mem::take(pending);
+    out.reserve(512);
     protocol::authentication_ok(&mut out);
     for (name, value) in defaults.iter() {
         protocol::parameter_status(&mut out, name, client_params.get(name).unwrap_or(value));
@@ -416,8 +442,13 @@ async fn console_login(
     buf: BytesMut,
     shared: &Arc<Shared>,
     identity: ClientIdentity,
+    mut out: BytesMut,
 ) -> Result<LoggedIn, LoginError> {
     let Some(access) = crate::admin::console::access_for(&shared.config(), &identity.user) else {
+        if !out.is_empty() {
+            // The final authentication message, before the refusal.
+            let _ = stream.write_all(&out).await;
+        }
         return Err(refused(
             sqlstate::INVALID_AUTHORIZATION,
             format!(
@@ -427,7 +458,7 @@ async fn console_login(
         ));
     };
     let (pid, slot) = shared.cancels.register();
-    let mut out = BytesMut::with_capacity(512);
+    out.reserve(512);
     protocol::authentication_ok(&mut out);
     for (name, value) in crate::admin::console::welcome_params(access) {
         protocol::parameter_status(&mut out, name, &value);
@@ -551,6 +582,7 @@ async fn authenticate(
     method: Method,
     user_name: &str,
     user: Option<&crate::config::User>,
+    pending: &mut BytesMut,
 ) -> Result<Option<ServerCredential>, LoginError> {
     let mut auth = ClientAuth::new(
         method,
@@ -563,17 +595,22 @@ async fn authenticate(
     let mut out = BytesMut::new();
     let mut step = auth.start(&mut out);
     loop {
+        let failed = match step {
+            AuthStep::Done => {
+                // The last message goes out with the welcome (see `login`).
+                *pending = out;
+                tracing::debug!(method = method.as_str(), "client authenticated");
+                return Ok(auth.learned().cloned());
+            }
+            AuthStep::Failed(f) => Some(f),
+            AuthStep::Continue => None,
+        };
         if !out.is_empty() {
             stream.write_all(&out).await?;
             out.clear();
         }
-        match step {
-            AuthStep::Done => {
-                tracing::debug!(method = method.as_str(), "client authenticated");
-                return Ok(auth.learned().cloned());
-            }
-            AuthStep::Failed(f) => return Err(refused(f.code, f.message)),
-            AuthStep::Continue => {}
+        if let Some(f) = failed {
+            return Err(refused(f.code, f.message));
         }
         let header = loop {
             match protocol::peek_header(buf, MAX_AUTH_MESSAGE)? {
