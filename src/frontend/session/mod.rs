@@ -391,8 +391,12 @@ impl Session {
                 // Plain TCP: wait for readiness without a buffer, then one
                 // draining read (see `read_draining`).
                 ClientStream::Plain(tcp) => {
+                    // poll_read_ready waits in the socket's own waker slot;
+                    // `readable()` would add a ~130-byte waiter to every
+                    // idle session's future.
                     let alert = tokio::select! {
-                        r = tcp.readable() => {
+                        biased;
+                        r = std::future::poll_fn(|cx| tcp.poll_read_ready(cx)) => {
                             r?;
                             None
                         }
