@@ -7,7 +7,7 @@
 //! element count printed in the name.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 mod support;
 
@@ -200,21 +200,7 @@ fn bench_builders(c: &mut Criterion) {
 /// ParameterStatus set a PostgreSQL 15 server reports at login.
 fn server_params() -> ServerParams {
     let mut s = ServerParams::default();
-    for (k, v) in [
-        ("application_name", ""),
-        ("client_encoding", "UTF8"),
-        ("DateStyle", "ISO, MDY"),
-        ("default_transaction_read_only", "off"),
-        ("in_hot_standby", "off"),
-        ("integer_datetimes", "on"),
-        ("IntervalStyle", "postgres"),
-        ("is_superuser", "off"),
-        ("server_encoding", "UTF8"),
-        ("server_version", "15.18"),
-        ("session_authorization", "app"),
-        ("standard_conforming_strings", "on"),
-        ("TimeZone", "Etc/UTC"),
-    ] {
+    for (k, v) in support::PG15_PARAMS {
         s.set(k, v);
     }
     s
@@ -257,10 +243,7 @@ fn bench_effects(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2));
+    config = support::criterion_config();
     targets = bench_framing, bench_startup, bench_builders, bench_params, bench_effects
 }
 criterion_main!(benches);

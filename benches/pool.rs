@@ -136,10 +136,7 @@ fn bench_pool(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2));
+    config = support::criterion_config();
     targets = bench_pool
 }
 criterion_main!(benches);

@@ -21,7 +21,7 @@ mod support;
 
 use std::hint::black_box;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use pgsluice::config::Config;
@@ -122,10 +122,7 @@ fn bench_relay(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2));
+    config = support::criterion_config();
     targets = bench_relay
 }
 criterion_main!(benches);

@@ -30,6 +30,32 @@ use pgsluice::protocol::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The ParameterStatus set a PostgreSQL 15 server reports at login.
+pub const PG15_PARAMS: &[(&str, &str)] = &[
+    ("application_name", ""),
+    ("client_encoding", "UTF8"),
+    ("DateStyle", "ISO, MDY"),
+    ("default_transaction_read_only", "off"),
+    ("in_hot_standby", "off"),
+    ("integer_datetimes", "on"),
+    ("IntervalStyle", "postgres"),
+    ("is_superuser", "off"),
+    ("server_encoding", "UTF8"),
+    ("server_version", "15.18"),
+    ("session_authorization", "bench"),
+    ("standard_conforming_strings", "on"),
+    ("TimeZone", "Etc/UTC"),
+];
+
+/// The criterion settings of the benches that run a server: short runs,
+/// since each iteration is a network round trip or more.
+pub fn criterion_config() -> criterion::Criterion {
+    criterion::Criterion::default()
+        .sample_size(20)
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(2))
+}
+
 /// Rows in the answer to a statement naming `big_result`.
 pub const BIG_RESULT_ROWS: usize = 10_000;
 
@@ -137,21 +163,7 @@ impl Script {
     fn new() -> Self {
         let mut login = BytesMut::new();
         protocol::authentication_ok(&mut login);
-        for (k, v) in [
-            ("application_name", ""),
-            ("client_encoding", "UTF8"),
-            ("DateStyle", "ISO, MDY"),
-            ("default_transaction_read_only", "off"),
-            ("in_hot_standby", "off"),
-            ("integer_datetimes", "on"),
-            ("IntervalStyle", "postgres"),
-            ("is_superuser", "off"),
-            ("server_encoding", "UTF8"),
-            ("server_version", "15.18"),
-            ("session_authorization", "bench"),
-            ("standard_conforming_strings", "on"),
-            ("TimeZone", "Etc/UTC"),
-        ] {
+        for (k, v) in PG15_PARAMS {
             protocol::parameter_status(&mut login, k, v);
         }
         protocol::backend_key_data(&mut login, 4242, 171_717);
