@@ -74,29 +74,27 @@ pub(super) async fn open(
     shared: &Shared,
 ) -> Result<ClientStream, OpenError> {
     let acceptor = shared.tls.load().acceptor.clone();
-    if acceptor.is_none() {
-        // Without TLS no bytes need to be left for a TLS acceptor: the
-        // first ones are read rather than peeked, one syscall less per
-        // login. A direct TLS handshake is refused as below.
-        match read_more(&mut tcp, buf).await {
-            Ok(()) => {}
-            Err(e) => return Err(OpenError::closed(e)),
+    // A direct TLS handshake (PostgreSQL 17) starts with its record type.
+    // With TLS on, the first byte is peeked so the acceptor gets it; with
+    // TLS off nothing needs leaving in the socket, so the first bytes are
+    // read, one syscall less per login.
+    let direct_tls = match &acceptor {
+        Some(_) => {
+            let mut first = [0u8; 1];
+            match tcp.peek(&mut first).await {
+                Ok(0) => return Err(OpenError::closed(LoginError::Gone)),
+                Ok(_) => first[0] == TLS_HANDSHAKE,
+                Err(e) => return Err(OpenError::closed(e.into())),
+            }
         }
-        if buf.first() == Some(&TLS_HANDSHAKE) {
-            return Err(OpenError::closed(
-                ProtocolError::Malformed("direct TLS connection, but TLS is disabled").into(),
-            ));
+        None => {
+            if let Err(e) = read_more(&mut tcp, buf).await {
+                return Err(OpenError::closed(e));
+            }
+            buf.first() == Some(&TLS_HANDSHAKE)
         }
-    }
-    let mut first = [0u8; 1];
-    if acceptor.is_some() {
-        match tcp.peek(&mut first).await {
-            Ok(0) => return Err(OpenError::closed(LoginError::Gone)),
-            Ok(_) => {}
-            Err(e) => return Err(OpenError::closed(e.into())),
-        }
-    }
-    if first[0] == TLS_HANDSHAKE {
+    };
+    if direct_tls {
         let Some(acceptor) = acceptor else {
             return Err(OpenError::closed(
                 ProtocolError::Malformed("direct TLS connection, but TLS is disabled").into(),

@@ -39,7 +39,7 @@ use crate::pool::{NodePools, Pool, PoolError, Pooled};
 use crate::protocol::{self, ErrorFields, Scanner, Segment, Severity, TxStatus, sqlstate};
 use crate::proxy::{Phase, Shared};
 use route::{ClientRoute, Scan, Why};
-use window::{Window, emit, flush_carry};
+use window::{Window, close_window, emit, flush_carry};
 
 /// First read of a client's next request: most fit, and an allocation this
 /// small is served from the allocator's thread cache (the buffer is freed
@@ -1152,18 +1152,15 @@ impl Session {
                     && (shows_rows || w.held.len() + (pos - written) > route::RETRY_HOLD_LIMIT)
                 {
                     // The client is about to see results: no retry now.
-                    if w.held.is_empty() && carry.is_empty() {
-                        // All the window held is this read's, from
-                        // `written` on: it stays there and goes out with
-                        // the rest of the read, uncopied.
-                        window = None;
-                    } else {
-                        emit(client, &mut window, &mut carry, &server.buf[written..pos]).await?;
-                        written = pos;
-                        if let Some(w) = window.take() {
-                            carry = w.held;
-                        }
-                    }
+                    close_window(
+                        client,
+                        &mut window,
+                        &mut carry,
+                        &server.buf,
+                        &mut written,
+                        pos,
+                    )
+                    .await?;
                 } else if header.tag == b'E' && *whole && w.failed.is_none() {
                     w.on_error(&ErrorFields::parse(
                         &server.buf[pos..pos + header.total_len],
@@ -1296,18 +1293,16 @@ impl Session {
                         }
                     }
                     if header.tag == b'Z' && window.as_ref().is_some_and(|w| w.failed.is_none()) {
-                        // The read finished without showing a row: done
-                        // (uncopied when all it held is in this read).
-                        if window.as_ref().is_some_and(|w| w.held.is_empty()) && carry.is_empty() {
-                            window = None;
-                        } else {
-                            emit(client, &mut window, &mut carry, &server.buf[written..pos])
-                                .await?;
-                            written = pos;
-                            if let Some(w) = window.take() {
-                                carry = w.held;
-                            }
-                        }
+                        // The read finished without showing a row: done.
+                        close_window(
+                            client,
+                            &mut window,
+                            &mut carry,
+                            &server.buf,
+                            &mut written,
+                            pos,
+                        )
+                        .await?;
                     }
                 }
                 Segment::Start { header, .. } => {

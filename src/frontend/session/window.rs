@@ -133,6 +133,31 @@ pub(super) async fn emit(
     }
 }
 
+/// Closes the open retry window at `pos` in the server read `buf` (the
+/// client is about to see results). When all it held is this read's, from
+/// `written` on, those bytes stay where they are and go out with the rest
+/// of the read, uncopied; otherwise what it held and this read's part so
+/// far become `carry`, for [`flush_carry`] to write in one go.
+pub(super) async fn close_window(
+    client: &mut ClientStream,
+    window: &mut Option<Box<Window>>,
+    carry: &mut BytesMut,
+    buf: &[u8],
+    written: &mut usize,
+    pos: usize,
+) -> std::io::Result<()> {
+    if window.as_ref().is_some_and(|w| w.held.is_empty()) && carry.is_empty() {
+        *window = None;
+        return Ok(());
+    }
+    emit(client, window, carry, &buf[*written..pos]).await?;
+    *written = pos;
+    if let Some(w) = window.take() {
+        *carry = w.held;
+    }
+    Ok(())
+}
+
 /// Writes what [`emit`] gathered.
 pub(super) async fn flush_carry(
     client: &mut ClientStream,
