@@ -80,6 +80,18 @@ fn cached(c: &mut Criterion) {
             b.iter(|| cache.classify(black_box(sql), &functions))
         });
     }
+    // Simple-protocol clients inline their values: each text is new, its
+    // shape (the cache key) is not.
+    let texts: Vec<String> = (0..1024)
+        .map(|aid| format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};"))
+        .collect();
+    let mut next = texts.iter().cycle();
+    group.bench_function("new_literals", |b| {
+        b.iter(|| {
+            let sql = next.next().map_or("", String::as_str);
+            cache.classify(black_box(sql), &functions)
+        })
+    });
     group.finish();
 }
 

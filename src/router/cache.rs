@@ -9,10 +9,14 @@
 //!
 //! The lock is held only for the lookup or the insert, never while classifying.
 //!
-//! Only results worth keeping are inserted (see `classify_costed`): a text with literals that
-//! the lexer decided alone is classified again each time, since its next use usually carries
-//! other values. Keys are hashed with foldhash: the cache is consulted for every statement,
-//! and SipHash cost more than the lookup itself.
+//! A plain `SELECT`, `INSERT`, `UPDATE`, `DELETE` or `WITH` statement with literals (`… WHERE
+//! id = 42`, as simple-protocol clients and ORMs inline their values) is keyed by its shape
+//! ([`shape`]: the literals' values taken out), so `id = 42` and `id = 43` share one entry:
+//! for those statements the class depends on the literals' kinds, never their values. Any
+//! other text with literals that the lexer decided alone is classified again each time (see
+//! `classify_costed`), since its next use usually carries other values. Keys are hashed with
+//! foldhash: the cache is consulted for every statement, and SipHash cost more than the
+//! lookup itself.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -55,18 +59,21 @@ impl ClassCache {
     /// `classify(sql, functions)`, from the cache when it was computed with this catalog.
     pub fn classify(&self, sql: &str, functions: &FunctionCatalog) -> Class {
         let generation = functions.generation();
-        if let Some(entry) = self.lock().entries.get_mut(sql) {
+        let shaped = shape(sql);
+        let key = shaped.as_deref().unwrap_or(sql);
+        if let Some(entry) = self.lock().entries.get_mut(key) {
             if entry.generation == generation {
                 entry.used = true;
                 return entry.class.clone();
             }
         }
         let (class, worth_caching) = classify_costed(sql, functions);
-        if !worth_caching || self.capacity == 0 || sql.len() > MAX_CACHED_LEN {
+        if !(worth_caching || shaped.is_some()) || self.capacity == 0 || key.len() > MAX_CACHED_LEN
+        {
             return class;
         }
         let mut inner = self.lock();
-        if let Some(entry) = inner.entries.get_mut(sql) {
+        if let Some(entry) = inner.entries.get_mut(key) {
             entry.generation = generation;
             entry.class = class.clone();
             entry.used = true;
@@ -75,7 +82,7 @@ impl ClassCache {
         while inner.entries.len() >= self.capacity {
             inner.evict_one();
         }
-        let key: Arc<str> = Arc::from(sql);
+        let key: Arc<str> = Arc::from(key);
         inner.ring.push_back(Arc::clone(&key));
         inner.entries.insert(
             key,
@@ -104,6 +111,109 @@ impl ClassCache {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// First words of the statements keyed by their shape.
+const SHAPED: &[&[u8]] = &[b"select", b"insert", b"update", b"delete", b"with"];
+
+/// The bytes [`shape`] looks at; it steps over every other byte.
+static SHAPE_STOPS: [bool; 256] = {
+    let mut stops = [false; 256];
+    let mut c = b'0';
+    while c <= b'9' {
+        stops[c as usize] = true;
+        c += 1;
+    }
+    let others = b"\"$\\-/;pP'";
+    let mut i = 0;
+    while i < others.len() {
+        stops[others[i] as usize] = true;
+        i += 1;
+    }
+    stops
+};
+
+/// The shape of a statement with literals: `sql` with every string
+/// literal's content dropped (`'abc'` → `''`) and every run of digits that
+/// starts a number made one `0` (`1.5e-3` → `0.0e-0`), so that two texts
+/// differing only in their literals' values have one shape.
+///
+/// Only for texts whose class cannot depend on those values: one
+/// statement (trailing `;` aside) starting with a [`SHAPED`] word, without
+/// comments, quoted identifiers, dollar quotes or parameters, backslashes
+/// (a string could then end elsewhere with `standard_conforming_strings`
+/// off) or the word pgsluice. The classifier reads literal values only in
+/// `SET`, `BEGIN`/`START TRANSACTION`, `EXPLAIN` options and pgsluice's own
+/// commands, none of which is shaped; token kinds survive (a number stays
+/// a number, `E'…'` stays a string). `None` for every other text, and for
+/// a text without literals (its own text is its key).
+fn shape(sql: &str) -> Option<String> {
+    let b = sql.as_bytes();
+    let start = b.iter().position(|c| !c.is_ascii_whitespace())?;
+    let word_end = b[start..]
+        .iter()
+        .position(|c| !c.is_ascii_alphabetic())
+        .map_or(b.len(), |n| start + n);
+    let first = &b[start..word_end];
+    if !SHAPED.iter().any(|w| first.eq_ignore_ascii_case(w)) {
+        return None;
+    }
+    let identifier_byte = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+    let mentions_pgsluice =
+        |s: &[u8]| s.len() >= 8 && s.windows(8).any(|w| w.eq_ignore_ascii_case(b"pgsluice"));
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut i = word_end;
+    while i < b.len() {
+        if !SHAPE_STOPS[usize::from(b[i])] {
+            i += 1;
+            continue;
+        }
+        match b[i] {
+            b'"' | b'$' | b'\\' => return None,
+            b'-' if b.get(i + 1) == Some(&b'-') => return None,
+            b'/' if b.get(i + 1) == Some(&b'*') => return None,
+            b';' if b[i..].iter().all(|&c| c == b';' || c.is_ascii_whitespace()) => break,
+            b';' => return None,
+            b'p' | b'P' if mentions_pgsluice(&b[i..(i + 8).min(b.len())]) => return None,
+            b'\'' => {
+                // The closing quote: the next one that is not doubled.
+                let mut j = i + 1;
+                loop {
+                    j += memchr::memchr(b'\'', &b[j..])?;
+                    if b.get(j + 1) != Some(&b'\'') {
+                        break;
+                    }
+                    j += 2;
+                }
+                let content = &b[i + 1..j];
+                if memchr::memchr(b'\\', content).is_some() || mentions_pgsluice(content) {
+                    return None;
+                }
+                out.reserve(sql.len());
+                out.push_str(&sql[copied..=i]);
+                copied = j;
+                i = j + 1;
+            }
+            c if c.is_ascii_digit() && !identifier_byte(b[i - 1]) => {
+                let end = b[i..]
+                    .iter()
+                    .position(|c| !c.is_ascii_digit())
+                    .map_or(b.len(), |n| i + n);
+                out.reserve(sql.len());
+                out.push_str(&sql[copied..i]);
+                out.push('0');
+                copied = end;
+                i = end;
+            }
+            _ => i += 1,
+        }
+    }
+    if copied == 0 {
+        return None;
+    }
+    out.push_str(&sql[copied..]);
+    Some(out)
 }
 
 impl Inner {
@@ -145,26 +255,126 @@ mod tests {
     }
 
     #[test]
-    fn texts_with_literals_decided_by_the_lexer_are_not_kept() {
+    fn other_texts_with_literals_decided_by_the_lexer_are_not_kept() {
         let cache = ClassCache::new(8);
         let functions = FunctionCatalog::builtin();
-        assert_eq!(
-            cache
-                .classify("SELECT a FROM t WHERE id = 42", &functions)
-                .access,
-            Access::Read
-        );
-        assert_eq!(
-            cache
-                .classify("SELECT a FROM t WHERE s = 'x'", &functions)
-                .access,
-            Access::Read
-        );
+        for sql in [
+            "SET statement_timeout = 42",
+            "EXPLAIN SELECT a FROM t WHERE id = 42",
+            "SELECT a FROM t WHERE s = $1 AND id = 42",
+            "/* x */ SELECT a FROM t WHERE id = 42",
+        ] {
+            assert_eq!(
+                cache.classify(sql, &functions).access,
+                Access::Read,
+                "{sql}"
+            );
+        }
         assert!(cache.is_empty());
         // sqlparser was needed (a column named like a write keyword): kept.
-        let kept = "SELECT update FROM t WHERE id = 42";
+        let kept = "/* c */ SELECT update FROM t WHERE id = 42";
         cache.classify(kept, &functions);
         assert!(cache.lock().entries.contains_key(kept));
+    }
+
+    #[test]
+    fn statements_differing_only_in_literal_values_share_an_entry() {
+        let cache = ClassCache::new(8);
+        let functions = FunctionCatalog::builtin();
+        for id in [42, 43, 1_000_000] {
+            let sql = format!("SELECT a FROM t WHERE id = {id} AND s = 'v{id}'");
+            assert_eq!(cache.classify(&sql, &functions).access, Access::Read);
+        }
+        let sql = "UPDATE t SET n = n + -3 WHERE id = 7;";
+        assert_eq!(cache.classify(sql, &functions).access, Access::Write);
+        let inner = cache.lock();
+        assert_eq!(inner.entries.len(), 2);
+        assert!(
+            inner
+                .entries
+                .contains_key("SELECT a FROM t WHERE id = 0 AND s = ''")
+        );
+        assert!(
+            inner
+                .entries
+                .contains_key("UPDATE t SET n = n + -0 WHERE id = 0;")
+        );
+    }
+
+    #[test]
+    fn shapes() {
+        for (sql, shaped) in [
+            ("select 1", Some("select 0")),
+            (
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 51234;",
+                Some("SELECT abalance FROM pgbench_accounts WHERE aid = 0;"),
+            ),
+            (
+                "SELECT 1.5e-3, .5, 0x1F, 1_000",
+                Some("SELECT 0.0e-0, .0, 0x1F, 0_000"),
+            ),
+            ("SELECT 1into t2", Some("SELECT 0into t2")),
+            (
+                "SELECT 'it''s', E'x', 'a'\n'b'",
+                Some("SELECT '', E'', ''\n''"),
+            ),
+            (
+                "  with x as (select 'é1') select x1 from x",
+                Some("  with x as (select '') select x1 from x"),
+            ),
+            (
+                "INSERT INTO t VALUES (1, 'a') RETURNING *",
+                Some("INSERT INTO t VALUES (0, '') RETURNING *"),
+            ),
+            // No literal: the text is its own key.
+            ("SELECT a FROM t", None),
+            // Not shaped: literal values may matter, or a string may end
+            // elsewhere than it seems.
+            ("SET transaction_read_only = 1", None),
+            ("EXPLAIN (ANALYZE 0) DELETE FROM t", None),
+            ("BEGIN ISOLATION LEVEL 'serializable'", None),
+            ("SELECT 1; SET transaction_read_only = 0", None),
+            ("SELECT 1 -- 2", None),
+            ("SELECT /* 1 */ 2", None),
+            ("SELECT \"a1\" FROM t WHERE id = 1", None),
+            ("SELECT $1, 2", None),
+            ("SELECT $$x$$, 1", None),
+            ("SELECT 'a\\', 1", None),
+            ("SELECT current_setting('pgsluice.route'), 1", None),
+            ("SELECT pgsluice, 1", None),
+            ("SELECT 'unterminated", None),
+        ] {
+            assert_eq!(shape(sql).as_deref(), shaped, "{sql}");
+        }
+    }
+
+    #[test]
+    fn a_shape_classifies_as_its_statements() {
+        let functions = FunctionCatalog::builtin();
+        for sql in [
+            "SELECT a FROM t WHERE id = 42",
+            "SELECT 1into t2",
+            "SELECT * FROM t WHERE id = 1 FOR UPDATE",
+            "SELECT nextval('s'), 1",
+            "SELECT set_config('transaction_read_only', 'on', false)",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT random() * 10",
+            "SELECT 'a' 'b', 1.5e-3, .5, 0x1F, 1_000",
+            "SELECT * INTO TEMP t2 FROM t WHERE id = 3",
+            "UPDATE pgbench_accounts SET abalance = abalance + -3425 WHERE aid = 54;",
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 2, 3, 4, CURRENT_TIMESTAMP);",
+            "DELETE FROM t WHERE s = 'x'",
+            "WITH d AS (DELETE FROM t WHERE id = 1 RETURNING *) SELECT * FROM d",
+            "WITH r AS (SELECT 1) SELECT * FROM r",
+            "SELECT update FROM t WHERE id = 42",
+        ] {
+            let shaped = shape(sql).expect("shaped");
+            assert_eq!(
+                classify_costed(sql, &functions).0,
+                classify_costed(&shaped, &functions).0,
+                "{sql} / {shaped}"
+            );
+        }
     }
 
     #[test]

@@ -74,18 +74,19 @@ fn mentions_pgsluice(text: &[u8]) -> bool {
     })
 }
 
-/// How a request's texts are classified. With `fixed_primary` (the
-/// client's route is `primary`), only texts that mention pgsluice are:
-/// nothing else can change where the request goes, so the rest count as
-/// writes without the cost of a classification per query. Without a
-/// cluster nothing is classified (only the request's extent and
+/// How a request's texts are classified. With `decided` (the client's
+/// route is `primary`, or it is inside a transaction on the primary that
+/// already wrote), only texts that mention pgsluice are: nothing else can
+/// change where the request goes or what is recorded of it, so the rest
+/// count as writes without the cost of a classification per query.
+/// Without a cluster nothing is classified (only the request's extent and
 /// statements matter).
 pub(super) fn judge(
     cluster: Option<&Cluster>,
-    fixed_primary: bool,
+    decided: bool,
 ) -> impl Fn(&[u8]) -> Option<Class> + '_ {
     move |text: &[u8]| match cluster {
-        Some(cluster) if !fixed_primary || mentions_pgsluice(text) => Some(cluster.classify(text)),
+        Some(cluster) if !decided || mentions_pgsluice(text) => Some(cluster.classify(text)),
         _ => None,
     }
 }

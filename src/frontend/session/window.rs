@@ -417,15 +417,26 @@ impl Session {
 impl Session {
     /// Scans the request at the front of `cbuf`, classifying its texts
     /// with this client's routing (nothing is classified without it).
+    /// Inside a transaction on the primary that already wrote (TPC-B's
+    /// every statement after its first UPDATE) a statement cannot move the
+    /// transaction nor change what the release records, so it is not
+    /// classified; sharded sessions classify everything (a statement may
+    /// name another shard).
     pub(super) fn scan_front(&self) -> Result<route::Scan, crate::protocol::ProtocolError> {
         let unnamed = self.unnamed.as_ref().map(|(_, tail)| text_of(tail));
         let route = self.route.as_deref();
+        let wrote_in_transaction = self.primary_wrote
+            && self.node == 0
+            && self.server.is_some()
+            && self.shard.is_none()
+            && self.relay.tx_status() != TxStatus::Idle;
         route::scan_request(
             &self.cbuf,
             self.config.general.max_packet_size,
             route::judge(
                 route.map(|r| &*r.cluster),
-                route.is_some_and(|r| r.mode == crate::router::RouteMode::Primary),
+                wrote_in_transaction
+                    || route.is_some_and(|r| r.mode == crate::router::RouteMode::Primary),
             ),
             &self.statements,
             unnamed,
