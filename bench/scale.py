@@ -293,8 +293,10 @@ def summary(d):
     if "pgsluice" in im and "pgbouncer" in im:
         a, b = num(im["pgsluice"].get("kb_per_client")), num(im["pgbouncer"].get("kb_per_client"))
         ok = a is not None and b is not None and a <= b
-        rows.append(("RSS per idle client", "≤ pgbouncer's", "pgsluice %s kB, pgbouncer %s kB (%s clients each)" % (
-            fmt(a, 2), fmt(b, 2), fmt(im["pgsluice"].get("clients"))), "**pass**" if ok else "**fail**"))
+        floor = im.get("tokio-floor", {}).get("kb_per_client")
+        floor = "; a tokio task per client alone: %s kB" % fmt(num(floor), 2) if floor else ""
+        rows.append(("RSS per idle client", "≤ pgbouncer's", "pgsluice %s kB, pgbouncer %s kB (%s clients each)%s" % (
+            fmt(a, 2), fmt(b, 2), fmt(im["pgsluice"].get("clients")), floor), "**pass**" if ok else "**fail**"))
     c = d.get("clients50k", {})
     if c.get("verdict"):
         idle = c.get("idle", {})
@@ -359,11 +361,14 @@ def cmd_report(argv):
         L.append("")
         L.append("RSS of the pooler process after a short warm-up, then with N logged-in idle clients "
                  "(SCRAM logins by `loadgen idle`, all verified with `SELECT 1` before they close), "
-                 "then after they closed. Same loadgen, same N, same run for both poolers.")
+                 "then after they closed. Same loadgen, same N, same run for both poolers. `tokio-floor` is "
+                 "not a pooler: `examples/idle_floor.rs` answers a trust login and keeps each socket in a task of "
+                 "its own, as an idle pgsluice session does, and nothing else: what any server with a tokio task "
+                 "per client needs at least (see docs/performance.md).")
         L.append("")
         L.append("| pooler | idle clients | server-side sockets seen | RSS before | RSS with clients | **per idle client** | RSS after close | login ramp | errors |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-        for tgt in ("pgsluice", "pgbouncer"):
+        for tgt in ("pgsluice", "pgbouncer", "tokio-floor"):
             r = s.get(tgt)
             if not r:
                 continue

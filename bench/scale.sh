@@ -97,7 +97,7 @@ fi
 WORK=$(mktemp -d /tmp/pgsluice-scale.XXXXXX)
 chmod 755 "$WORK"
 RESULTS=$WORK/scale.csv
-DEMO_PID='' BOUNCER_PID='' SAMPLER_PID=''
+DEMO_PID='' BOUNCER_PID='' FLOOR_PID='' SAMPLER_PID=''
 LOADGEN_PIDS=()
 NOTES=()
 
@@ -116,6 +116,7 @@ cleanup() {
   stop_loadgens
   if [ -n "$SAMPLER_PID" ]; then kill "$SAMPLER_PID" 2>/dev/null; wait "$SAMPLER_PID" 2>/dev/null; fi
   if [ -n "$BOUNCER_PID" ]; then log "stopping pgbouncer (pid $BOUNCER_PID)"; stop_pid "$BOUNCER_PID" TERM 10; fi
+  if [ -n "$FLOOR_PID" ]; then stop_pid "$FLOOR_PID" TERM 10; fi
   if [ -n "$DEMO_PID" ]; then
     log "stopping the demo (pid $DEMO_PID)"
     stop_pid "$DEMO_PID" TERM 60
@@ -150,12 +151,15 @@ if [ -n "${LOADGEN_BIN:-}" ]; then
   LOADGEN=$LOADGEN_BIN
 else
   command -v cargo >/dev/null || die "cargo not found to build the load generator (or set LOADGEN_BIN)"
-  log "building the load generator: cargo build --release --example loadgen"
-  (cd "$REPO" && cargo build --release --example loadgen) >"$WORK/cargo.log" 2>&1 ||
+  log "building the load generator: cargo build --release --example loadgen --example idle_floor"
+  (cd "$REPO" && cargo build --release --example loadgen --example idle_floor) >"$WORK/cargo.log" 2>&1 ||
     { tail -n 30 "$WORK/cargo.log" >&2; die "cargo build --release --example loadgen failed"; }
   LOADGEN=${CARGO_TARGET_DIR:-$REPO/target}/release/examples/loadgen
 fi
 [ -x "$LOADGEN" ] || die "load generator $LOADGEN not found"
+# The memory floor of a tokio task per client (examples/idle_floor.rs), measured beside the
+# poolers in the idle-memory stage; built next to the load generator.
+FLOOR_BIN=${IDLE_FLOOR_BIN:-$(dirname "$LOADGEN")/idle_floor}
 BIN_DATE="built $(date -d "@$(stat -c %Y "$BIN")" '+%Y-%m-%d %H:%M %Z')"
 
 # Every process here (pgsluice, loadgen, pgbouncer) needs one descriptor per connection.
@@ -195,7 +199,7 @@ IDLE_CHUNK=$((NOFILE - 500))
 MAX_CLIENT_CONN=$((TOTAL_CLIENTS + SPIKE_PEAK + 1000))
 
 # ------------------------------------------------------------------ 2. pgsluice demo + pgbouncer
-read -r SLUICE_PORT ADMIN_PORT BOUNCER_PORT < <(py freeport 3)
+read -r SLUICE_PORT ADMIN_PORT BOUNCER_PORT FLOOR_PORT < <(py freeport 4)
 export PGSLUICE_GENERAL__POOL_SIZE=$POOL_SIZE PGSLUICE_GENERAL__MAX_POOL_SIZE=$POOL_SIZE
 export PGSLUICE_GENERAL__MAX_CLIENT_CONN=$MAX_CLIENT_CONN
 export PGSLUICE_ADMIN__HTTP_LISTEN_ADDR=127.0.0.1:$ADMIN_PORT
@@ -235,6 +239,13 @@ if has_stage idle-memory; then
   start_pgbouncer "$WORK/pgbouncer" pgbouncer "$BOUNCER_PORT" "$PRIMARY_PORT" "$BOUNCER_AUTH" "$POOL_SIZE" "$MAX_CLIENT_CONN" "$AUTH_FILE_PW"
   BOUNCER_PID=$STARTED_PGBOUNCER_PID
   log "pgbouncer pid $BOUNCER_PID on $BOUNCER_PORT (auth $BOUNCER_AUTH, open files $(awk '/Max open files/ {print $4}' "/proc/$BOUNCER_PID/limits"))"
+  if [ -x "$FLOOR_BIN" ]; then
+    "$FLOOR_BIN" "127.0.0.1:$FLOOR_PORT" >"$WORK/idle_floor.log" 2>&1 &
+    FLOOR_PID=$!
+    log "idle_floor pid $FLOOR_PID on $FLOOR_PORT"
+  else
+    log "no $FLOOR_BIN: the idle-memory stage measures the poolers only"
+  fi
 fi
 
 # ------------------------------------------------------------------ helpers
@@ -301,10 +312,15 @@ max_field() {
 # ------------------------------------------------------------------ stage: idle-memory
 stage_idle_memory() {
   local tgt port pid before held after est opened verified errors ramp lps n=$IDLE_MEM_CLIENTS
-  for tgt in pgsluice pgbouncer; do
-    case $tgt in pgsluice) port=$SLUICE_PORT pid=$DEMO_PID ;; pgbouncer) port=$BOUNCER_PORT pid=$BOUNCER_PID ;; esac
+  for tgt in pgsluice pgbouncer tokio-floor; do
+    case $tgt in
+      pgsluice) port=$SLUICE_PORT pid=$DEMO_PID ;;
+      pgbouncer) port=$BOUNCER_PORT pid=$BOUNCER_PID ;;
+      tokio-floor) port=$FLOOR_PORT pid=$FLOOR_PID; [ -n "$pid" ] || continue ;;
+    esac
     log "idle-memory: $tgt, warm-up then $n idle clients"
-    loadgen_active "$WORK/idle-warm-$tgt.jsonl" 3 --port "$port" --clients 16
+    # The floor runs no SQL: nothing to warm up.
+    [ "$tgt" = tokio-floor ] || loadgen_active "$WORK/idle-warm-$tgt.jsonl" 3 --port "$port" --clients 16
     sleep 2
     before=$(rss_kb "$pid")
     start_idle "$port" "$n" "$WORK/idle-$tgt"
