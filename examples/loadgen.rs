@@ -91,6 +91,11 @@ struct IdleArgs {
     /// Hold for this many seconds instead of until a signal.
     #[arg(long)]
     hold_secs: Option<u64>,
+    /// Each client runs one prepared `SELECT $1::int` (extended protocol, a
+    /// named statement) right after its login, then idles: the memory of a
+    /// client that has worked, not of one that only logged in.
+    #[arg(long)]
+    query_first: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -387,6 +392,7 @@ async fn idle(a: IdleArgs) {
     let held: Arc<Mutex<Vec<Held>>> = Arc::new(Mutex::new(Vec::with_capacity(a.clients)));
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(a.clients);
+    let query_first = a.query_first;
     for _ in 0..a.clients {
         let (connector, errors, hist, opened, sem, held) = (
             connector.clone(),
@@ -403,6 +409,11 @@ async fn idle(a: IdleArgs) {
             let t = Instant::now();
             if let Some(c) = connector.connect(&errors).await {
                 hist.record(t.elapsed());
+                if query_first {
+                    if let Err(e) = c.0.query_one("SELECT $1::int", &[&1i32]).await {
+                        errors.add("query_first", "error", &e.to_string());
+                    }
+                }
                 opened.fetch_add(1, Ordering::Relaxed);
                 if let Ok(mut h) = held.lock() {
                     h.push(c);

@@ -78,8 +78,8 @@ pub struct Shared {
     clients: AtomicUsize,
     clients_gone: Notify,
     /// Logged-in clients per user and per database (their limits).
-    per_user: Mutex<HashMap<String, usize>>,
-    per_database: Mutex<HashMap<String, usize>>,
+    per_user: Mutex<HashMap<Arc<str>, usize>>,
+    per_database: Mutex<HashMap<Arc<str>, usize>>,
 }
 
 impl Shared {
@@ -119,8 +119,8 @@ impl Shared {
     pub fn admit(self: &Arc<Self>, user: &User, db: &Database) -> Result<Admitted, String> {
         let mut users = lock(&self.per_user);
         let mut dbs = lock(&self.per_database);
-        let u = users.get(&user.name).copied().unwrap_or(0);
-        let d = dbs.get(&db.name).copied().unwrap_or(0);
+        let u = users.get(user.name.as_str()).copied().unwrap_or(0);
+        let d = dbs.get(db.name.as_str()).copied().unwrap_or(0);
         if let Some(max) = user.max_client_conn.filter(|&m| u >= m) {
             return Err(format!(
                 "too many connections for role \"{}\" (users.{}.max_client_conn = {max})",
@@ -133,12 +133,19 @@ impl Shared {
                 db.name, db.name
             ));
         }
-        *users.entry(user.name.clone()).or_default() += 1;
-        *dbs.entry(db.name.clone()).or_default() += 1;
+        // Every client of a user shares one copy of its name (and of its
+        // database's): the maps' keys.
+        let count = |map: &mut HashMap<Arc<str>, usize>, name: &str| {
+            let key = map
+                .get_key_value(name)
+                .map_or_else(|| Arc::from(name), |(k, _)| Arc::clone(k));
+            *map.entry(Arc::clone(&key)).or_default() += 1;
+            key
+        };
         Ok(Admitted {
             shared: self.clone(),
-            user: user.name.clone(),
-            database: db.name.clone(),
+            user: count(&mut users, &user.name),
+            database: count(&mut dbs, &db.name),
         })
     }
 
@@ -160,16 +167,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A client counted against its user's and database's limits while alive.
 pub struct Admitted {
     shared: Arc<Shared>,
-    user: String,
-    database: String,
+    user: Arc<str>,
+    database: Arc<str>,
 }
 
 impl Admitted {
-    pub fn user(&self) -> &str {
+    pub fn user(&self) -> &Arc<str> {
         &self.user
     }
 
-    pub fn database(&self) -> &str {
+    pub fn database(&self) -> &Arc<str> {
         &self.database
     }
 }
@@ -181,10 +188,10 @@ impl Drop for Admitted {
             (&self.shared.per_database, &self.database),
         ] {
             let mut m = lock(map);
-            if let Some(n) = m.get_mut(key) {
+            if let Some(n) = m.get_mut(&**key) {
                 *n -= 1;
                 if *n == 0 {
-                    m.remove(key);
+                    m.remove(&**key);
                 }
             }
         }

@@ -195,7 +195,7 @@ fn clients(registry: &mut Registry, shared: &Shared) {
             ClientState::Idle => 2,
         };
         counts
-            .entry((c.id.database.clone(), c.id.user.clone()))
+            .entry((c.id.database.to_string(), c.id.user.to_string()))
             .or_default()[slot] += 1;
     }
     let family = Family::<Labels, Gauge>::default();

@@ -40,10 +40,11 @@ impl ClientState {
 /// Who a client is; fixed at login.
 #[derive(Debug, Clone)]
 pub struct ClientIdentity {
-    pub user: String,
+    /// Shared with every other client of the user (see `Shared::admit`).
+    pub user: Arc<str>,
     /// The database it connected to (for the console: `pgsluice` or
     /// `pgbouncer`).
-    pub database: String,
+    pub database: Arc<str>,
     pub peer: SocketAddr,
     pub local: Option<SocketAddr>,
     pub tls: bool,

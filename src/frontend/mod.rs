@@ -321,9 +321,9 @@ async fn login_inner(
         .await?
     };
 
-    let identity = ClientIdentity {
-        user: user_name.clone(),
-        database: db_name.clone(),
+    let mut identity = ClientIdentity {
+        user: Arc::from(user_name.as_str()),
+        database: Arc::from(db_name.as_str()),
         peer,
         local: stream.tcp().local_addr().ok(),
         tls: stream.is_tls(),
@@ -356,6 +356,9 @@ async fn login_inner(
     let admitted = shared
         .admit(user, db)
         .map_err(|m| refused(sqlstate::TOO_MANY_CONNECTIONS, m))?;
+    // The registry entry keeps the copies every client of this user shares.
+    identity.user = Arc::clone(admitted.user());
+    identity.database = Arc::clone(admitted.database());
     let pools = shared.pools.for_user(db, user);
     let sharded = shared.shards.get(&db.name).map(|set| {
         let shard_pools = (0..set.shards.len())

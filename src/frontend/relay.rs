@@ -57,7 +57,9 @@ pub struct RelayState {
     xact_since: Option<Instant>,
     /// The request the last ReadyForQuery answered took this long, and
     /// ended a transaction of the second duration (stats).
-    answered: (Duration, Option<Duration>),
+    /// (nanoseconds, `u64::MAX` for none: half the size of the Durations,
+    /// in every session.)
+    answered: (u64, u64),
     /// The server said it is going away (FATAL) or desynchronised.
     pub server_unusable: bool,
 }
@@ -69,6 +71,14 @@ impl Default for RelayState {
 }
 
 impl RelayState {
+    /// Gives back the request queue's memory when nothing is pending (an
+    /// idle client keeps no capacity from its last transaction).
+    pub fn shed(&mut self) {
+        if self.pending.is_empty() && self.pending.capacity() > 0 {
+            self.pending = VecDeque::new();
+        }
+    }
+
     pub fn new() -> Self {
         Self {
             pending: VecDeque::new(),
@@ -79,7 +89,7 @@ impl RelayState {
             request_since: None,
             ready_since: Instant::now(),
             xact_since: None,
-            answered: (Duration::ZERO, None),
+            answered: (0, u64::MAX),
             server_unusable: false,
         }
     }
@@ -87,7 +97,11 @@ impl RelayState {
     /// How long the request the last ReadyForQuery answered took, and the
     /// transaction it ended, if it ended one (ReadyForQuery `I`).
     pub fn answered(&self) -> (Duration, Option<Duration>) {
-        self.answered
+        let (query, xact) = self.answered;
+        (
+            Duration::from_nanos(query),
+            (xact != u64::MAX).then(|| Duration::from_nanos(xact)),
+        )
     }
 
     pub fn tx_status(&self) -> TxStatus {
@@ -206,7 +220,8 @@ impl RelayState {
                     xact = self.xact_since.map(|s| now.saturating_duration_since(s));
                     self.xact_since = (!self.pending.is_empty()).then_some(now);
                 }
-                self.answered = (query, xact);
+                let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX - 1);
+                self.answered = (nanos(query), xact.map_or(u64::MAX, nanos));
                 self.request_since = (!self.pending.is_empty()).then_some(now);
                 ServerEvent::Ready(status)
             }

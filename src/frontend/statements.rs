@@ -312,6 +312,18 @@ pub enum Verdict {
     Desync,
 }
 
+/// Spare reply queues per thread (see [`Replies::shed`]): enough for the
+/// clients of one worker that are mid-request at once, each at most
+/// [`SPARE_QUEUE_MAX_LEN`] long (a pipelining client's longer queue is
+/// freed).
+const SPARE_QUEUES_MAX: usize = 256;
+const SPARE_QUEUE_MAX_LEN: usize = 64;
+
+thread_local! {
+    static SPARE_QUEUES: std::cell::RefCell<Vec<VecDeque<Reply>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The replies a client is owed, in order.
 #[derive(Debug, Default)]
 pub struct Replies {
@@ -329,6 +341,35 @@ pub struct Replies {
 impl Replies {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Gives back the queues' memory when nothing is owed (an idle client
+    /// keeps no capacity from its last transaction). The reply queue goes
+    /// to this thread's spares, for the next request of any client: a new
+    /// queue would cost an allocation and a regrowth per transaction.
+    pub fn shed(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > 0 {
+            let queue = std::mem::take(&mut self.queue);
+            if queue.capacity() <= SPARE_QUEUE_MAX_LEN {
+                SPARE_QUEUES.with_borrow_mut(|spares| {
+                    if spares.len() < SPARE_QUEUES_MAX {
+                        spares.push(queue);
+                    }
+                });
+            }
+        }
+        if self.undone.is_empty() && self.undone.capacity() > 0 {
+            self.undone = Vec::new();
+        }
+    }
+
+    /// A queue with room, from this thread's spares when there is one.
+    fn ready_queue(&mut self) {
+        if self.queue.capacity() == 0 {
+            if let Some(spare) = SPARE_QUEUES.with_borrow_mut(Vec::pop) {
+                self.queue = spare;
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -358,6 +399,7 @@ impl Replies {
                 return;
             }
         }
+        self.ready_queue();
         self.queue.push_back(Reply::Server {
             kind,
             hidden,
@@ -383,6 +425,7 @@ impl Replies {
             self.undone.extend(undo);
             return;
         }
+        self.ready_queue();
         self.queue.push_back(Reply::Synthetic { msg, undo });
     }
 
@@ -491,54 +534,73 @@ impl Replies {
     }
 }
 
-/// A client's prepared statements, by the client's names.
+/// A client's prepared statements, by the client's names. Boxed, and only
+/// while the client has any: most clients never name one, and every idle
+/// session carries this struct.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
+    maps: Option<Box<StatementMaps>>,
+}
+
+#[derive(Debug, Default)]
+struct StatementMaps {
     by_name: HashMap<Vec<u8>, Arc<Statement>>,
     /// Column type OIDs of the last RowDescription the client was sent for
-    /// a name (what its driver may decode rows with).
+    /// a name (what its driver may decode rows with); only for names in
+    /// `by_name`.
     shapes: HashMap<Vec<u8>, Vec<u32>>,
 }
 
 impl ClientStatements {
+    /// Gives back the maps' memory once the client has no statement left
+    /// (a map keeps its table after its last entry is removed).
+    pub fn shed(&mut self) {
+        if self.is_empty() {
+            self.maps = None;
+        }
+    }
+
     pub fn get(&self, name: &[u8]) -> Option<&Arc<Statement>> {
-        self.by_name.get(name)
+        self.maps.as_ref()?.by_name.get(name)
     }
 
     pub fn insert(&mut self, name: &[u8], stmt: Arc<Statement>) -> Option<Arc<Statement>> {
-        self.shapes.remove(name);
-        self.by_name.insert(name.to_vec(), stmt)
+        let maps = self.maps.get_or_insert_with(Box::default);
+        maps.shapes.remove(name);
+        maps.by_name.insert(name.to_vec(), stmt)
     }
 
     pub fn remove(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
-        self.shapes.remove(name);
-        self.by_name.remove(name)
+        let maps = self.maps.as_mut()?;
+        maps.shapes.remove(name);
+        maps.by_name.remove(name)
     }
 
     pub fn clear(&mut self) {
-        self.by_name.clear();
-        self.shapes.clear();
+        self.maps = None;
     }
 
     /// Records the row shape the client was just told for `name`.
     pub fn set_shape(&mut self, name: &[u8], types: Vec<u32>) {
-        if self.by_name.contains_key(name) {
-            self.shapes.insert(name.to_vec(), types);
+        if let Some(maps) = self.maps.as_mut() {
+            if maps.by_name.contains_key(name) {
+                maps.shapes.insert(name.to_vec(), types);
+            }
         }
     }
 
     /// Whether the client was told any statement's row shape.
     pub fn has_shapes(&self) -> bool {
-        !self.shapes.is_empty()
+        self.maps.as_ref().is_some_and(|m| !m.shapes.is_empty())
     }
 
     /// The row shape the client was last told for `name`, if any.
     pub fn shape(&self, name: &[u8]) -> Option<&[u32]> {
-        self.shapes.get(name).map(Vec::as_slice)
+        self.maps.as_ref()?.shapes.get(name).map(Vec::as_slice)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
+        self.maps.as_ref().is_none_or(|m| m.by_name.is_empty())
     }
 }
 
@@ -717,9 +779,11 @@ mod tests {
             }
             let mut client_bytes = 0;
             for cs in &clients {
+                let maps = cs.maps.as_deref().expect("statements were inserted");
                 client_bytes += std::mem::size_of::<ClientStatements>()
-                    + table_bytes::<(Vec<u8>, Arc<Statement>)>(cs.by_name.capacity())
-                    + cs.by_name.keys().map(|k| k.capacity()).sum::<usize>();
+                    + std::mem::size_of::<StatementMaps>()
+                    + table_bytes::<(Vec<u8>, Arc<Statement>)>(maps.by_name.capacity())
+                    + maps.by_name.keys().map(|k| k.capacity()).sum::<usize>();
             }
             let mut seen = std::collections::HashSet::new();
             let mut shared_bytes = 0;

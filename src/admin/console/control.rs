@@ -98,7 +98,7 @@ pub fn kill(ctx: &Ctx<'_>, db: &str) -> Outcome {
     let why = format!("terminating connection due to administrator command (KILL {name})");
     let mut killed = 0;
     for c in ctx.shared.registry.all() {
-        if !c.id.console && c.id.database == name {
+        if !c.id.console && *c.id.database == *name {
             c.kill(&why);
             killed += 1;
         }

@@ -97,7 +97,7 @@ pub fn servers(ctx: &Ctx<'_>) -> Outcome {
     let mut held: HashMap<(String, String, usize), Vec<Arc<ClientInfo>>> = HashMap::new();
     for c in ctx.shared.registry.all() {
         if !c.id.console && c.state() == ClientState::Active && c.link().is_some() {
-            held.entry((c.id.database.clone(), c.id.user.clone(), c.node()))
+            held.entry((c.id.database.to_string(), c.id.user.to_string(), c.node()))
                 .or_default()
                 .push(c);
         }

@@ -55,7 +55,7 @@ pub(super) fn clients_by_pool(ctx: &Ctx<'_>) -> HashMap<(String, String, usize),
             c.node()
         };
         let e = out
-            .entry((c.id.database.clone(), c.id.user.clone(), node))
+            .entry((c.id.database.to_string(), c.id.user.to_string(), node))
             .or_default();
         if state == ClientState::Waiting {
             e.waiting += 1;

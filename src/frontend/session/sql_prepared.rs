@@ -25,6 +25,44 @@ use crate::frontend::effects::SqlPrepared;
 use crate::frontend::statements::{self, Kind, Undos};
 use crate::protocol::sqlstate;
 
+/// A client's SQL-level prepared statements: name → PREPARE text. Boxed,
+/// and only while there are any (every idle session carries this).
+#[derive(Debug, Default)]
+// The box is the point: 8 bytes in the session instead of the map's 48.
+#[allow(clippy::box_collection)]
+pub(super) struct SqlNames(Option<Box<std::collections::HashMap<String, Arc<str>>>>);
+
+impl SqlNames {
+    pub fn get(&self, name: &str) -> Option<&Arc<str>> {
+        self.0.as_ref()?.get(name)
+    }
+
+    pub fn insert(&mut self, name: String, text: Arc<str>) {
+        self.0.get_or_insert_with(Box::default).insert(name, text);
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        if let Some(map) = self.0.as_mut() {
+            map.remove(name);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|m| m.is_empty())
+    }
+
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    /// Gives back the map once it is empty.
+    pub fn shed(&mut self) {
+        if self.is_empty() {
+            self.0 = None;
+        }
+    }
+}
+
 fn identifier(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }

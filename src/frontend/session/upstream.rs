@@ -37,7 +37,7 @@ impl Session {
             self.generation = generation;
             return;
         }
-        let (database, user) = (self._admitted.database(), self._admitted.user());
+        let (database, user) = (&**self._admitted.database(), &**self._admitted.user());
         let Some(pools) = self.shared.pools.get(database, user) else {
             // Removed database or user: finish with the old pools.
             self.generation = generation;
