@@ -11,7 +11,7 @@
 //!
 //! A plain `SELECT`, `INSERT`, `UPDATE`, `DELETE` or `WITH` statement with literals (`… WHERE
 //! id = 42`, as simple-protocol clients and ORMs inline their values) is keyed by its shape
-//! ([`shape`]: the literals' values taken out), so `id = 42` and `id = 43` share one entry:
+//! ([`shape_into`]: the literals' values taken out), so `id = 42` and `id = 43` share one entry:
 //! for those statements the class depends on the literals' kinds, never their values. Any
 //! other text with literals that the lexer decided alone is classified again each time (see
 //! `classify_costed`), since its next use usually carries other values. Keys are hashed with
@@ -58,9 +58,24 @@ impl ClassCache {
 
     /// `classify(sql, functions)`, from the cache when it was computed with this catalog.
     pub fn classify(&self, sql: &str, functions: &FunctionCatalog) -> Class {
+        // The shape is written into a buffer of this thread's, not a new
+        // string per statement.
+        SHAPE_BUFFER.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buffer) => {
+                let class = self.classify_in(sql, functions, &mut buffer);
+                if buffer.capacity() > SHAPE_BUFFER_KEEP {
+                    *buffer = String::new();
+                }
+                class
+            }
+            Err(_) => self.classify_in(sql, functions, &mut String::new()),
+        })
+    }
+
+    fn classify_in(&self, sql: &str, functions: &FunctionCatalog, buffer: &mut String) -> Class {
         let generation = functions.generation();
-        let shaped = shape(sql);
-        let key = shaped.as_deref().unwrap_or(sql);
+        let shaped = shape_into(sql, buffer);
+        let key = if shaped { buffer.as_str() } else { sql };
         if let Some(entry) = self.lock().entries.get_mut(key) {
             if entry.generation == generation {
                 entry.used = true;
@@ -68,8 +83,7 @@ impl ClassCache {
             }
         }
         let (class, worth_caching) = classify_costed(sql, functions);
-        if !(worth_caching || shaped.is_some()) || self.capacity == 0 || key.len() > MAX_CACHED_LEN
-        {
+        if !(worth_caching || shaped) || self.capacity == 0 || key.len() > MAX_CACHED_LEN {
             return class;
         }
         let mut inner = self.lock();
@@ -113,10 +127,17 @@ impl ClassCache {
     }
 }
 
+thread_local! {
+    static SHAPE_BUFFER: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// A thread's shape buffer is given back after a text longer than this.
+const SHAPE_BUFFER_KEEP: usize = 4096;
+
 /// First words of the statements keyed by their shape.
 const SHAPED: &[&[u8]] = &[b"select", b"insert", b"update", b"delete", b"with"];
 
-/// The bytes [`shape`] looks at; it steps over every other byte.
+/// The bytes [`shape_into`] looks at; it steps over every other byte.
 static SHAPE_STOPS: [bool; 256] = {
     let mut stops = [false; 256];
     let mut c = b'0';
@@ -147,7 +168,14 @@ static SHAPE_STOPS: [bool; 256] = {
 /// commands, none of which is shaped; token kinds survive (a number stays
 /// a number, `E'…'` stays a string). `None` for every other text, and for
 /// a text without literals (its own text is its key).
-fn shape(sql: &str) -> Option<String> {
+///
+/// Written into `out` (cleared first); false for `None`.
+fn shape_into(sql: &str, out: &mut String) -> bool {
+    out.clear();
+    shape_parts(sql, out).is_some()
+}
+
+fn shape_parts(sql: &str, out: &mut String) -> Option<()> {
     let b = sql.as_bytes();
     let start = b.iter().position(|c| !c.is_ascii_whitespace())?;
     let word_end = b[start..]
@@ -161,13 +189,12 @@ fn shape(sql: &str) -> Option<String> {
     let identifier_byte = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
     let mentions_pgsluice =
         |s: &[u8]| s.len() >= 8 && s.windows(8).any(|w| w.eq_ignore_ascii_case(b"pgsluice"));
-    let mut out = String::new();
     let mut copied = 0;
     let mut i = word_end;
     while i < b.len() {
-        if !SHAPE_STOPS[usize::from(b[i])] {
-            i += 1;
-            continue;
+        match b[i..].iter().position(|&c| SHAPE_STOPS[usize::from(c)]) {
+            Some(n) => i += n,
+            None => break,
         }
         match b[i] {
             b'"' | b'$' | b'\\' => return None,
@@ -213,7 +240,7 @@ fn shape(sql: &str) -> Option<String> {
         return None;
     }
     out.push_str(&sql[copied..]);
-    Some(out)
+    Some(())
 }
 
 impl Inner {
@@ -240,6 +267,11 @@ impl Inner {
 mod tests {
     use super::super::{Access, Reason};
     use super::*;
+
+    fn shape(sql: &str) -> Option<String> {
+        let mut out = String::new();
+        shape_into(sql, &mut out).then_some(out)
+    }
 
     #[test]
     fn hits_return_the_same_class() {
