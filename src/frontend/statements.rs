@@ -317,7 +317,7 @@ pub enum Verdict {
 /// [`SPARE_QUEUE_MAX_LEN`] long (a pipelining client's longer queue is
 /// freed).
 const SPARE_QUEUES_MAX: usize = 256;
-const SPARE_QUEUE_MAX_LEN: usize = 64;
+const SPARE_QUEUE_MAX_LEN: usize = 16;
 
 thread_local! {
     static SPARE_QUEUES: std::cell::RefCell<Vec<VecDeque<Reply>>> =

@@ -58,24 +58,40 @@ impl ClassCache {
 
     /// `classify(sql, functions)`, from the cache when it was computed with this catalog.
     pub fn classify(&self, sql: &str, functions: &FunctionCatalog) -> Class {
+        if !may_shape(sql) {
+            return self.classify_keyed(sql, sql, false, functions);
+        }
         // The shape is written into a buffer of this thread's, not a new
         // string per statement.
         SHAPE_BUFFER.with(|cell| match cell.try_borrow_mut() {
             Ok(mut buffer) => {
-                let class = self.classify_in(sql, functions, &mut buffer);
+                let shaped = shape_into(sql, &mut buffer);
+                let key = if shaped { buffer.as_str() } else { sql };
+                let class = self.classify_keyed(sql, key, shaped, functions);
                 if buffer.capacity() > SHAPE_BUFFER_KEEP {
                     *buffer = String::new();
                 }
                 class
             }
-            Err(_) => self.classify_in(sql, functions, &mut String::new()),
+            Err(_) => {
+                let mut buffer = String::new();
+                let shaped = shape_into(sql, &mut buffer);
+                let key = if shaped { buffer.as_str() } else { sql };
+                self.classify_keyed(sql, key, shaped, functions)
+            }
         })
     }
 
-    fn classify_in(&self, sql: &str, functions: &FunctionCatalog, buffer: &mut String) -> Class {
+    /// Looks `sql` up under `key` (its shape when `shaped`, else itself);
+    /// classifies and keeps it on a miss.
+    fn classify_keyed(
+        &self,
+        sql: &str,
+        key: &str,
+        shaped: bool,
+        functions: &FunctionCatalog,
+    ) -> Class {
         let generation = functions.generation();
-        let shaped = shape_into(sql, buffer);
-        let key = if shaped { buffer.as_str() } else { sql };
         if let Some(entry) = self.lock().entries.get_mut(key) {
             if entry.generation == generation {
                 entry.used = true;
@@ -133,6 +149,26 @@ thread_local! {
 
 /// A thread's shape buffer is given back after a text longer than this.
 const SHAPE_BUFFER_KEEP: usize = 4096;
+
+/// A cheap first look for [`shape_into`]: not too long to be kept, no
+/// parameter (`$1`: an extended-protocol text, the same each time, keyed as
+/// it is) and a first word that can be shaped.
+fn may_shape(sql: &str) -> bool {
+    let b = sql.as_bytes();
+    if b.len() > MAX_CACHED_LEN || memchr::memchr(b'$', b).is_some() {
+        return false;
+    }
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let word = &b[start..];
+    let end = word
+        .iter()
+        .position(|c| !c.is_ascii_alphabetic())
+        .unwrap_or(word.len());
+    SHAPED.iter().any(|w| word[..end].eq_ignore_ascii_case(w))
+}
 
 /// First words of the statements keyed by their shape.
 const SHAPED: &[&[u8]] = &[b"select", b"insert", b"update", b"delete", b"with"];
