@@ -9,6 +9,9 @@
 //!   `ramp` ticks and a `ready` line, holds them until SIGTERM/SIGINT (or `--hold-secs`),
 //!   then runs `SELECT 1` on every one of them and prints `done`. A connection the server
 //!   closed, or a failed login or query, is counted as an error, never dropped silently.
+//!   With `--query-first` each client first runs one prepared `SELECT $1::int` (a named
+//!   statement, prepared, run and closed by tokio-postgres), so the idle clients are ones
+//!   that have worked (docs/performance.md, "A client that has worked").
 //! - `active`: runs clients doing `SELECT abalance FROM pgbench_accounts WHERE aid = $1`
 //!   (and, with `--write-pct`, TPC-B-like write transactions), the number of clients following
 //!   `--schedule`; with `--reconnect-after N` every client reconnects after ~N transactions.
