@@ -155,19 +155,21 @@ const SHAPE_BUFFER_KEEP: usize = 4096;
 /// it is) and a first word that can be shaped.
 fn may_shape(sql: &str) -> bool {
     let b = sql.as_bytes();
-    if b.len() > MAX_CACHED_LEN || memchr::memchr(b'$', b).is_some() {
-        return false;
-    }
-    let start = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let word = &b[start..];
-    let end = word
+    b.len() <= MAX_CACHED_LEN && memchr::memchr(b'$', b).is_none() && shaped_word_end(b).is_some()
+}
+
+/// Where the text's first word ends, if that word is one of [`SHAPED`].
+fn shaped_word_end(b: &[u8]) -> Option<usize> {
+    let start = b.iter().position(|c| !c.is_ascii_whitespace())?;
+    let end = b[start..]
         .iter()
         .position(|c| !c.is_ascii_alphabetic())
-        .unwrap_or(word.len());
-    SHAPED.iter().any(|w| word[..end].eq_ignore_ascii_case(w))
+        .map_or(b.len(), |n| start + n);
+    let first = &b[start..end];
+    SHAPED
+        .iter()
+        .any(|w| first.eq_ignore_ascii_case(w))
+        .then_some(end)
 }
 
 /// First words of the statements keyed by their shape.
@@ -213,15 +215,7 @@ fn shape_into(sql: &str, out: &mut String) -> bool {
 
 fn shape_parts(sql: &str, out: &mut String) -> Option<()> {
     let b = sql.as_bytes();
-    let start = b.iter().position(|c| !c.is_ascii_whitespace())?;
-    let word_end = b[start..]
-        .iter()
-        .position(|c| !c.is_ascii_alphabetic())
-        .map_or(b.len(), |n| start + n);
-    let first = &b[start..word_end];
-    if !SHAPED.iter().any(|w| first.eq_ignore_ascii_case(w)) {
-        return None;
-    }
+    let word_end = shaped_word_end(b)?;
     let identifier_byte = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
     let mentions_pgsluice =
         |s: &[u8]| s.len() >= 8 && s.windows(8).any(|w| w.eq_ignore_ascii_case(b"pgsluice"));
