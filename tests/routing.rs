@@ -70,10 +70,23 @@ async fn wait_in_rotation(proxy: &TestProxy, replicas: &[usize]) {
 async fn reads_spread_over_replicas_and_writes_and_transactions_stay_on_the_primary() {
     let _serial = SERIAL.lock().await;
     let proxy = start("").await;
-    let c = proxy.connect().await;
+    // A read-only transaction held open on one replica...
+    let other = proxy.connect().await;
+    other.batch_execute("BEGIN READ ONLY").await.expect("begin");
+    let busy = server_port(&other, "SELECT inet_server_port()")
+        .await
+        .expect("read in a transaction");
+    assert!([port(1), port(2)].contains(&busy), "on port {busy}");
+    let idle = if busy == port(1) { port(2) } else { port(1) };
 
+    // ...sends a new client's reads to the other one (fewest clients
+    // attached), and the client stays there after the transaction ends.
+    let c = proxy.connect().await;
     let mut seen = BTreeSet::new();
-    for _ in 0..60 {
+    for i in 0..60 {
+        if i == 30 {
+            other.batch_execute("COMMIT").await.expect("commit");
+        }
         seen.insert(
             server_port(&c, "SELECT inet_server_port()")
                 .await
@@ -82,8 +95,8 @@ async fn reads_spread_over_replicas_and_writes_and_transactions_stay_on_the_prim
     }
     assert_eq!(
         seen,
-        BTreeSet::from([port(1), port(2)]),
-        "reads should reach both replicas and never the primary"
+        BTreeSet::from([idle]),
+        "reads should go to the replica without clients, stay there, and never reach the primary"
     );
 
     // Extended protocol: the same.
@@ -259,11 +272,14 @@ async fn a_paused_replica_leaves_rotation_and_returns_after_resume() {
         "the resumed replica serves reads",
         Duration::from_secs(10),
         || {
-            let reader = &reader;
+            let proxy = &proxy;
             async move {
+                // New clients: `reader` stays on replica 2, which is no
+                // busier than replica 1 (one client alone).
                 let mut hit = false;
                 for _ in 0..10 {
-                    hit |= server_port(reader, "SELECT inet_server_port()").await.ok()
+                    let reader = proxy.connect().await;
+                    hit |= server_port(&reader, "SELECT inet_server_port()").await.ok()
                         == Some(port(1));
                 }
                 hit
@@ -496,7 +512,8 @@ async fn with_the_primary_down_writes_fail_fast_and_reads_go_on() {
 #[tokio::test]
 async fn a_pinned_client_stays_on_its_node() {
     let _serial = SERIAL.lock().await;
-    let proxy = start("").await;
+    // Round robin: once unpinned, a lone client's reads alternate.
+    let proxy = start("read_balance = \"round_robin\"\n").await;
     let c = proxy.connect().await;
     // A session-level lock pins the client wherever the lock was taken; the
     // hint asks for a replica (advisory locks work on a hot standby).
@@ -545,7 +562,8 @@ async fn a_pinned_client_stays_on_its_node() {
 #[tokio::test]
 async fn stale_plans_on_replicas_are_prepared_again() {
     let _serial = SERIAL.lock().await;
-    let proxy = start("").await;
+    // Round robin, so that one client's reads reach both replicas.
+    let proxy = start("read_balance = \"round_robin\"\n").await;
     let c = proxy.connect().await;
     c.batch_execute(
         "DROP TABLE IF EXISTS routing_cp; CREATE TABLE routing_cp (v varchar(50)); \

@@ -385,7 +385,19 @@ impl Cluster {
     /// A replica for a read: in rotation, at or past `min_lsn`, chosen by
     /// the configured balance and the replicas' weights. `None` sends the
     /// read to the primary.
-    pub fn pick_replica(&self, min_lsn: Option<u64>, exclude: Option<usize>) -> Option<usize> {
+    ///
+    /// With `least_outstanding`, `prefer` (the replica this client read from
+    /// last) keeps the read unless it has clearly more clients attached per
+    /// unit of weight than the least loaded one (see [`stays`]). A client
+    /// that hops between replicas on every transaction runs measurably slower
+    /// than one that stays (docs/performance.md), and it can see time go
+    /// backwards when the replicas have replayed to different points.
+    pub fn pick_replica(
+        &self,
+        min_lsn: Option<u64>,
+        exclude: Option<usize>,
+        prefer: Option<usize>,
+    ) -> Option<usize> {
         let now = Instant::now();
         let n = self.nodes.len();
         if n < 2 {
@@ -403,8 +415,9 @@ impl Cluster {
             }
             slot -= node.weight as usize;
         }
-        // (index, outstanding, weight) of the best so far.
+        // (index, outstanding, weight) of the best so far, and of `prefer`.
         let mut best: Option<(usize, usize, u32)> = None;
+        let mut preferred: Option<(usize, usize, u32)> = None;
         for k in 0..n - 1 {
             let i = 1 + (start + k) % (n - 1);
             if Some(i) == exclude {
@@ -421,6 +434,9 @@ impl Cluster {
             match self.settings.read_balance {
                 ReadBalance::RoundRobin => return Some(i),
                 ReadBalance::LeastOutstanding => {
+                    if Some(i) == prefer {
+                        preferred = Some((i, load, node.weight));
+                    }
                     // Fewest clients per unit of weight.
                     let better = best.is_none_or(|(_, l, w)| {
                         (load as u64) * u64::from(w) < (l as u64) * u64::from(node.weight)
@@ -431,7 +447,10 @@ impl Cluster {
                 }
             }
         }
-        best.map(|(i, _, _)| i)
+        match (preferred, best) {
+            (Some(p), Some(b)) if stays(p, b) => Some(p.0),
+            _ => best.map(|(i, _, _)| i),
+        }
     }
 
     /// Counts a client attached to node `i` until the guard drops.
@@ -439,6 +458,20 @@ impl Cluster {
         self.nodes[i].outstanding.fetch_add(1, Ordering::Relaxed);
         Attached(self.clone(), i)
     }
+}
+
+/// Whether a client stays on its last replica `p` rather than moving to the
+/// least loaded `b`, each `(index, outstanding, weight)`: it stays unless
+/// `p`'s clients per unit of weight exceed `b`'s by more than one client and
+/// an eighth. The slack keeps clients from hopping on the moment-to-moment
+/// jitter of the counts; moves still happen once a replica falls clearly
+/// behind or a returning replica stands empty, so the load evens out.
+fn stays(p: (usize, usize, u32), b: (usize, usize, u32)) -> bool {
+    let (_, lp, wp) = p;
+    let (_, lb, wb) = b;
+    let (lp, wp, lb, wb) = (lp as u64, u64::from(wp), lb as u64, u64::from(wb));
+    // lp / wp <= lb / wb * 9/8 + 1 / wp, scaled by 8 * wp * wb.
+    8 * lp * wb <= 9 * lb * wp + 8 * wb
 }
 
 #[cfg(test)]
@@ -466,7 +499,7 @@ mod tests {
             c.availability(1, Instant::now()),
             Availability::Out(OutReason::Unknown)
         );
-        assert_eq!(c.pick_replica(None, None), None);
+        assert_eq!(c.pick_replica(None, None, None), None);
     }
 
     #[test]
@@ -476,7 +509,7 @@ mod tests {
         c.record_primary(t0, 100);
         c.record_replica(1, true, Some(100));
         c.record_replica(2, true, Some(100));
-        assert!(c.pick_replica(None, None).is_some());
+        assert!(c.pick_replica(None, None, None).is_some());
         // The primary moves on; replica 2 stops replaying.
         c.record_primary(t0, 200);
         c.record_replica(1, true, Some(200));
@@ -492,9 +525,9 @@ mod tests {
         );
         // Read-your-writes: only replica 1 has replayed 200.
         for _ in 0..10 {
-            assert_eq!(c.pick_replica(Some(200), None), Some(1));
+            assert_eq!(c.pick_replica(Some(200), None, None), Some(1));
         }
-        assert_eq!(c.pick_replica(Some(201), None), None);
+        assert_eq!(c.pick_replica(Some(201), None, None), None);
     }
 
     #[test]
@@ -505,9 +538,55 @@ mod tests {
         c.record_replica(2, true, Some(100));
         let _busy = c.attach(1);
         for _ in 0..10 {
-            assert_eq!(c.pick_replica(None, None), Some(2));
+            assert_eq!(c.pick_replica(None, None, None), Some(2));
         }
-        assert_eq!(c.pick_replica(None, Some(2)), Some(1));
+        assert_eq!(c.pick_replica(None, Some(2), None), Some(1));
+    }
+
+    #[test]
+    fn a_client_stays_on_its_replica_until_it_is_clearly_busier() {
+        let c = cluster(2);
+        c.record_primary(Instant::now(), 100);
+        c.record_replica(1, true, Some(100));
+        c.record_replica(2, true, Some(100));
+        // Replica 1 has one client more than replica 2: within the slack.
+        let on_1: Vec<_> = (0..3).map(|_| c.attach(1)).collect();
+        let on_2: Vec<_> = (0..2).map(|_| c.attach(2)).collect();
+        for _ in 0..10 {
+            assert_eq!(c.pick_replica(None, None, Some(1)), Some(1));
+            assert_eq!(c.pick_replica(None, None, Some(2)), Some(2));
+        }
+        // Two more than replica 2 (3 > 2 * 9/8 + 1): it moves.
+        let more = c.attach(1);
+        assert_eq!(c.pick_replica(None, None, Some(1)), Some(2));
+        drop(more);
+        // The preferred replica is passed over when it cannot serve the read:
+        // excluded (a failed read's retry), behind the client's writes, or
+        // out of rotation.
+        assert_eq!(c.pick_replica(None, Some(1), Some(1)), Some(2));
+        c.record_primary(Instant::now(), 200);
+        c.record_replica(2, true, Some(200));
+        assert_eq!(c.pick_replica(Some(200), None, Some(1)), Some(2));
+        c.record_replica(1, false, Some(200));
+        assert_eq!(c.pick_replica(None, None, Some(1)), Some(2));
+        drop((on_1, on_2));
+    }
+
+    #[test]
+    fn round_robin_ignores_the_preference() {
+        let toml = "[databases.app]\nprimary = \"127.0.0.1:5999\"\n\
+                    replicas = [\"127.0.0.1:6000\", \"127.0.0.1:6001\"]\n\
+                    [users.u]\npassword = \"p\"\n[routing]\nread_balance = \"round_robin\"\n";
+        let config = Config::from_toml(toml, "test", []).expect("config");
+        let c = Cluster::new(&config.databases["app"], &config.routing);
+        c.record_primary(Instant::now(), 100);
+        c.record_replica(1, true, Some(100));
+        c.record_replica(2, true, Some(100));
+        let mut hits = [0; 3];
+        for _ in 0..10 {
+            hits[c.pick_replica(None, None, Some(1)).expect("a replica")] += 1;
+        }
+        assert_eq!(hits, [0, 5, 5]);
     }
 
     #[test]
@@ -528,7 +607,7 @@ mod tests {
         c.record_replica(2, true, Some(100));
         let mut hits = [0usize; 3];
         for _ in 0..400 {
-            hits[c.pick_replica(None, None).expect("a replica")] += 1;
+            hits[c.pick_replica(None, None, None).expect("a replica")] += 1;
         }
         assert_eq!(hits, [0, 100, 300]);
     }

@@ -341,6 +341,9 @@ pub(super) struct ClientRoute {
     pub cluster: Arc<Cluster>,
     /// `SET pgsluice.route`.
     pub mode: RouteMode,
+    /// The replica this client's last read went to (0: none yet), which
+    /// the next read prefers ([`Cluster::pick_replica`]).
+    last_replica: u32,
     /// When this client last released the primary.
     pub last_write: Option<Instant>,
     /// The next decision must avoid this node (a failed read's retry), and
@@ -368,6 +371,7 @@ impl ClientRoute {
         Self {
             cluster,
             mode,
+            last_replica: 0,
             last_write: None,
             retry: None,
         }
@@ -376,6 +380,9 @@ impl ClientRoute {
     /// The node for `req`: 0 is the primary. Counted for metrics.
     pub fn decide(&mut self, req: &Request) -> (usize, Why) {
         let (node, why) = self.choose(req.access, req.hint);
+        if node != 0 {
+            self.last_replica = u32::try_from(node).unwrap_or(0);
+        }
         self.cluster.decisions.count(node != 0, why.into());
         (node, why)
     }
@@ -399,7 +406,7 @@ impl ClientRoute {
         };
         if let Some(why) = want_replica {
             // Asked for explicitly: any replica in rotation will do.
-            return match self.cluster.pick_replica(None, exclude) {
+            return match self.cluster.pick_replica(None, exclude, self.prefer()) {
                 Some(i) => (i, why),
                 None => (0, Why::NoReplica),
             };
@@ -416,11 +423,15 @@ impl ClientRoute {
             }
             _ => None,
         };
-        match self.cluster.pick_replica(min_lsn, exclude) {
+        match self.cluster.pick_replica(min_lsn, exclude, self.prefer()) {
             Some(i) => (i, Why::Read),
             None if min_lsn.is_some() => (0, Why::ReadYourWrites),
             None => (0, Why::NoReplica),
         }
+    }
+
+    fn prefer(&self) -> Option<usize> {
+        (self.last_replica != 0).then_some(self.last_replica as usize)
     }
 
     /// Whether the attached replica may run `req` (else it is routed anew).
