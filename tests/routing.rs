@@ -717,3 +717,54 @@ async fn a_write_after_a_prepare_only_batch_on_a_replica_goes_to_the_primary() {
         .await
         .expect("drop");
 }
+
+/// A client waiting for a replica's server counts on that replica, so that
+/// the next client's read is balanced by queues, not only by busy servers.
+#[tokio::test]
+async fn clients_waiting_for_a_replica_count_on_it() {
+    let _serial = SERIAL.lock().await;
+    let proxy = TestProxy::start_with("pool_size = 1\nmax_pool_size = 1\n", ROUTING).await;
+    wait_in_rotation(&proxy, &[1, 2]).await;
+    let cl = proxy.shared.clusters()["app"].clone();
+    let counted = || cl.nodes()[1].outstanding() + cl.nodes()[2].outstanding();
+    // Two read-only transactions hold the one server of each replica.
+    let mut holders = Vec::new();
+    let mut held = BTreeSet::new();
+    for _ in 0..2 {
+        let h = proxy.connect().await;
+        h.batch_execute("BEGIN READ ONLY").await.expect("begin");
+        held.insert(
+            server_port(&h, "SELECT inet_server_port()")
+                .await
+                .expect("read in a transaction"),
+        );
+        holders.push(h);
+    }
+    assert_eq!(
+        held,
+        BTreeSet::from([port(1), port(2)]),
+        "one on each replica"
+    );
+    assert_eq!(counted(), 2);
+    // A third client's read waits for one of them, and counts there.
+    let waiter = proxy.connect().await;
+    let read = tokio::spawn(async move { server_port(&waiter, "SELECT inet_server_port()").await });
+    eventually(
+        "the waiting client counts",
+        Duration::from_secs(5),
+        || async { counted() == 3 },
+    )
+    .await;
+    assert!(!read.is_finished(), "the read had a server to run on");
+    for h in &holders {
+        h.batch_execute("COMMIT").await.expect("commit");
+    }
+    let p = read.await.expect("join").expect("read after waiting");
+    assert!(held.contains(&p), "served by a replica, not {p}");
+    eventually(
+        "nothing counted once idle",
+        Duration::from_secs(5),
+        || async { counted() == 0 },
+    )
+    .await;
+}

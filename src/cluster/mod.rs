@@ -73,7 +73,8 @@ pub struct Node {
     pub name: String,
     /// Relative share of reads (replicas).
     pub weight: u32,
-    /// Clients attached to this node right now.
+    /// Clients attached to this node right now: holding one of its servers
+    /// or waiting for one.
     outstanding: AtomicUsize,
     /// Offset from the cluster epoch of the last successful probe + 1 ns
     /// (0 = never).

@@ -601,6 +601,9 @@ impl Session {
     ) -> std::io::Result<Attach> {
         self.node = node;
         self.client.waiting(node, started);
+        // The client counts on `node` from now on, while it waits too, so
+        // that replica choice sees queues and not only busy servers.
+        let counted = self.route.as_deref().map(|r| r.cluster.attach(node));
         // An idle server is taken without a future; waiting for one (or for
         // a new connection) is boxed, as is the parameter sync below, so
         // that this future, boxed once per request, stays small.
@@ -633,9 +636,7 @@ impl Session {
         self.sscan = Scanner::new();
         self.query_cancelled = None;
         self.held = None;
-        if let Some(route) = self.route.as_deref() {
-            self.on_node = Some(route.cluster.attach(node));
-        }
+        self.on_node = counted;
         Ok(Attach::Attached)
     }
 
