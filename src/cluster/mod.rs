@@ -481,16 +481,28 @@ mod tests {
     use crate::config::Config;
 
     fn cluster(replicas: usize) -> Arc<Cluster> {
+        cluster_with(replicas, "")
+    }
+
+    /// `extra`: more of `[databases.app]`, then any other tables.
+    fn cluster_with(replicas: usize, extra: &str) -> Arc<Cluster> {
         let reps: Vec<String> = (0..replicas)
             .map(|i| format!("\"127.0.0.1:{}\"", 6000 + i))
             .collect();
         let toml = format!(
-            "[databases.app]\nprimary = \"127.0.0.1:5999\"\nreplicas = [{}]\n\
-             [users.u]\npassword = \"p\"\n",
+            "[users.u]\npassword = \"p\"\n\
+             [databases.app]\nprimary = \"127.0.0.1:5999\"\nreplicas = [{}]\n{extra}",
             reps.join(",")
         );
         let config = Config::from_toml(&toml, "test", []).expect("config");
         Cluster::new(&config.databases["app"], &config.routing)
+    }
+
+    /// Both replicas of a two-replica cluster measured and caught up.
+    fn caught_up(c: &Cluster) {
+        c.record_primary(Instant::now(), 100);
+        c.record_replica(1, true, Some(100));
+        c.record_replica(2, true, Some(100));
     }
 
     #[test]
@@ -534,9 +546,7 @@ mod tests {
     #[test]
     fn least_outstanding_prefers_the_idle_replica() {
         let c = cluster(2);
-        c.record_primary(Instant::now(), 100);
-        c.record_replica(1, true, Some(100));
-        c.record_replica(2, true, Some(100));
+        caught_up(&c);
         let _busy = c.attach(1);
         for _ in 0..10 {
             assert_eq!(c.pick_replica(None, None, None), Some(2));
@@ -547,9 +557,7 @@ mod tests {
     #[test]
     fn a_client_stays_on_its_replica_until_it_is_clearly_busier() {
         let c = cluster(2);
-        c.record_primary(Instant::now(), 100);
-        c.record_replica(1, true, Some(100));
-        c.record_replica(2, true, Some(100));
+        caught_up(&c);
         // Replica 1 has one client more than replica 2: within the slack.
         let on_1: Vec<_> = (0..3).map(|_| c.attach(1)).collect();
         let on_2: Vec<_> = (0..2).map(|_| c.attach(2)).collect();
@@ -575,14 +583,8 @@ mod tests {
 
     #[test]
     fn round_robin_ignores_the_preference() {
-        let toml = "[databases.app]\nprimary = \"127.0.0.1:5999\"\n\
-                    replicas = [\"127.0.0.1:6000\", \"127.0.0.1:6001\"]\n\
-                    [users.u]\npassword = \"p\"\n[routing]\nread_balance = \"round_robin\"\n";
-        let config = Config::from_toml(toml, "test", []).expect("config");
-        let c = Cluster::new(&config.databases["app"], &config.routing);
-        c.record_primary(Instant::now(), 100);
-        c.record_replica(1, true, Some(100));
-        c.record_replica(2, true, Some(100));
+        let c = cluster_with(2, "[routing]\nread_balance = \"round_robin\"\n");
+        caught_up(&c);
         let mut hits = [0; 3];
         for _ in 0..10 {
             hits[c.pick_replica(None, None, Some(1)).expect("a replica")] += 1;
@@ -592,20 +594,11 @@ mod tests {
 
     #[test]
     fn weights_share_reads() {
-        let reps: Vec<String> = (0..2)
-            .map(|i| format!("\"127.0.0.1:{}\"", 6000 + i))
-            .collect();
-        let toml = format!(
-            "[databases.app]\nprimary = \"127.0.0.1:5999\"\nreplicas = [{}]\n\
-             replica_weights = [1, 3]\n[users.u]\npassword = \"p\"\n\
-             [routing]\nread_balance = \"round_robin\"\n",
-            reps.join(",")
+        let c = cluster_with(
+            2,
+            "replica_weights = [1, 3]\n[routing]\nread_balance = \"round_robin\"\n",
         );
-        let config = Config::from_toml(&toml, "test", []).expect("config");
-        let c = Cluster::new(&config.databases["app"], &config.routing);
-        c.record_primary(Instant::now(), 100);
-        c.record_replica(1, true, Some(100));
-        c.record_replica(2, true, Some(100));
+        caught_up(&c);
         let mut hits = [0usize; 3];
         for _ in 0..400 {
             hits[c.pick_replica(None, None, None).expect("a replica")] += 1;
