@@ -58,27 +58,25 @@ impl ClassCache {
 
     /// `classify(sql, functions)`, from the cache when it was computed with this catalog.
     pub fn classify(&self, sql: &str, functions: &FunctionCatalog) -> Class {
-        if !may_shape(sql) {
+        let Some(word_end) = may_shape(sql) else {
             return self.classify_keyed(sql, sql, false, functions);
-        }
+        };
+        let run = |buffer: &mut String| {
+            let shaped = shape_into(sql, word_end, buffer);
+            let key = if shaped { buffer.as_str() } else { sql };
+            self.classify_keyed(sql, key, shaped, functions)
+        };
         // The shape is written into a buffer of this thread's, not a new
         // string per statement.
         SHAPE_BUFFER.with(|cell| match cell.try_borrow_mut() {
             Ok(mut buffer) => {
-                let shaped = shape_into(sql, &mut buffer);
-                let key = if shaped { buffer.as_str() } else { sql };
-                let class = self.classify_keyed(sql, key, shaped, functions);
+                let class = run(&mut buffer);
                 if buffer.capacity() > SHAPE_BUFFER_KEEP {
                     *buffer = String::new();
                 }
                 class
             }
-            Err(_) => {
-                let mut buffer = String::new();
-                let shaped = shape_into(sql, &mut buffer);
-                let key = if shaped { buffer.as_str() } else { sql };
-                self.classify_keyed(sql, key, shaped, functions)
-            }
+            Err(_) => run(&mut String::new()),
         })
     }
 
@@ -152,10 +150,13 @@ const SHAPE_BUFFER_KEEP: usize = 4096;
 
 /// A cheap first look for [`shape_into`]: not too long to be kept, no
 /// parameter (`$1`: an extended-protocol text, the same each time, keyed as
-/// it is) and a first word that can be shaped.
-fn may_shape(sql: &str) -> bool {
+/// it is) and a first word that can be shaped; where that word ends.
+fn may_shape(sql: &str) -> Option<usize> {
     let b = sql.as_bytes();
-    b.len() <= MAX_CACHED_LEN && memchr::memchr(b'$', b).is_none() && shaped_word_end(b).is_some()
+    if b.len() > MAX_CACHED_LEN || memchr::memchr(b'$', b).is_some() {
+        return None;
+    }
+    shaped_word_end(b)
 }
 
 /// Where the text's first word ends, if that word is one of [`SHAPED`].
@@ -204,18 +205,19 @@ static SHAPE_STOPS: [bool; 256] = {
 /// off) or the word pgsluice. The classifier reads literal values only in
 /// `SET`, `BEGIN`/`START TRANSACTION`, `EXPLAIN` options and pgsluice's own
 /// commands, none of which is shaped; token kinds survive (a number stays
-/// a number, `E'…'` stays a string). `None` for every other text, and for
+/// a number, `E'…'` stays a string). No shape for any other text, nor for
 /// a text without literals (its own text is its key).
 ///
-/// Written into `out` (cleared first); false for `None`.
-fn shape_into(sql: &str, out: &mut String) -> bool {
+/// The caller has found the [`SHAPED`] first word, ending at `word_end`
+/// ([`shaped_word_end`]). The shape is written into `out` (cleared first);
+/// false when there is none.
+fn shape_into(sql: &str, word_end: usize, out: &mut String) -> bool {
     out.clear();
-    shape_parts(sql, out).is_some()
+    shape_parts(sql, word_end, out).is_some()
 }
 
-fn shape_parts(sql: &str, out: &mut String) -> Option<()> {
+fn shape_parts(sql: &str, word_end: usize, out: &mut String) -> Option<()> {
     let b = sql.as_bytes();
-    let word_end = shaped_word_end(b)?;
     let identifier_byte = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
     let mentions_pgsluice =
         |s: &[u8]| s.len() >= 8 && s.windows(8).any(|w| w.eq_ignore_ascii_case(b"pgsluice"));
@@ -300,7 +302,8 @@ mod tests {
 
     fn shape(sql: &str) -> Option<String> {
         let mut out = String::new();
-        shape_into(sql, &mut out).then_some(out)
+        let word_end = shaped_word_end(sql.as_bytes())?;
+        shape_into(sql, word_end, &mut out).then_some(out)
     }
 
     #[test]

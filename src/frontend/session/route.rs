@@ -341,9 +341,9 @@ pub(super) struct ClientRoute {
     pub cluster: Arc<Cluster>,
     /// `SET pgsluice.route`.
     pub mode: RouteMode,
-    /// The replica this client's last read went to (0: none yet), which
-    /// the next read prefers ([`Cluster::pick_replica`]).
-    last_replica: u32,
+    /// The replica this client's last read went to, which the next read
+    /// prefers ([`Cluster::pick_replica`]).
+    last_replica: Option<usize>,
     /// When this client last released the primary.
     pub last_write: Option<Instant>,
     /// The next decision must avoid this node (a failed read's retry), and
@@ -371,7 +371,7 @@ impl ClientRoute {
         Self {
             cluster,
             mode,
-            last_replica: 0,
+            last_replica: None,
             last_write: None,
             retry: None,
         }
@@ -381,7 +381,7 @@ impl ClientRoute {
     pub fn decide(&mut self, req: &Request) -> (usize, Why) {
         let (node, why) = self.choose(req.access, req.hint);
         if node != 0 {
-            self.last_replica = u32::try_from(node).unwrap_or(0);
+            self.last_replica = Some(node);
         }
         self.cluster.decisions.count(node != 0, why.into());
         (node, why)
@@ -406,7 +406,7 @@ impl ClientRoute {
         };
         if let Some(why) = want_replica {
             // Asked for explicitly: any replica in rotation will do.
-            return match self.cluster.pick_replica(None, exclude, self.prefer()) {
+            return match self.cluster.pick_replica(None, exclude, self.last_replica) {
                 Some(i) => (i, why),
                 None => (0, Why::NoReplica),
             };
@@ -423,15 +423,14 @@ impl ClientRoute {
             }
             _ => None,
         };
-        match self.cluster.pick_replica(min_lsn, exclude, self.prefer()) {
+        match self
+            .cluster
+            .pick_replica(min_lsn, exclude, self.last_replica)
+        {
             Some(i) => (i, Why::Read),
             None if min_lsn.is_some() => (0, Why::ReadYourWrites),
             None => (0, Why::NoReplica),
         }
-    }
-
-    fn prefer(&self) -> Option<usize> {
-        (self.last_replica != 0).then_some(self.last_replica as usize)
     }
 
     /// Whether the attached replica may run `req` (else it is routed anew).
