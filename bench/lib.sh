@@ -77,6 +77,7 @@ stop_pid() {
 # a SCRAM secret identical to the server's lets pgbouncer verify clients with a few HMACs and
 # log in to the server with the client's SCRAM keys; with a plaintext password pgbouncer runs
 # PBKDF2 (4096 rounds) for every client connection.
+# PGBOUNCER_IGNORE_STARTUP (default extra_float_digits) is its ignore_startup_parameters.
 # Sets STARTED_PGBOUNCER_PID (call it directly, not in $(...)).
 start_pgbouncer() {
   local dir=$1 name=$2 port=$3 pgport=$4 auth=$5 pool=$6 maxconn=$7 secret=${8:-app}
@@ -107,7 +108,7 @@ log_pooler_errors = 1
 stats_period = 600
 server_tls_sslmode = disable
 client_tls_sslmode = disable
-ignore_startup_parameters = extra_float_digits
+ignore_startup_parameters = ${PGBOUNCER_IGNORE_STARTUP:-extra_float_digits}
 pidfile = $pidfile
 logfile = $dir/$name.log
 EOF

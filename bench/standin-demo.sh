@@ -107,7 +107,10 @@ log "standin-demo: starting pgbouncer on $PORT"
 
 AUTH_FILE_PW=app
 [ "$AUTH" = scram-sha-256 ] && [ -n "${BENCH_APP_SCRAM_SECRET:-}" ] && AUTH_FILE_PW=$BENCH_APP_SCRAM_SECRET
-start_pgbouncer "$TMP/bouncer" standin "$PORT" "$PPORT" "$AUTH" "$POOL" "$MAXCLIENT" "$AUTH_FILE_PW"
+# The pgsluice-primary target sends `options=-c pgsluice.route=primary`,
+# which pgbouncer refuses unless told to ignore it.
+PGBOUNCER_IGNORE_STARTUP=extra_float_digits,options \
+  start_pgbouncer "$TMP/bouncer" standin "$PORT" "$PPORT" "$AUTH" "$POOL" "$MAXCLIENT" "$AUTH_FILE_PW"
 POOLER_PID=$STARTED_PGBOUNCER_PID
 [ -n "${STANDIN_POOLER_PIDFILE:-}" ] && echo "$POOLER_PID" >"$STANDIN_POOLER_PIDFILE"
 
