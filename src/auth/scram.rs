@@ -296,6 +296,47 @@ pub enum ClientError {
     OutOfOrder,
 }
 
+/// A client-first message without channel binding or user name (PostgreSQL
+/// takes the user from the startup message), with `nonce`.
+pub fn client_first(nonce: &str) -> Vec<u8> {
+    format!("n,,n=,r={nonce}").into_bytes()
+}
+
+/// A server-first message: the combined nonce, the salt and the
+/// iteration count of the server's secret.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServerFirst<'a> {
+    pub nonce: &'a [u8],
+    pub salt: Vec<u8>,
+    pub iterations: u32,
+}
+
+impl<'a> ServerFirst<'a> {
+    pub fn parse(data: &'a [u8]) -> Result<Self, ClientError> {
+        let (r, rest) = split_attr(data);
+        let nonce = r
+            .strip_prefix(b"r=")
+            .ok_or(ClientError::Malformed("nonce"))?;
+        let (s, rest) = split_attr(rest.ok_or(ClientError::Malformed("salt"))?);
+        let salt = s
+            .strip_prefix(b"s=")
+            .and_then(|s| STANDARD.decode(s).ok())
+            .ok_or(ClientError::Malformed("salt"))?;
+        let (i, _) = split_attr(rest.ok_or(ClientError::Malformed("iterations"))?);
+        let iterations: u32 = i
+            .strip_prefix(b"i=")
+            .and_then(|i| std::str::from_utf8(i).ok())
+            .and_then(|i| i.parse().ok())
+            .filter(|i| *i > 0)
+            .ok_or(ClientError::Malformed("iterations"))?;
+        Ok(Self {
+            nonce,
+            salt,
+            iterations,
+        })
+    }
+}
+
 #[derive(Debug)]
 enum ClientState {
     AwaitServerFirst,
@@ -303,7 +344,9 @@ enum ClientState {
     Finished,
 }
 
-/// pgsluice logging in to PostgreSQL with keys rather than a password.
+/// pgsluice logging in to PostgreSQL with SCRAM keys: a client's, passed
+/// through, or derived from a password once per server secret (see
+/// `backend::login::Credentials`).
 #[derive(Debug)]
 pub struct ScramClient {
     keys: ScramKeys,
@@ -323,7 +366,7 @@ impl ScramClient {
 
     /// The client-first message (for SASLInitialResponse).
     pub fn client_first(&self) -> Vec<u8> {
-        format!("n,,n=,r={}", self.nonce).into_bytes()
+        client_first(&self.nonce)
     }
 
     /// Reads server-first; returns client-final.
@@ -332,23 +375,11 @@ impl ScramClient {
             return Err(ClientError::OutOfOrder);
         }
         self.state = ClientState::Finished;
-        let (r, rest) = split_attr(data);
-        let nonce = r
-            .strip_prefix(b"r=")
+        let first = ServerFirst::parse(data)?;
+        let nonce = Some(first.nonce)
             .filter(|n| n.starts_with(self.nonce.as_bytes()) && n.len() > self.nonce.len())
             .ok_or(ClientError::Malformed("nonce"))?;
-        let (s, rest) = split_attr(rest.ok_or(ClientError::Malformed("salt"))?);
-        let salt = s
-            .strip_prefix(b"s=")
-            .and_then(|s| STANDARD.decode(s).ok())
-            .ok_or(ClientError::Malformed("salt"))?;
-        let (i, _) = split_attr(rest.ok_or(ClientError::Malformed("iterations"))?);
-        let iterations: u32 = i
-            .strip_prefix(b"i=")
-            .and_then(|i| std::str::from_utf8(i).ok())
-            .and_then(|i| i.parse().ok())
-            .ok_or(ClientError::Malformed("iterations"))?;
-        if salt != self.keys.salt || iterations != self.keys.iterations {
+        if first.salt != self.keys.salt || first.iterations != self.keys.iterations {
             return Err(ClientError::OtherSecret);
         }
         let mut without_proof = b"c=biws,r=".to_vec();
