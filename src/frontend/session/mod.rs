@@ -650,8 +650,10 @@ impl Session {
     ) -> Option<Result<Pooled, PoolError>> {
         let checkout = self
             .cancel
-            .abortable(self.pools[node].checkout_by(started, deadline));
+            .abortable(|| self.pools[node].checkout_by(started, deadline));
         tokio::select! {
+            // No random start: no RNG draw per wait.
+            biased;
             r = checkout => Some(r),
             () = self.client.killed() => None,
         }
