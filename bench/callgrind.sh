@@ -97,28 +97,45 @@ measure() {
   # 32 clients for 4 s: every pool opens its 20 server connections now, not during a
   # measured run (a server login costs millions of instructions of SCRAM).
   pgbench -n -S -c 32 -j 2 -T 4 -h 127.0.0.1 -p "$port" -U app app >/dev/null 2>&1 || true
-  local mode t n=0
-  for step in simple:50 simple:200 simple:1200 extended:200 extended:1200; do
+  local mode t n=0 t0 t1
+  : >"$dir/durations"
+  # The first dump is pgsluice idle for 5 s: what it does on its own per second (the
+  # replica monitor's probes, pool upkeep) is subtracted from each run by its length.
+  for step in idle:5 simple:50 simple:200 simple:1200 extended:200 extended:1200; do
     mode=${step%%:*} t=${step##*:}
     "${run[@]}" callgrind_control -z "$VG_PID" >/dev/null
-    pgbench -n -S -M "$mode" -c 16 -j 2 -t "$t" -h 127.0.0.1 -p "$port" -U app app >"$dir/pgbench-$mode-$t.log" 2>&1 ||
-      { cat "$dir/pgbench-$mode-$t.log" >&2; die "$name: pgbench -M $mode -t $t failed"; }
-    grep -q 'number of failed transactions: 0 ' "$dir/pgbench-$mode-$t.log" || die "$name: pgbench -M $mode -t $t reported failed transactions"
-    sleep 0.5
+    t0=$(date +%s.%N)
+    if [ "$mode" = idle ]; then
+      sleep "$t"
+    else
+      pgbench -n -S -M "$mode" -c 16 -j 2 -t "$t" -h 127.0.0.1 -p "$port" -U app app >"$dir/pgbench-$mode-$t.log" 2>&1 ||
+        { cat "$dir/pgbench-$mode-$t.log" >&2; die "$name: pgbench -M $mode -t $t failed"; }
+      grep -q 'number of failed transactions: 0 ' "$dir/pgbench-$mode-$t.log" || die "$name: pgbench -M $mode -t $t reported failed transactions"
+      sleep 0.5
+    fi
+    t1=$(date +%s.%N)
     "${run[@]}" callgrind_control -d "$mode-$t" "$VG_PID" >/dev/null
     n=$((n + 1))
+    echo "$t0 $t1" >>"$dir/durations"
     for ((i = 0; i < 100; i++)); do [ -s "$dir/cg.out.$n" ] && break; sleep 0.1; done
     [ -s "$dir/cg.out.$n" ] || die "$name: callgrind wrote no dump $n"
   done
   stop_pid "$VG_PID" TERM 20
   VG_PID=''
-  # dumps: 1 = warm-up, 2/3 = simple 200/1200, 4/5 = extended 200/1200
+  # dumps: 1 = idle, 2 = warm-up, 3/4 = simple 200/1200, 5/6 = extended 200/1200;
+  # prints simple and extended per transaction, then the idle rate (instructions/s)
   python3 - "$dir" <<'PY'
 import re, sys
 d = sys.argv[1]
+spans = [tuple(map(float, l.split())) for l in open(f"{d}/durations")]
 def ir(n):
     return int(re.search(r"^summary: (\d+)", open(f"{d}/cg.out.{n}").read(), re.M).group(1))
-print(round((ir(3) - ir(2)) / 16000), round((ir(5) - ir(4)) / 16000))
+def secs(n):
+    return spans[n - 1][1] - spans[n - 1][0]
+rate = ir(1) / secs(1)
+def net(n):
+    return ir(n) - rate * secs(n)
+print(round((net(4) - net(3)) / 16000), round((net(6) - net(5)) / 16000), f"{round(rate):,}")
 PY
 }
 
@@ -136,7 +153,7 @@ replicas = [$REPLICAS]
 password = "app"
 EOF
 log "pgsluice under callgrind"
-read -r S_SIMPLE S_EXT < <(measure pgsluice "$SLUICE_PORT" root "$BIN" -c "$WORK/pgsluice.toml")
+read -r S_SIMPLE S_EXT S_IDLE < <(measure pgsluice "$SLUICE_PORT" root "$BIN" -c "$WORK/pgsluice.toml")
 
 BOUNCER_PORT=$(free_port)
 mkdir -p "$WORK/pgbouncer-cfg"
@@ -158,7 +175,7 @@ log_disconnections = 0
 EOF
 give_to_pg "$WORK/pgbouncer-cfg"
 log "pgbouncer under callgrind"
-read -r B_SIMPLE B_EXT < <(measure pgbouncer "$BOUNCER_PORT" "$PG_USER" pgbouncer "$WORK/pgbouncer-cfg/pgbouncer.ini")
+read -r B_SIMPLE B_EXT B_IDLE < <(measure pgbouncer "$BOUNCER_PORT" "$PG_USER" pgbouncer "$WORK/pgbouncer-cfg/pgbouncer.ini")
 
 TOP=$(python3 - "$WORK/pgsluice" <<'PY'
 import collections, sys
@@ -178,7 +195,7 @@ def selfcost(path):
                 else:
                     cost[fn] += int(parts[1])
     return cost
-a, b = selfcost(f"{d}/cg.out.4"), selfcost(f"{d}/cg.out.5")
+a, b = selfcost(f"{d}/cg.out.5"), selfcost(f"{d}/cg.out.6")
 per = {k: (b[k] - a.get(k, 0)) / 16000 for k in b}
 total = sum(per.values())
 for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:15]:
@@ -195,7 +212,7 @@ mkdir -p "$(dirname "$OUT")"
   echo "## Instructions per transaction (callgrind)"
   echo
   echo "Written by \`bench/callgrind.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'), pgsluice commit $COMMIT, $(pgbouncer --version 2>/dev/null | head -1), $(valgrind --version)."
-  echo "User-space instructions per pgbench transaction of \`pgbench -S -c 16 -j 2\` (one point select), counted by \`valgrind --tool=callgrind\`: (Ir after \`-t 1200\` − Ir after \`-t 200\`) / 16,000, so logins and start-up cancel out. The count does not depend on machine load. It leaves out the kernel: per transaction both poolers make 2 \`sendto\` and 2 \`recvfrom\` calls here (\`strace -c\`), which cost more CPU than the instructions below. pgsluice: transaction mode, reads routed to 2 replicas, \`worker_threads = 1\` (the default); pgbouncer: transaction mode in front of the primary, clients by \`auth_type = trust\` (its per-login PBKDF2 made the difference noisy; logins cancel out either way)."
+  echo "User-space instructions per pgbench transaction of \`pgbench -S -c 16 -j 2\` (one point select), counted by \`valgrind --tool=callgrind\`: (Ir after \`-t 1200\` − Ir after \`-t 200\`) / 16,000, so client logins and start-up cancel out. What each pooler does on its own (measured first, idle for 5 s: pgsluice ${S_IDLE} instructions/s, mostly the replica monitor's probes; pgbouncer ${B_IDLE}/s) is subtracted from each run by its length, so the count does not depend on how fast the runs went under valgrind. A 4-s warm-up with 32 clients opens the server connections first; one opened during a run still costs a pgsluice SCRAM login (~50,000 instructions with the derived keys kept, see docs/performance.md). It leaves out the kernel: per transaction both poolers make 2 \`sendto\` and 2 \`recvfrom\` calls here (\`strace -c\`), which cost more CPU than the instructions below. pgsluice: transaction mode, reads routed to 2 replicas, \`worker_threads = 1\` (the default); pgbouncer: transaction mode in front of the primary, clients by \`auth_type = trust\` (its per-login PBKDF2 made the difference noisy; logins cancel out either way)."
   echo
   echo "| pooler | \`-M simple\` instructions/tx | \`-M extended\` instructions/tx |"
   echo "|---|---:|---:|"
@@ -203,7 +220,7 @@ mkdir -p "$(dirname "$OUT")"
   echo "| pgsluice | ${S_SIMPLE} | ${S_EXT} |"
   echo "| pgsluice / pgbouncer | $(python3 -c "print(f'{$S_SIMPLE/$B_SIMPLE:.2f}×')") | $(python3 -c "print(f'{$S_EXT/$B_EXT:.2f}×')") |"
   echo
-  echo "Where pgsluice's instructions go (\`-M extended\`, self cost per transaction, top 15):"
+  echo "Where pgsluice's instructions go (\`-M extended\`, self cost per transaction, top 15; idle background not subtracted here):"
   echo
   echo "| instructions/tx | share | function |"
   echo "|---:|---:|---|"
