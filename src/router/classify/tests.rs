@@ -402,8 +402,17 @@ proptest! {
     fn an_appended_insert_makes_a_write(prefix in "\\PC*") {
         // The INSERT is top-level only if the prefix leaves no string, comment, quoted
         // identifier or dollar quote open; otherwise the prefix is unlexable (also a write).
-        let sql = format!("{prefix}; INSERT INTO t VALUES (1)");
+        // It starts a line of its own: after a `--` in the prefix, the rest of that line
+        // is a comment, and "--; INSERT …" on one line runs nothing (proptest found it).
+        let sql = format!("{prefix}\n; INSERT INTO t VALUES (1)");
         prop_assert_eq!(class(&sql).access, Access::Write, "{}", sql);
+    }
+
+    #[test]
+    fn an_insert_after_a_line_comment_is_a_comment(prefix in "[a-z ]*") {
+        // The other side of the case above: on the same line as `--`, it is not a statement.
+        let sql = format!("SELECT 1 --{prefix}; INSERT INTO t VALUES (1)");
+        prop_assert_eq!(class(&sql).access, Access::Read, "{}", sql);
     }
 
     #[test]
