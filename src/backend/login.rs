@@ -54,7 +54,6 @@ pub struct Credentials {
 /// role's salt and count stay the same until its password changes, and the
 /// primary and its replicas share them, so one derivation serves every
 /// server login of the user; a changed salt or password derives afresh.
-#[derive(Clone)]
 struct DerivedKeys {
     password: String,
     keys: ScramKeys,

@@ -14,6 +14,7 @@ mod negotiate;
 mod params;
 mod relay;
 mod session;
+mod spares;
 mod statements;
 
 use std::net::SocketAddr;

@@ -351,11 +351,7 @@ impl Replies {
         if self.queue.is_empty() && self.queue.capacity() > 0 {
             let queue = std::mem::take(&mut self.queue);
             if queue.capacity() <= SPARE_QUEUE_MAX_LEN {
-                SPARE_QUEUES.with_borrow_mut(|spares| {
-                    if spares.len() < SPARE_QUEUES_MAX {
-                        spares.push(queue);
-                    }
-                });
+                super::spares::give(&SPARE_QUEUES, queue, SPARE_QUEUES_MAX);
             }
         }
         if self.undone.is_empty() && self.undone.capacity() > 0 {
@@ -366,7 +362,7 @@ impl Replies {
     /// A queue with room, from this thread's spares when there is one.
     fn ready_queue(&mut self) {
         if self.queue.capacity() == 0 {
-            if let Some(spare) = SPARE_QUEUES.with_borrow_mut(Vec::pop) {
+            if let Some(spare) = super::spares::take(&SPARE_QUEUES) {
                 self.queue = spare;
             }
         }

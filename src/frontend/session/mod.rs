@@ -35,6 +35,7 @@ use crate::backend::{self, QueryOutcome};
 use crate::cluster::{Attached, Cluster};
 use crate::config::PoolMode;
 use crate::frontend::Alert;
+use crate::frontend::spares;
 use crate::pool::{NodePools, Pool, PoolError, Pooled};
 use crate::protocol::{self, ErrorFields, Scanner, Segment, Severity, TxStatus, sqlstate};
 use crate::proxy::{Phase, Shared};
@@ -74,21 +75,14 @@ fn shed_buffer(buf: &mut BytesMut) {
     if buf.capacity() > SPARE_BUFFER_MAX_CAPACITY {
         return;
     }
-    // Borrowed elsewhere on this thread (it never is): the buffer is freed.
-    let _ = SPARE_BUFFERS.with(|cell| {
-        cell.try_borrow_mut().map(|mut spares| {
-            if spares.len() < SPARE_BUFFERS_MAX {
-                spares.push(buf);
-            }
-        })
-    });
+    spares::give(&SPARE_BUFFERS, buf, SPARE_BUFFERS_MAX);
 }
 
 /// Room for a client's next request: a spare buffer when the client has
 /// none, then at least `additional` bytes free.
 fn ready_buffer(buf: &mut BytesMut, additional: usize) {
     if buf.capacity() == 0 {
-        if let Some(spare) = SPARE_BUFFERS.with(|cell| cell.try_borrow_mut().ok()?.pop()) {
+        if let Some(spare) = spares::take(&SPARE_BUFFERS) {
             *buf = spare;
         }
     }
