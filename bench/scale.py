@@ -360,21 +360,25 @@ def cmd_report(argv):
         L.append(stage_meta(d, "idle-memory"))
         L.append("")
         L.append("RSS of the pooler process after a short warm-up, then with N logged-in idle clients "
-                 "(SCRAM logins by `loadgen idle`, all verified with `SELECT 1` before they close), "
-                 "then after they closed. Same loadgen, same N, same run for both poolers. `tokio-floor` is "
+                 "(SCRAM logins by `loadgen idle`, all verified with `SELECT 1` before they close): "
+                 "3 s after the last login, and again " + fmt(s.get("pgsluice", {}).get("settle_s"))
+                 + " s later (**per idle client**; pgsluice parks a client idle for "
+                 "`park_idle_clients_after`, 5 s by default, within twice that: its task and socket "
+                 "registration are freed, see docs/performance.md); then after they closed. Same loadgen, same N, same run for both poolers. `tokio-floor` is "
                  "not a pooler: `examples/idle_floor.rs` answers a trust login and keeps each socket in a task of "
                  "its own, as an idle pgsluice session does, and nothing else: what any server with a tokio task "
                  "per client needs at least (see docs/performance.md).")
         L.append("")
-        L.append("| pooler | idle clients | server-side sockets seen | RSS before | RSS with clients | **per idle client** | RSS after close | login ramp | errors |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        L.append("| pooler | idle clients | server-side sockets seen | RSS before | RSS with clients | **per idle client** | per client 3 s after login | RSS after close | login ramp | errors |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for tgt in ("pgsluice", "pgbouncer", "tokio-floor"):
             r = s.get(tgt)
             if not r:
                 continue
-            L.append("| %s | %s | %s | %s kB | %s kB | **%s kB** | %s kB | %s s (%s logins/s) | %s |" % (
+            L.append("| %s | %s | %s | %s kB | %s kB | **%s kB** | %s kB | %s kB | %s s (%s logins/s) | %s |" % (
                 tgt, fmt(r.get("clients")), fmt(r.get("established")), fmt(r.get("rss_before_kb")),
-                fmt(r.get("rss_held_kb")), fmt(r.get("kb_per_client"), 2), fmt(r.get("rss_after_close_kb")),
+                fmt(r.get("rss_held_kb")), fmt(r.get("kb_per_client"), 2), fmt(r.get("kb_per_client_fresh"), 2),
+                fmt(r.get("rss_after_close_kb")),
                 fmt(r.get("ready.ramp_s"), 1), fmt(r.get("ready.logins_per_s")), err_codes(r)))
         L.append("")
 

@@ -57,6 +57,7 @@ SCALE=10
 ACTIVE=1000         # active clients of clients50k
 ACTIVE_SECS=30      # each active run of clients50k
 IDLE_MEM_CLIENTS=10000
+IDLE_SETTLE_S=12
 SPIKE_BASE=100
 SPIKE_PEAK=5000
 SPIKE_BEFORE=10 SPIKE_HOLD=10 SPIKE_AFTER=15
@@ -311,7 +312,7 @@ max_field() {
 
 # ------------------------------------------------------------------ stage: idle-memory
 stage_idle_memory() {
-  local tgt port pid before held after est opened verified errors ramp lps n=$IDLE_MEM_CLIENTS
+  local tgt port pid before fresh held after est opened verified errors ramp lps n=$IDLE_MEM_CLIENTS
   for tgt in pgsluice pgbouncer tokio-floor; do
     case $tgt in
       pgsluice) port=$SLUICE_PORT pid=$DEMO_PID ;;
@@ -325,6 +326,10 @@ stage_idle_memory() {
     before=$(rss_kb "$pid")
     start_idle "$port" "$n" "$WORK/idle-$tgt"
     sleep 3
+    fresh=$(rss_kb "$pid")
+    # Idle clients settle: pgsluice parks those idle for
+    # park_idle_clients_after (5 s by default) within twice that.
+    sleep "$IDLE_SETTLE_S"
     held=$(rss_kb "$pid")
     est=$(established "$port")
     ramp=$(max_field ready ramp_s)
@@ -338,8 +343,9 @@ stage_idle_memory() {
     log "idle-memory: $tgt RSS $before -> $held kB with $opened clients ($est sockets), $after kB after; errors $errors"
     spy record --csv "$RESULTS" --stage idle-memory --run "$tgt" --jsonl "${IDLE_FILES[0]}" \
       clients="$n" opened="$opened" verified="$verified" established="$est" rss_before_kb="$before" \
-      rss_held_kb="$held" rss_after_close_kb="$after" ready.ramp_s="$ramp" ready.logins_per_s="$lps" \
-      done.errors="$errors" \
+      rss_fresh_kb="$fresh" rss_held_kb="$held" rss_after_close_kb="$after" ready.ramp_s="$ramp" ready.logins_per_s="$lps" \
+      done.errors="$errors" settle_s="$IDLE_SETTLE_S" \
+      kb_per_client_fresh="$(python3 -c 'import sys; print(round((int(sys.argv[2]) - int(sys.argv[1])) / int(sys.argv[3]), 3))' "$before" "$fresh" "$n")" \
       kb_per_client="$(python3 -c 'import sys; print(round((int(sys.argv[2]) - int(sys.argv[1])) / int(sys.argv[3]), 3))' "$before" "$held" "$n")"
   done
 }

@@ -72,6 +72,8 @@ pub struct Shared {
     pub registry: ClientRegistry,
     /// Clients' session-parameter lists, shared when identical.
     pub param_lists: crate::frontend::ParamInterner,
+    /// Clients idle long enough to wait without a task (`frontend/park.rs`).
+    pub parking: crate::frontend::ParkingLot,
     /// The proxy's phase switch (weak: the phase channel closes when the
     /// proxy is gone), for the admin console's `SHUTDOWN`.
     phase_tx: std::sync::Weak<watch::Sender<Phase>>,
@@ -320,6 +322,7 @@ impl Proxy {
             tls,
             registry: ClientRegistry::new(),
             param_lists: Default::default(),
+            parking: crate::frontend::ParkingLot::new(),
             phase_tx: Arc::downgrade(&phase_tx),
             clients: AtomicUsize::new(0),
             clients_gone: Notify::new(),
@@ -370,6 +373,7 @@ impl Proxy {
             tokio::spawn(http.run(shared.clone()));
         }
         tokio::spawn(nudge_on_phase_change(shared.clone()));
+        crate::frontend::ParkingLot::start(&shared);
         let mut phase = shared.phase.clone();
         loop {
             tokio::select! {
@@ -409,6 +413,7 @@ impl Proxy {
             wait_for_clients(&shared, Duration::from_secs(5)).await;
         }
         shared.pools.close_all();
+        shared.parking.close();
         tracing::info!("shutdown complete");
     }
 }

@@ -32,6 +32,14 @@ pub fn render_metrics(shared: &Shared) -> String {
     clients.set(i64::try_from(shared.client_count()).unwrap_or(i64::MAX));
     registry.register("clients_connected", "Client connections open", clients);
 
+    let parked = Gauge::<i64>::default();
+    parked.set(i64::try_from(shared.parking.len()).unwrap_or(i64::MAX));
+    registry.register(
+        "clients_parked",
+        "Idle clients parked without a task (park_idle_clients_after)",
+        parked,
+    );
+
     let draining = Gauge::<i64>::default();
     draining.set(i64::from(*shared.phase.borrow() != Phase::Running));
     registry.register(

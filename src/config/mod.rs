@@ -223,6 +223,9 @@ pub struct General {
     pub max_packet_size: usize,
     pub client_login_timeout: Duration,
     pub idle_transaction_timeout: Option<Duration>,
+    /// A plain-TCP client idle between requests this long is parked: no
+    /// task, its socket watched by the parking lot (`frontend/park.rs`).
+    pub park_idle_clients_after: Option<Duration>,
     pub query_timeout: Option<Duration>,
     pub shutdown_timeout: Duration,
     /// Threads running client and server connections; `None` = one per CPU.
@@ -422,6 +425,10 @@ impl Config {
             idle_transaction_timeout: optional_duration(
                 "general.idle_transaction_timeout",
                 g.idle_transaction_timeout.as_deref(),
+            )?,
+            park_idle_clients_after: optional_duration(
+                "general.park_idle_clients_after",
+                Some(g.park_idle_clients_after.as_deref().unwrap_or("5s")),
             )?,
             query_timeout: optional_duration("general.query_timeout", g.query_timeout.as_deref())?,
             shutdown_timeout: duration(
@@ -681,6 +688,11 @@ impl Config {
             out,
             "idle_transaction_timeout = \"{}\"",
             fmt_od(g.idle_transaction_timeout)
+        );
+        let _ = writeln!(
+            out,
+            "park_idle_clients_after = \"{}\"",
+            fmt_od(g.park_idle_clients_after)
         );
         let _ = writeln!(out, "query_timeout = \"{}\"", fmt_od(g.query_timeout));
         let _ = writeln!(out, "shutdown_timeout = \"{}\"", fmt_d(g.shutdown_timeout));

@@ -69,6 +69,7 @@ pub struct RawGeneral {
     pub max_packet_size: Option<u64>,
     pub client_login_timeout: Option<String>,
     pub idle_transaction_timeout: Option<String>,
+    pub park_idle_clients_after: Option<String>,
     pub query_timeout: Option<String>,
     pub shutdown_timeout: Option<String>,
     pub worker_threads: Option<u64>,

@@ -18,15 +18,15 @@
 //! forwarded: clients get it set, a forwarded request has it cleared, so a
 //! request crosses at most one hop and misconfigured peers cannot loop it.
 
-use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use crate::backend::{self, CancelKey};
 use crate::config::ServerAddr;
+use crate::frontend::ClientRegistry;
 use crate::pool::{PoolError, Pooled};
 
 /// Process ids count in the low 24 bits; the instance id sits above.
@@ -53,15 +53,46 @@ struct SlotState {
     wait_cancelled: bool,
 }
 
+/// A client's cancel state; part of its registry entry
+/// ([`ClientInfo`](crate::frontend::ClientInfo)), found by process id.
 pub struct CancelSlot {
     secret_key: i32,
     state: Mutex<SlotState>,
-    delivered: Notify,
-    /// Wakes a checkout that a cancel ends.
-    wait_cancel: Notify,
+}
+
+impl std::fmt::Debug for CancelSlot {
+    // The secret key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CancelSlot").finish_non_exhaustive()
+    }
+}
+
+impl Default for CancelSlot {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl CancelSlot {
+    /// A slot with a fresh random secret key.
+    pub fn new() -> Self {
+        Self {
+            secret_key: rand::random::<i32>() | FORWARDABLE,
+            state: Mutex::new(SlotState::default()),
+        }
+    }
+
+    /// Wakes whoever waits on this slot's state: a release waiting for
+    /// cancels in flight to be delivered, a checkout that a cancel ends.
+    /// Waiters re-check the state when woken, so slots share a few
+    /// `Notify`s (by secret key) instead of each carrying its own (32 bytes
+    /// of every client's entry); a cancel wakes the few others sharing it
+    /// for nothing.
+    fn changed(&self) -> &'static Notify {
+        static CHANGED: [Notify; 16] = [const { Notify::const_new() }; 16];
+        &CHANGED[(self.secret_key as u32 >> 1) as usize % CHANGED.len()]
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -87,7 +118,7 @@ impl CancelSlot {
         // Rare: a cancel is on its way to this server. No new one can start
         // (the target is gone); wait for those in flight to be delivered.
         loop {
-            let delivered = self.delivered.notified();
+            let delivered = self.changed().notified();
             tokio::pin!(delivered);
             delivered.as_mut().enable();
             if self.lock().in_flight == 0 {
@@ -118,7 +149,7 @@ impl CancelSlot {
         }
         let cancelled = async {
             loop {
-                let woken = self.wait_cancel.notified();
+                let woken = self.changed().notified();
                 tokio::pin!(woken);
                 woken.as_mut().enable();
                 if self.lock().wait_cancelled {
@@ -147,7 +178,7 @@ impl CancelSlot {
                     tracing::debug!("cancel for a client waiting for a server: wait ended");
                     s.wait_cancelled = true;
                     drop(s);
-                    self.wait_cancel.notify_waiters();
+                    self.changed().notify_waiters();
                 } else {
                     tracing::debug!("cancel for a client with no server attached: dropped");
                 }
@@ -160,13 +191,14 @@ impl CancelSlot {
             tracing::warn!(server = %target.addr, error = %e, "cancel request failed");
         }
         self.lock().in_flight -= 1;
-        self.delivered.notify_waiters();
+        self.changed().notify_waiters();
     }
 }
 
-/// Maps pgsluice's BackendKeyData process ids to client slots.
+/// Hands out pgsluice's BackendKeyData process ids and routes cancel
+/// requests: a client's slot is found through the client registry (one map
+/// for both, not a second entry per client).
 pub struct CancelRegistry {
-    slots: Mutex<HashMap<i32, Arc<CancelSlot>>>,
     next_pid: AtomicU32,
     /// This instance's id (bits 24-30 of every process id handed out).
     instance: u8,
@@ -186,51 +218,38 @@ impl CancelRegistry {
     /// Process ids carry `instance` (0-127; `general.instance_id`).
     pub fn with_instance(instance: u8) -> Self {
         Self {
-            slots: Mutex::new(HashMap::new()),
             next_pid: AtomicU32::new(rand::random_range(1..1 << 20)),
             instance: instance & 0x7f,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Arc<CancelSlot>>> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Registers a new client; returns its process id and slot.
-    pub fn register(&self) -> (i32, Arc<CancelSlot>) {
-        let slot = Arc::new(CancelSlot {
-            secret_key: rand::random::<i32>() | FORWARDABLE,
-            state: Mutex::new(SlotState::default()),
-            delivered: Notify::new(),
-            wait_cancel: Notify::new(),
-        });
-        let mut slots = self.lock();
+    /// A process id for a new client: this instance's id above a counter
+    /// (never 0). The caller makes sure no live client has it
+    /// ([`ClientRegistry::register`]).
+    pub fn next_pid(&self) -> i32 {
         loop {
             let counter = self.next_pid.fetch_add(1, Ordering::Relaxed) & COUNTER_MASK;
-            if counter == 0 {
-                continue;
-            }
-            let pid = ((u32::from(self.instance) << COUNTER_BITS) | counter) as i32;
-            if let std::collections::hash_map::Entry::Vacant(e) = slots.entry(pid) {
-                e.insert(slot.clone());
-                return (pid, slot);
+            if counter != 0 {
+                return ((u32::from(self.instance) << COUNTER_BITS) | counter) as i32;
             }
         }
     }
 
-    pub fn unregister(&self, pid: i32) {
-        self.lock().remove(&pid);
-    }
-
     /// Handles a CancelRequest from the wire.
-    pub async fn cancel(&self, pid: i32, secret_key: i32) {
-        self.cancel_or_forward(pid, secret_key, &[]).await;
+    pub async fn cancel(&self, clients: &ClientRegistry, pid: i32, secret_key: i32) {
+        self.cancel_or_forward(clients, pid, secret_key, &[]).await;
     }
 
     /// Handles a CancelRequest from the wire: for one of this instance's
     /// clients, or forwarded once to the instance whose id the process id
     /// carries (`peers`, indexed by instance id).
-    pub async fn cancel_or_forward(&self, pid: i32, secret_key: i32, peers: &[ServerAddr]) {
+    pub async fn cancel_or_forward(
+        &self,
+        clients: &ClientRegistry,
+        pid: i32,
+        secret_key: i32,
+        peers: &[ServerAddr],
+    ) {
         let instance = instance_of(pid);
         if instance != self.instance {
             if secret_key & FORWARDABLE == 0 {
@@ -258,10 +277,11 @@ impl CancelRegistry {
             }
             return;
         }
-        let slot = self.lock().get(&pid).cloned();
-        match slot {
-            Some(slot) if constant_time_eq(slot.secret_key, secret_key | FORWARDABLE) => {
-                slot.cancel().await
+        match clients.get(pid) {
+            Some(client)
+                if constant_time_eq(client.cancel.secret_key, secret_key | FORWARDABLE) =>
+            {
+                client.cancel.cancel().await
             }
             _ => tracing::debug!(pid, "cancel request with an unknown key: ignored"),
         }
@@ -300,11 +320,11 @@ mod tests {
         for instance in [0u8, 1, 5, 127] {
             let r = CancelRegistry::with_instance(instance);
             for _ in 0..3 {
-                let (pid, slot) = r.register();
+                let pid = r.next_pid();
                 assert!(pid > 0, "{pid}");
                 assert_eq!(instance_of(pid), instance);
-                assert_eq!(slot.secret_key() & FORWARDABLE, FORWARDABLE);
             }
+            assert_eq!(CancelSlot::new().secret_key() & FORWARDABLE, FORWARDABLE);
         }
     }
 }

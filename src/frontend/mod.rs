@@ -12,6 +12,7 @@ mod effects;
 pub mod fanout;
 mod negotiate;
 mod params;
+mod park;
 mod relay;
 mod session;
 mod spares;
@@ -40,6 +41,7 @@ pub use clients::{
 };
 pub use effects::{Effects, Feature, SqlPrepared, scan as scan_effects};
 pub use params::{ClientParams, ParamInterner, parse_options};
+pub use park::ParkingLot;
 pub use relay::{RelayState, ServerEvent, client_tag_inspected, server_tag_inspected};
 pub(crate) use session::route::preview as preview_route;
 pub use statements::{PreparedStats, Statement, StatementRegistry};
@@ -67,6 +69,10 @@ fn refused(code: &str, message: impl Into<String>) -> LoginError {
         message: message.into(),
     }
 }
+
+/// How long a freshly logged-in client may stay silent before it is parked
+/// without ever getting a task of its own (`park_idle_clients_after` on).
+const LOGIN_PARK_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Serves one accepted client connection to the end.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: ClientPermit) {
@@ -123,6 +129,21 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit
                 );
                 return refuse_login(&mut stream, e).await;
             }
+        };
+        // A client that sends nothing right after logging in (a driver's
+        // pool filling up) is parked at once: its session never gets a task
+        // (see park.rs). One that sends at once gets its task without a
+        // detour through the parking lot.
+        let stream = match stream {
+            ClientStream::Plain(tcp) if session.parkable() => {
+                let ready = std::future::poll_fn(|cx| tcp.poll_read_ready(cx));
+                if tokio::time::timeout(LOGIN_PARK_GRACE, ready).await.is_err() {
+                    session.park(ClientStream::Plain(tcp), permit);
+                    return;
+                }
+                ClientStream::Plain(tcp)
+            }
+            other => other,
         };
         // The session runs as a task of its own, so that the login's state
         // (the largest part of this future) is freed now instead of being
@@ -232,7 +253,7 @@ async fn login_inner(
                 let peers = shared.config().general.peers.clone();
                 shared
                     .cancels
-                    .cancel_or_forward(process_id, secret_key, &peers)
+                    .cancel_or_forward(&shared.registry, process_id, secret_key, &peers)
                     .await;
                 return Ok(None);
             }
@@ -328,10 +349,7 @@ async fn login_inner(
         peer,
         local: stream.tcp().local_addr().ok(),
         tls: stream.is_tls(),
-        application_name: params
-            .get("application_name")
-            .unwrap_or_default()
-            .to_owned(),
+        application_name: params.get("application_name").unwrap_or_default().into(),
         console: crate::admin::is_console_database(&db_name),
     };
     if identity.console {
@@ -391,7 +409,8 @@ async fn login_inner(
             ));
         }
     }
-    let (pid, slot) = shared.cancels.register();
+    let pid = shared.registry.new_pid(&shared.cancels);
+    let cancel = CancelSlot::new();
     tracing::Span::current().record("client_id", pid);
 
     let mut out = std::mem::take(pending);
@@ -400,12 +419,9 @@ async fn login_inner(
     for (name, value) in defaults.iter() {
         protocol::parameter_status(&mut out, name, client_params.get(name).unwrap_or(value));
     }
-    protocol::backend_key_data(&mut out, pid, slot.secret_key());
+    protocol::backend_key_data(&mut out, pid, cancel.secret_key());
     protocol::ready_for_query(&mut out, protocol::TxStatus::Idle);
-    if let Err(e) = stream.write_all(&out).await {
-        shared.cancels.unregister(pid);
-        return Err(e.into());
-    }
+    stream.write_all(&out).await?;
     tracing::debug!(pool = pools[0].label(), pid, "client logged in");
     // Pools and group always agree on the nodes (a reload racing this
     // login is picked up at the first request).
@@ -428,14 +444,12 @@ async fn login_inner(
             pools,
             cluster,
             sharded,
-            client: shared.registry.register(pid, identity),
+            client: shared.registry.register(pid, cancel, identity),
             generation,
             config: config.clone(),
         },
         db.pool_mode,
         client_params,
-        pid,
-        slot,
     ))))
 }
 
@@ -461,22 +475,20 @@ async fn console_login(
             ),
         ));
     };
-    let (pid, slot) = shared.cancels.register();
+    let pid = shared.registry.new_pid(&shared.cancels);
+    let cancel = CancelSlot::new();
     out.reserve(512);
     protocol::authentication_ok(&mut out);
     for (name, value) in crate::admin::console::welcome_params(access) {
         protocol::parameter_status(&mut out, name, &value);
     }
-    protocol::backend_key_data(&mut out, pid, slot.secret_key());
+    protocol::backend_key_data(&mut out, pid, cancel.secret_key());
     protocol::ready_for_query(&mut out, protocol::TxStatus::Idle);
     // The console runs no queries to cancel: a cancel with this key finds
-    // nothing attached and is dropped. The console unregisters it.
-    if let Err(e) = stream.write_all(&out).await {
-        shared.cancels.unregister(pid);
-        return Err(e.into());
-    }
+    // nothing attached and is dropped.
+    stream.write_all(&out).await?;
     tracing::debug!(user = %identity.user, ?access, pid, "admin console login");
-    let client = shared.registry.register(pid, identity);
+    let client = shared.registry.register(pid, cancel, identity);
     Ok(LoggedIn::Console(crate::admin::console::Console::new(
         shared.clone(),
         client,

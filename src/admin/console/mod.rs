@@ -233,7 +233,6 @@ impl Console {
         if let Err(e) = result {
             tracing::debug!(error = %e, "admin console connection error");
         }
-        self.shared.cancels.unregister(self.client.pid);
     }
 
     async fn serve(&mut self, stream: &mut ClientStream) -> std::io::Result<()> {

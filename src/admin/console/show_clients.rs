@@ -77,7 +77,7 @@ pub fn clients(ctx: &Ctx<'_>) -> Outcome {
             port(Some(c.id.peer)),
             ip(c.id.local),
             port(c.id.local),
-            v(timestamp(c.connected)),
+            v(timestamp(c.connected())),
             v(timestamp(wall(c.since()))),
             v(wait.as_secs()),
             v(wait.subsec_micros()),

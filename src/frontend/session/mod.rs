@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 
 use crate::tls::ClientStream;
 
+pub(super) mod parked;
 pub(crate) mod route;
 mod shapes;
 pub(super) mod shard;
@@ -27,7 +28,6 @@ mod tracked;
 mod upstream;
 mod window;
 
-use super::cancel::CancelSlot;
 use super::params::ClientParams;
 use super::relay::{self, RelayState, ServerEvent};
 use super::statements::{ClientStatements, Replies, Verdict};
@@ -104,6 +104,8 @@ enum Exit {
     Closed,
     /// The admin console killed it (KILL, KILL_CLIENT).
     Killed,
+    /// Not an end: the idle client goes to the parking lot.
+    Parked,
 }
 
 enum Step {
@@ -211,7 +213,6 @@ pub struct Session {
     mode: PoolMode,
     params: ClientParams,
     pid: i32,
-    cancel: Arc<CancelSlot>,
     server: Option<Pooled>,
     relay: RelayState,
     cscan: Scanner,
@@ -274,42 +275,98 @@ impl Session {
         upstream: Upstream,
         mode: PoolMode,
         params: ClientParams,
-        pid: i32,
-        cancel: Arc<CancelSlot>,
     ) -> Self {
+        let route = match upstream.cluster {
+            Some(c)
+                if mode != PoolMode::Session
+                    && (c.nodes().len() > 1 || upstream.sharded.is_some()) =>
+            {
+                let startup = params
+                    .own("pgsluice.route")
+                    .and_then(route::parse_route_mode);
+                Some(Box::new(ClientRoute::new(c, startup)))
+            }
+            _ => None,
+        };
+        let kept = parked::Kept {
+            pools: upstream.pools,
+            admitted: upstream.admitted,
+            client: upstream.client,
+            received: 0,
+            generation: upstream.generation,
+            node: 0,
+            route,
+            shard: upstream.sharded,
+            mode,
+            params,
+            tracked: mode != PoolMode::Session,
+            statements: ClientStatements::default(),
+            sql_prepared: sql_prepared::SqlNames::default(),
+            unnamed: None,
+            unnamed_plain: false,
+            unnamed_generation: 0,
+            portal_statement: Box::default(),
+        };
+        let config = Some((upstream.config, upstream.generation));
+        Self::assemble(kept, config, cbuf, shared)
+    }
+
+    /// A session from its lasting state (see `parked.rs`), with everything
+    /// that lives only during a request fresh and empty.
+    /// `config`: the configuration and its generation, if the caller has
+    /// them (else the live ones).
+    fn assemble(
+        kept: parked::Kept,
+        config: Option<(Arc<crate::config::Config>, u64)>,
+        cbuf: BytesMut,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let parked::Kept {
+            pools,
+            admitted,
+            client,
+            received,
+            generation,
+            node,
+            route,
+            shard,
+            mode,
+            params,
+            tracked,
+            statements,
+            sql_prepared,
+            unnamed,
+            unnamed_plain,
+            unnamed_generation,
+            portal_statement,
+        } = kept;
+        let client_pid = client.pid;
         let phase = shared.phase.clone();
+        let (config, config_generation) = config.unwrap_or_else(|| {
+            // Generation first: a reload after this read is seen next time.
+            let generation = shared.generation();
+            (arc_swap::Guard::into_inner(shared.config()), generation)
+        });
         Self {
             cbuf,
             out: BytesMut::new(),
             shared,
-            pools: upstream.pools,
-            _admitted: upstream.admitted,
-            client: upstream.client,
-            received: 0,
-            generation: upstream.generation,
-            config: upstream.config,
-            config_generation: upstream.generation,
-            node: 0,
-            route: match upstream.cluster {
-                Some(c)
-                    if mode != PoolMode::Session
-                        && (c.nodes().len() > 1 || upstream.sharded.is_some()) =>
-                {
-                    let startup = params
-                        .own("pgsluice.route")
-                        .and_then(route::parse_route_mode);
-                    Some(Box::new(ClientRoute::new(c, startup)))
-                }
-                _ => None,
-            },
-            shard: upstream.sharded,
+            pools,
+            _admitted: admitted,
+            client,
+            received,
+            generation,
+            config,
+            config_generation,
+            node: usize::from(node),
+            route,
+            shard,
             on_node: None,
             primary_wrote: false,
             held: None,
             mode,
             params,
-            pid,
-            cancel,
+            pid: client_pid,
             server: None,
             relay: RelayState::new(),
             cscan: Scanner::new(),
@@ -317,20 +374,20 @@ impl Session {
             phase,
             rollback_pending: false,
             query_cancelled: None,
-            tracked: mode != PoolMode::Session,
-            statements: ClientStatements::default(),
+            tracked,
+            statements,
             replies: Replies::new(),
             sout: BytesMut::new(),
             client_skip: false,
             state: state::SessionState::default(),
-            sql_prepared: sql_prepared::SqlNames::default(),
+            sql_prepared,
             batch_was_open: false,
-            unnamed: None,
-            unnamed_plain: false,
-            unnamed_generation: 0,
+            unnamed: unnamed.map(|u| *u),
+            unnamed_plain,
+            unnamed_generation,
             window: None,
             replanned: false,
-            portal_statement: Vec::new(),
+            portal_statement: portal_statement.into_vec(),
             mismatched: Vec::new(),
         }
     }
@@ -355,13 +412,18 @@ impl Session {
     ) -> impl std::future::Future<Output = ()> + Send {
         // No `let` rebinding in the block: that would store them twice again.
         async move {
-            self.run_to_end(&mut client).await;
-            drop(client);
-            drop(permit);
+            if self.run_to_end(&mut client).await == Exit::Parked {
+                self.park(client, permit);
+            } else {
+                drop(client);
+                drop(permit);
+            }
         }
     }
 
-    async fn run_to_end(&mut self, client: &mut ClientStream) {
+    /// Serves the client until it leaves, or until it parks (the caller
+    /// then hands it to the parking lot; see `parked.rs`).
+    async fn run_to_end(&mut self, client: &mut ClientStream) -> Exit {
         // The loop is here, not in a function of its own: every level of
         // awaiting keeps its own copy of `self` and `client` in the task.
         let exit = loop {
@@ -374,6 +436,7 @@ impl Session {
             };
             match step {
                 Ok(Step::Continue) => {}
+                Ok(Step::Exit(Exit::Parked)) => return Exit::Parked,
                 Ok(Step::Exit(exit)) => break exit,
                 Err(e) => {
                     tracing::debug!(error = %e, "client connection error");
@@ -389,8 +452,8 @@ impl Session {
             let _ = Box::pin(self.close_with(client, sqlstate::ADMIN_SHUTDOWN, &why)).await;
         }
         Box::pin(self.put_back_server()).await;
-        self.shared.cancels.unregister(self.pid);
         // The caller drops the socket, which closes it (FIN).
+        exit
     }
 
     /// Gives back what the last transaction left in the session's queues
@@ -424,6 +487,11 @@ impl Session {
                 Step::Continue
             }
             Alert::Phase(false) => Step::Exit(Exit::Closed),
+            Alert::Park if self.parkable() => Step::Exit(Exit::Parked),
+            Alert::Park => {
+                self.client.park_declined();
+                Step::Continue
+            }
         }
     }
 
@@ -452,7 +520,7 @@ impl Session {
                             r?;
                             None
                         }
-                        a = self.client.alerted(&self.phase) => Some(a),
+                        a = self.client.alerted_idle(&self.phase) => Some(a),
                     };
                     if let Some(a) = alert {
                         return Ok(self.on_alert(a));
@@ -662,7 +730,7 @@ impl Session {
                 Err(step) => return Ok(Attach::Exit(step)),
             }
         }
-        self.cancel.attach(server.cancel_key);
+        self.client.cancel.attach(server.cancel_key);
         self.client
             .attached(node, crate::frontend::Link::of(&server));
         self.server = Some(server);
@@ -684,6 +752,7 @@ impl Session {
         deadline: Instant,
     ) -> Option<Result<Pooled, PoolError>> {
         let checkout = self
+            .client
             .cancel
             .abortable(|| self.pools[node].checkout_by(started, deadline));
         tokio::select! {
@@ -953,7 +1022,7 @@ impl Session {
             self.primary_wrote = false;
             return true;
         }
-        self.cancel.detach().await;
+        self.client.cancel.detach().await;
         if let Some(server) = self.server.take() {
             server.release();
         }
@@ -1400,7 +1469,7 @@ impl Session {
 
     /// Closes the attached server without returning it to its pool.
     async fn drop_server(&mut self) {
-        self.cancel.detach().await;
+        self.client.cancel.detach().await;
         self.server = None;
         self.on_node = None;
         self.client.idle();
@@ -1415,7 +1484,7 @@ impl Session {
             return Ok(Step::Continue);
         }
         let label = self.pool().label().to_owned();
-        self.cancel.detach().await;
+        self.client.cancel.detach().await;
         self.server = None; // closed, never reused
         tracing::info!(pool = %label, "server connection lost while attached");
         self.close_with(
@@ -1456,7 +1525,7 @@ impl Session {
                         humantime::format_duration(qt)
                     );
                     if let Some(server) = self.server.take() {
-                        self.cancel.detach().await;
+                        self.client.cancel.detach().await;
                         drop(server);
                     }
                     return self
@@ -1504,7 +1573,7 @@ impl Session {
         let Some(mut server) = self.server.take() else {
             return;
         };
-        self.cancel.detach().await;
+        self.client.cancel.detach().await;
         let clean_stream =
             self.sscan.at_boundary() && self.cscan.at_boundary() && !self.relay.server_unusable;
         if !clean_stream || !self.relay.quiet() {

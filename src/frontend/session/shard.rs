@@ -75,6 +75,12 @@ struct Deferred {
 }
 
 impl ShardRoute {
+    /// No transaction-scoped pin and no `BEGIN` held back: between
+    /// transactions (a parked session keeps the rest; see `parked.rs`).
+    pub(crate) fn at_rest(&self) -> bool {
+        self.local_pin.is_none() && self.deferred.is_none() && self.begin_on_attach.is_none()
+    }
+
     pub(crate) fn new(db: Arc<ShardedDatabase>, pools: Vec<NodePools>) -> Box<Self> {
         Box::new(Self {
             db,

@@ -77,6 +77,18 @@ pub(super) struct SessionState {
 }
 
 impl SessionState {
+    /// Nothing to capture or check, no pin: what a fresh state holds (a
+    /// parked session is resumed with one; see `parked.rs`).
+    pub fn at_rest(&self) -> bool {
+        !self.params_dirty
+            && self.names.is_empty()
+            && !self.check_features
+            && self.pinned.is_none()
+            && !self.sql_dirty
+            && self.sql_pending.is_empty()
+            && !self.stale_plans
+    }
+
     /// Records the effects of a request's text.
     pub fn note(&mut self, fx: &Effects) {
         if fx.params {
