@@ -349,12 +349,20 @@ impl ClientInfo {
         &'a self,
         phase: &'a tokio::sync::watch::Receiver<T>,
     ) -> impl Future<Output = Alert> + 'a {
-        let check = move || {
+        self.alert_when(move || {
             if self.park.load(Ordering::Relaxed) == PARK_ASKED {
                 return Some(Alert::Park);
             }
             self.check_alert(phase)
-        };
+        })
+    }
+
+    /// Resolves with what `check` reports, re-checked after each wake of
+    /// the kill waker (registered before the second check: no lost wake).
+    fn alert_when<'a>(
+        &'a self,
+        check: impl Fn() -> Option<Alert> + 'a,
+    ) -> impl Future<Output = Alert> + 'a {
         std::future::poll_fn(move |cx| {
             if let Some(a) = check() {
                 return Poll::Ready(a);
@@ -389,17 +397,7 @@ impl ClientInfo {
         &'a self,
         phase: &'a tokio::sync::watch::Receiver<T>,
     ) -> impl Future<Output = Alert> + 'a {
-        let check = move || self.check_alert(phase);
-        std::future::poll_fn(move |cx| {
-            if let Some(a) = check() {
-                return Poll::Ready(a);
-            }
-            self.kill_waker.register(cx.waker());
-            match check() {
-                Some(a) => Poll::Ready(a),
-                None => Poll::Pending,
-            }
-        })
+        self.alert_when(move || self.check_alert(phase))
     }
 }
 
