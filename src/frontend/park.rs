@@ -23,7 +23,7 @@
 //! spawn: nothing on the path of a busy client.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
@@ -60,7 +60,6 @@ pub struct ParkingLot {
     /// change): what a parked client's entry holds instead of a task's
     /// waker.
     waker: Waker,
-    count: AtomicUsize,
 }
 
 /// Behind the lot's waker.
@@ -114,7 +113,6 @@ impl ParkingLot {
             closing: AtomicBool::new(false),
             waker: Waker::from(signal.clone()),
             signal,
-            count: AtomicUsize::new(0),
         }
     }
 
@@ -124,7 +122,7 @@ impl ParkingLot {
 
     /// Clients parked now.
     pub fn len(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
+        self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -165,7 +163,6 @@ impl ParkingLot {
         p.client().parked(&self.waker);
         let look = p.client().is_killed() || *phase.borrow() >= Phase::Draining;
         entry.insert(p);
-        self.count.fetch_add(1, Ordering::Relaxed);
         drop(parked);
         if look {
             self.waker.wake_by_ref();
@@ -179,7 +176,6 @@ impl ParkingLot {
         let Some(p) = self.lock().try_remove(key) else {
             return;
         };
-        self.count.fetch_sub(1, Ordering::Relaxed);
         if let Some(registry) = &self.registry {
             // Before the socket can be closed or enter tokio's set.
             let fd = p.socket().as_raw_fd();

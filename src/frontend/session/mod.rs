@@ -212,7 +212,6 @@ pub struct Session {
     held: Option<Held>,
     mode: PoolMode,
     params: ClientParams,
-    pid: i32,
     server: Option<Pooled>,
     relay: RelayState,
     cscan: Scanner,
@@ -340,7 +339,6 @@ impl Session {
             unnamed_generation,
             portal_statement,
         } = kept;
-        let client_pid = client.pid;
         let phase = shared.phase.clone();
         let (config, config_generation) = config.unwrap_or_else(|| {
             // Generation first: a reload after this read is seen next time.
@@ -366,7 +364,6 @@ impl Session {
             held: None,
             mode,
             params,
-            pid: client_pid,
             server: None,
             relay: RelayState::new(),
             cscan: Scanner::new(),

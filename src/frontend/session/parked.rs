@@ -157,7 +157,6 @@ impl Session {
             held: _,
             mode,
             params,
-            pid: _,
             server: _,
             relay: _,
             cscan: _,

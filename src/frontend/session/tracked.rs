@@ -371,7 +371,7 @@ impl Session {
             self.unnamed = Some((generation, kept));
             self.unnamed_plain = plain;
             if let Some(server) = self.server.as_deref_mut() {
-                server.unnamed_owner = Some((self.pid, generation));
+                server.unnamed_owner = Some((self.client.pid, generation));
             }
             self.sout.extend_from_slice(msg);
             self.replies.push_server(
@@ -458,7 +458,7 @@ impl Session {
     /// False when the client has no unnamed statement: it then gets
     /// PostgreSQL's 26000 instead of running whatever the server holds.
     fn ensure_unnamed(&mut self) -> bool {
-        let pid = self.pid;
+        let pid = self.client.pid;
         let Some(server) = self.server.as_deref_mut() else {
             return false;
         };
