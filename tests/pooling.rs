@@ -378,3 +378,75 @@ async fn failed_server_login_fails_fast_with_the_servers_error() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_waiter_left_with_nothing_to_serve_it_fails_with_the_login_error_at_once() {
+    // A new server login fails while the pool still has one server open,
+    // so the waiting client stays queued for that server. When the server
+    // then dies instead of coming back, nothing is open or opening: the
+    // waiter must get the login's error now, not wait out
+    // checkout_timeout (on a replica this sends its read to the primary).
+    let su = superuser(0).await;
+    su.batch_execute(
+        "DROP ROLE IF EXISTS stranded; \
+         SET password_encryption = 'scram-sha-256'; \
+         CREATE ROLE stranded LOGIN PASSWORD 'stranded' CONNECTION LIMIT 1",
+    )
+    .await
+    .expect("create role");
+    let proxy = TestProxy::start_with(
+        "pool_size = 2\nmax_pool_size = 2\ncheckout_timeout = \"20s\"\nserver_login_retry = \"20s\"",
+        "[users.stranded]\npassword = \"stranded\"\n",
+    )
+    .await;
+    let a = proxy
+        .connect_as("stranded", "stranded", APP_DB)
+        .await
+        .expect("connect a");
+    a.batch_execute("BEGIN").await.expect("begin");
+    let pid = backend_pid(&a).await;
+    let pool = proxy
+        .shared
+        .pools
+        .all()
+        .into_iter()
+        .find(|p| p.label() == "app/stranded@primary")
+        .expect("pool");
+    let b = proxy
+        .connect_as("stranded", "stranded", APP_DB)
+        .await
+        .expect("connect b");
+    let started = Instant::now();
+    let waiting = tokio::spawn(async move { b.query_one("SELECT 1", &[]).await.map(|_| ()) });
+    // The role's connection limit refuses the second server login; the
+    // client stays queued behind a's server.
+    eventually(
+        "the second server login to fail",
+        Duration::from_secs(15),
+        || {
+            let s = pool.status();
+            async move { s.waiting == 1 && s.opening == 0 && s.open == 1 }
+        },
+    )
+    .await;
+    su.query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("terminate");
+    a.query_one("SELECT 1", &[])
+        .await
+        .expect_err("a's server is gone");
+    let err = waiting
+        .await
+        .expect("join")
+        .expect_err("no server could serve b");
+    assert!(
+        message(&err).contains("too many connections for role"),
+        "b got {err:?} after {:?}, not the server login's error",
+        started.elapsed()
+    );
+    drop(a);
+    drop(proxy);
+    su.batch_execute("DROP ROLE IF EXISTS stranded")
+        .await
+        .expect("drop role");
+}

@@ -364,10 +364,8 @@ impl Pool {
             let id = g.next_waiter;
             g.next_waiter += 1;
             g.waiters.push_back(Waiter { id, tx });
-            if let Err(e) = self.grow(&mut g, settings.pool_size) {
-                g.waiters.retain(|w| w.id != id);
-                return Err(e);
-            }
+            // On failure the queue, this waiter included, was emptied.
+            self.grow(&mut g, settings.pool_size)?;
             // A checkout abandoned while waiting (the client's cancel, or
             // the client went away) leaves the queue when dropped.
             Queued {
@@ -444,8 +442,14 @@ impl Pool {
     }
 
     /// Opens connections so that each waiter beyond those already being
-    /// opened gets one, up to `limit` in total. Fails fast if a recent login
-    /// failed and nothing open could serve the waiters.
+    /// opened gets one, up to `limit` in total.
+    ///
+    /// While a recent login failure blocks new connects and nothing is open
+    /// or opening, no waiter could ever be served: all of them fail now with
+    /// that login's error (a replica's readers then go to the primary), and
+    /// so does this call. Every place that closes or fails a connection
+    /// calls this, so a waiter is never left to wait out `checkout_timeout`
+    /// in a pool with nothing that could serve it.
     fn grow(
         self: &Arc<Self>,
         g: &mut MutexGuard<'_, Inner>,
@@ -454,7 +458,11 @@ impl Pool {
         if let Some((at, err)) = &g.login_failure {
             if at.elapsed() < self.settings.load().server_login_retry {
                 if g.open == 0 && g.opening == 0 {
-                    return Err(PoolError::Server(err.clone()));
+                    let err = PoolError::Server(err.clone());
+                    for w in g.waiters.drain(..) {
+                        let _ = w.tx.send(Err(err.clone()));
+                    }
+                    return Err(err);
                 }
                 return Ok(());
             }
@@ -525,13 +533,9 @@ impl Pool {
                 tracing::warn!(pool = %self.label, error = %err, "server login failed");
                 let mut g = lock(&self.inner);
                 g.opening -= 1;
-                g.login_failure = Some((Instant::now(), err.clone()));
-                if g.open == 0 && g.opening == 0 {
-                    // Nothing could ever serve them: fail them now, not in 30 s.
-                    for w in g.waiters.drain(..) {
-                        let _ = w.tx.send(Err(PoolError::Server(err.clone())));
-                    }
-                }
+                g.login_failure = Some((Instant::now(), err));
+                // With nothing else open or opening, the waiters fail now.
+                let _ = self.grow(&mut g, self.settings.load().pool_size);
             }
         }
     }
@@ -639,6 +643,12 @@ impl Pool {
         }
         g.idle = keep;
         g.open = open;
+        if !g.waiters.is_empty() {
+            // Waiters left behind by a change nobody else followed up (a
+            // login failure expiring, connections closed above): open
+            // connections for them, or fail them if nothing can.
+            let _ = self.grow(&mut g, settings.pool_size);
+        }
         let recently_failed = g
             .login_failure
             .as_ref()
