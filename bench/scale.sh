@@ -3,7 +3,8 @@
 # clients on one pgsluice, a client spike, and a soak. See bench/README.md.
 #
 # usage: bench/scale.sh [--stages LIST] [--merge] [--quick] [--soak-minutes N] [--clients N]
-#   --stages LIST      comma-separated subset of idle-memory,clients50k,spike,soak (default: all)
+#   --stages LIST      comma-separated subset of idle-memory,idle-worked,clients50k,spike,soak
+#                      (default: all)
 #   --merge            keep the other stages' rows of an earlier run in the output CSV/report
 #   --quick            small sizes: 2,000 idle/total clients, spike to 500, 1-minute soak;
 #                      writes bench/results/scale-quick.{md,csv}
@@ -26,7 +27,7 @@ spy() { python3 "$SCALE_PY" "$@"; }
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 ARGS=("$@")
-STAGES=idle-memory,clients50k,spike,soak
+STAGES=idle-memory,idle-worked,clients50k,spike,soak
 QUICK=0
 MERGE=0
 SOAK_MINUTES=30
@@ -47,7 +48,7 @@ while [ $# -gt 0 ]; do
 done
 [[ $SOAK_MINUTES =~ ^[1-9][0-9]*$ ]] || die "--soak-minutes must be a positive integer (got '$SOAK_MINUTES')"
 for s in ${STAGES//,/ }; do
-  case $s in idle-memory|clients50k|spike|soak) ;; *) die "unknown stage '$s' (idle-memory, clients50k, spike, soak)" ;; esac
+  case $s in idle-memory|idle-worked|clients50k|spike|soak) ;; *) die "unknown stage '$s' (idle-memory, idle-worked, clients50k, spike, soak)" ;; esac
 done
 has_stage() { [[ ",$STAGES," == *",$1,"* ]]; }
 
@@ -98,7 +99,7 @@ fi
 WORK=$(mktemp -d /tmp/pgsluice-scale.XXXXXX)
 chmod 755 "$WORK"
 RESULTS=$WORK/scale.csv
-DEMO_PID='' BOUNCER_PID='' FLOOR_PID='' SAMPLER_PID=''
+DEMO_PID='' BOUNCER_PID='' FLOOR_PID='' SAMPLER_PID='' WORKED_PIDS=()
 LOADGEN_PIDS=()
 NOTES=()
 
@@ -118,6 +119,7 @@ cleanup() {
   if [ -n "$SAMPLER_PID" ]; then kill "$SAMPLER_PID" 2>/dev/null; wait "$SAMPLER_PID" 2>/dev/null; fi
   if [ -n "$BOUNCER_PID" ]; then log "stopping pgbouncer (pid $BOUNCER_PID)"; stop_pid "$BOUNCER_PID" TERM 10; fi
   if [ -n "$FLOOR_PID" ]; then stop_pid "$FLOOR_PID" TERM 10; fi
+  for p in "${WORKED_PIDS[@]}"; do stop_pid "$p" TERM 10; done
   if [ -n "$DEMO_PID" ]; then
     log "stopping the demo (pid $DEMO_PID)"
     stop_pid "$DEMO_PID" TERM 60
@@ -142,7 +144,7 @@ command -v python3 >/dev/null || die "python3 not found"
 command -v psql >/dev/null || die "psql not found"
 command -v pgbench >/dev/null || die "pgbench not found"
 command -v ss >/dev/null || die "ss not found (Debian: apt-get install -y iproute2)"
-if has_stage idle-memory; then command -v pgbouncer >/dev/null || die "pgbouncer not found (apt-get install -y pgbouncer)"; fi
+if has_stage idle-memory || has_stage idle-worked; then command -v pgbouncer >/dev/null || die "pgbouncer not found (apt-get install -y pgbouncer)"; fi
 ensure_pg_user
 
 BIN=${PGSLUICE_BIN:-$REPO/target/release/pgsluice}
@@ -227,7 +229,7 @@ log "pgbench -i -s $SCALE (through the primary)"
 pgbench -i -s "$SCALE" -q -p "$PRIMARY_PORT" >"$WORK/init.log" 2>&1 ||
   { tail -n 20 "$WORK/init.log" >&2; die "pgbench -i failed"; }
 
-if has_stage idle-memory; then
+if has_stage idle-memory || has_stage idle-worked; then
   # As in run.sh: pgbouncer's auth_file holds a SCRAM secret identical to the server's, and
   # clients get the same method pgsluice asks for.
   case $SLUICE_AUTH in trust|plain|md5|scram-sha-256) BOUNCER_AUTH=$SLUICE_AUTH ;; *) BOUNCER_AUTH=scram-sha-256 ;; esac
@@ -270,12 +272,13 @@ loadgen_active() {
 IDLE_FILES=()
 start_idle() {
   local port=$1 n=$2 prefix=$3 k=0 left chunk f i
+  shift 3 # the rest: extra loadgen idle arguments
   IDLE_FILES=()
   left=$n
   while [ "$left" -gt 0 ]; do
     chunk=$((left < IDLE_CHUNK ? left : IDLE_CHUNK))
     f="$prefix.$k.jsonl"
-    "$LOADGEN" idle --port "$port" --clients "$chunk" --sources "$SOURCES" --concurrency "$LOGIN_CONCURRENCY" \
+    "$LOADGEN" idle --port "$port" --clients "$chunk" --sources "$SOURCES" --concurrency "$LOGIN_CONCURRENCY" "$@" \
       >"$f" 2>"$f.err" &
     LOADGEN_PIDS+=("$!")
     IDLE_FILES+=("$f")
@@ -311,43 +314,85 @@ max_field() {
 }
 
 # ------------------------------------------------------------------ stage: idle-memory
+# measure_idle STAGE TARGET PORT PID [LOADGEN IDLE ARGS...] -> one row of RSS per idle client
+measure_idle() {
+  local stage=$1 tgt=$2 port=$3 pid=$4 before fresh held after est opened verified errors ramp lps n=$IDLE_MEM_CLIENTS
+  shift 4
+  log "$stage: $tgt, warm-up then $n idle clients"
+  # The floor runs no SQL: nothing to warm up.
+  [ "$tgt" = tokio-floor ] || loadgen_active "$WORK/$stage-warm-$tgt.jsonl" 3 --port "$port" --clients 16
+  sleep 2
+  before=$(rss_kb "$pid")
+  start_idle "$port" "$n" "$WORK/$stage-$tgt" "$@"
+  sleep 3
+  fresh=$(rss_kb "$pid")
+  # Idle clients settle: pgsluice parks those idle for
+  # park_idle_clients_after (5 s by default) within twice that.
+  sleep "$IDLE_SETTLE_S"
+  held=$(rss_kb "$pid")
+  est=$(established "$port")
+  ramp=$(max_field ready ramp_s)
+  opened=$(sum_field ready opened)
+  lps=$(python3 -c 'import sys; print(round(int(sys.argv[1]) / max(float(sys.argv[2]), 0.001)))' "$opened" "$ramp")
+  stop_loadgens
+  verified=$(sum_field "done" verified)
+  errors=$(sum_field "done" errors)
+  sleep 3
+  after=$(rss_kb "$pid")
+  log "$stage: $tgt RSS $before -> $held kB with $opened clients ($est sockets), $after kB after; errors $errors"
+  spy record --csv "$RESULTS" --stage "$stage" --run "$tgt" --jsonl "${IDLE_FILES[0]}" \
+    clients="$n" opened="$opened" verified="$verified" established="$est" rss_before_kb="$before" \
+    rss_fresh_kb="$fresh" rss_held_kb="$held" rss_after_close_kb="$after" ready.ramp_s="$ramp" ready.logins_per_s="$lps" \
+    done.errors="$errors" settle_s="$IDLE_SETTLE_S" \
+    kb_per_client_fresh="$(python3 -c 'import sys; print(round((int(sys.argv[2]) - int(sys.argv[1])) / int(sys.argv[3]), 3))' "$before" "$fresh" "$n")" \
+    kb_per_client="$(python3 -c 'import sys; print(round((int(sys.argv[2]) - int(sys.argv[1])) / int(sys.argv[3]), 3))' "$before" "$held" "$n")"
+}
+
 stage_idle_memory() {
-  local tgt port pid before fresh held after est opened verified errors ramp lps n=$IDLE_MEM_CLIENTS
-  for tgt in pgsluice pgbouncer tokio-floor; do
-    case $tgt in
-      pgsluice) port=$SLUICE_PORT pid=$DEMO_PID ;;
-      pgbouncer) port=$BOUNCER_PORT pid=$BOUNCER_PID ;;
-      tokio-floor) port=$FLOOR_PORT pid=$FLOOR_PID; [ -n "$pid" ] || continue ;;
-    esac
-    log "idle-memory: $tgt, warm-up then $n idle clients"
-    # The floor runs no SQL: nothing to warm up.
-    [ "$tgt" = tokio-floor ] || loadgen_active "$WORK/idle-warm-$tgt.jsonl" 3 --port "$port" --clients 16
-    sleep 2
-    before=$(rss_kb "$pid")
-    start_idle "$port" "$n" "$WORK/idle-$tgt"
-    sleep 3
-    fresh=$(rss_kb "$pid")
-    # Idle clients settle: pgsluice parks those idle for
-    # park_idle_clients_after (5 s by default) within twice that.
-    sleep "$IDLE_SETTLE_S"
-    held=$(rss_kb "$pid")
-    est=$(established "$port")
-    ramp=$(max_field ready ramp_s)
-    opened=$(sum_field ready opened)
-    lps=$(python3 -c 'import sys; print(round(int(sys.argv[1]) / max(float(sys.argv[2]), 0.001)))' "$opened" "$ramp")
-    stop_loadgens
-    verified=$(sum_field "done" verified)
-    errors=$(sum_field "done" errors)
-    sleep 3
-    after=$(rss_kb "$pid")
-    log "idle-memory: $tgt RSS $before -> $held kB with $opened clients ($est sockets), $after kB after; errors $errors"
-    spy record --csv "$RESULTS" --stage idle-memory --run "$tgt" --jsonl "${IDLE_FILES[0]}" \
-      clients="$n" opened="$opened" verified="$verified" established="$est" rss_before_kb="$before" \
-      rss_fresh_kb="$fresh" rss_held_kb="$held" rss_after_close_kb="$after" ready.ramp_s="$ramp" ready.logins_per_s="$lps" \
-      done.errors="$errors" settle_s="$IDLE_SETTLE_S" \
-      kb_per_client_fresh="$(python3 -c 'import sys; print(round((int(sys.argv[2]) - int(sys.argv[1])) / int(sys.argv[3]), 3))' "$before" "$fresh" "$n")" \
-      kb_per_client="$(python3 -c 'import sys; print(round((int(sys.argv[2]) - int(sys.argv[1])) / int(sys.argv[3]), 3))' "$before" "$held" "$n")"
+  measure_idle idle-memory pgsluice "$SLUICE_PORT" "$DEMO_PID"
+  measure_idle idle-memory pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID"
+  [ -z "$FLOOR_PID" ] || measure_idle idle-memory tokio-floor "$FLOOR_PORT" "$FLOOR_PID"
+}
+
+# ------------------------------------------------------------------ stage: idle-worked
+# As idle-memory, for clients that have worked: each runs one simple-Query `SELECT 1` right
+# after its login (pgbouncer's transaction mode serves it too), then idles. Measured on a
+# second pgsluice (in front of the demo's nodes, set up as the demo's) and a second
+# pgbouncer, both started for this stage: the idle-memory stage's clients left freed memory
+# in the first two processes, which this stage's clients would reuse unseen.
+stage_idle_worked() {
+  local sport bport spid bpid replicas i
+  read -r sport bport < <(py freeport 2)
+  replicas=$(sed -n 's/^replica: //p' "$WORK/demo.out" | awk '{ printf "%s\"%s\"", (NR > 1 ? ", " : ""), $0 }')
+  cat >"$WORK/worked.toml" <<EOF
+[general]
+listen_addr = "127.0.0.1:$sport"
+pool_mode = "transaction"
+pool_size = $POOL_SIZE
+max_pool_size = $POOL_SIZE
+max_client_conn = $MAX_CLIENT_CONN
+[databases.app]
+primary = "$PRIMARY"
+replicas = [$replicas]
+[users.app]
+password = "app"
+EOF
+  env -u PGSLUICE_ADMIN__HTTP_LISTEN_ADDR "$BIN" -c "$WORK/worked.toml" </dev/null >"$WORK/worked.log" 2>&1 &
+  spid=$!
+  WORKED_PIDS+=("$spid")
+  for ((i = 0; i < 300; i++)); do
+    psql -p "$sport" -Atqc 'select 1' >/dev/null 2>&1 && break
+    alive "$spid" || { tail -n 20 "$WORK/worked.log" >&2; die "the second pgsluice exited"; }
+    sleep 0.1
   done
+  start_pgbouncer "$WORK/pgbouncer-worked" pgbouncer "$bport" "$PRIMARY_PORT" "$BOUNCER_AUTH" "$POOL_SIZE" "$MAX_CLIENT_CONN" "$AUTH_FILE_PW"
+  bpid=$STARTED_PGBOUNCER_PID
+  WORKED_PIDS+=("$bpid")
+  log "idle-worked: a second pgsluice (pid $spid) on $sport, a second pgbouncer (pid $bpid) on $bport"
+  measure_idle idle-worked pgsluice "$sport" "$spid" --query-first simple
+  measure_idle idle-worked pgbouncer "$bport" "$bpid" --query-first simple
+  for i in "${WORKED_PIDS[@]}"; do stop_pid "$i" TERM 10; done
+  WORKED_PIDS=()
 }
 
 # ------------------------------------------------------------------ stage: clients50k
@@ -480,6 +525,7 @@ for s in ${STAGES//,/ }; do
     command="${CMD% }" pgsluice_bin="$BIN_DATE"
   case $s in
     idle-memory) stage_idle_memory ;;
+    idle-worked) stage_idle_worked ;;
     clients50k) stage_clients50k ;;
     spike) stage_spike ;;
     soak) stage_soak ;;

@@ -10,8 +10,9 @@
 //!   then runs `SELECT 1` on every one of them and prints `done`. A connection the server
 //!   closed, or a failed login or query, is counted as an error, never dropped silently.
 //!   With `--query-first` each client first runs one prepared `SELECT $1::int` (a named
-//!   statement, prepared, run and closed by tokio-postgres), so the idle clients are ones
-//!   that have worked (docs/performance.md, "A client that has worked").
+//!   statement, prepared, run and closed by tokio-postgres; `--query-first simple`: one
+//!   simple-Query `SELECT 1`, which pgbouncer's transaction mode serves too), so the idle
+//!   clients are ones that have worked (docs/performance.md, "A client that has worked").
 //! - `active`: runs clients doing `SELECT abalance FROM pgbench_accounts WHERE aid = $1`
 //!   (and, with `--write-pct`, TPC-B-like write transactions), the number of clients following
 //!   `--schedule`; with `--reconnect-after N` every client reconnects after ~N transactions.
@@ -94,11 +95,19 @@ struct IdleArgs {
     /// Hold for this many seconds instead of until a signal.
     #[arg(long)]
     hold_secs: Option<u64>,
-    /// Each client runs one prepared `SELECT $1::int` (extended protocol, a
-    /// named statement) right after its login, then idles: the memory of a
-    /// client that has worked, not of one that only logged in.
-    #[arg(long)]
-    query_first: bool,
+    /// Each client runs one query right after its login, then idles: the
+    /// memory of a client that has worked, not of one that only logged in.
+    /// `prepared` (the default): `SELECT $1::int` as a named statement
+    /// (extended protocol); `simple`: `SELECT 1` as a simple Query, which
+    /// pgbouncer's transaction mode also serves.
+    #[arg(long, num_args = 0..=1, default_missing_value = "prepared")]
+    query_first: Option<QueryFirst>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QueryFirst {
+    Prepared,
+    Simple,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -412,10 +421,15 @@ async fn idle(a: IdleArgs) {
             let t = Instant::now();
             if let Some(c) = connector.connect(&errors).await {
                 hist.record(t.elapsed());
-                if query_first {
-                    if let Err(e) = c.0.query_one("SELECT $1::int", &[&1i32]).await {
-                        errors.add("query_first", "error", &e.to_string());
+                let worked = match query_first {
+                    None => Ok(()),
+                    Some(QueryFirst::Prepared) => {
+                        c.0.query_one("SELECT $1::int", &[&1i32]).await.map(drop)
                     }
+                    Some(QueryFirst::Simple) => c.0.simple_query("SELECT 1").await.map(drop),
+                };
+                if let Err(e) = worked {
+                    errors.add("query_first", "error", &e.to_string());
                 }
                 opened.fetch_add(1, Ordering::Relaxed);
                 if let Ok(mut h) = held.lock() {
