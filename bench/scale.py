@@ -407,7 +407,7 @@ def cmd_report(argv):
                  "RSS follows how many clients were between their query and their parking at the same time "
                  "(here: logins for `park_idle_clients_after`, 5 s by default, to twice that), since the "
                  "allocator keeps the freed tasks' memory for reuse. docs/performance.md has the trade-off "
-                 "(`park_idle_clients_after`: memory against ~7 µs of CPU per parking).")
+                 "(`park_idle_clients_after`: memory against ~5–9 µs of CPU per parking and wake).")
         L.append("")
         L += idle_table(s, ("pgsluice", "pgbouncer"))
 
