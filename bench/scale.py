@@ -336,12 +336,13 @@ def summary(d):
     return out + [""]
 
 
-def idle_table(s, targets):
-    """The rows of one idle-client memory stage, one per target measured."""
-    out = ["| pooler | idle clients | server-side sockets seen | RSS before | RSS with clients | **per idle client** | per client 3 s after login | RSS after close | login ramp | errors |",
+def idle_section(d, stage, title, targets, text):
+    """One idle-client memory stage: heading, provenance, what was measured, one row per target."""
+    out = ["### " + title, "", stage_meta(d, stage), "", text, "",
+           "| pooler | idle clients | server-side sockets seen | RSS before | RSS with clients | **per idle client** | per client 3 s after login | RSS after close | login ramp | errors |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for tgt in targets:
-        r = s.get(tgt)
+        r = d[stage].get(tgt)
         if not r:
             continue
         out.append("| %s | %s | %s | %s kB | %s kB | **%s kB** | %s kB | %s kB | %s s (%s logins/s) | %s |" % (
@@ -378,11 +379,8 @@ def cmd_report(argv):
 
     if "idle-memory" in d:
         s = d["idle-memory"]
-        L.append("### RSS per idle client")
-        L.append("")
-        L.append(stage_meta(d, "idle-memory"))
-        L.append("")
-        L.append("RSS of the pooler process after a short warm-up, then with N logged-in idle clients "
+        L += idle_section(d, "idle-memory", "RSS per idle client", ("pgsluice", "pgbouncer", "tokio-floor"),
+                 "RSS of the pooler process after a short warm-up, then with N logged-in idle clients "
                  "(SCRAM logins by `loadgen idle`, all verified with `SELECT 1` before they close): "
                  "3 s after the last login, and again " + fmt(s.get("pgsluice", {}).get("settle_s"))
                  + " s later (**per idle client**; pgsluice parks a client idle for "
@@ -391,16 +389,10 @@ def cmd_report(argv):
                  "not a pooler: `examples/idle_floor.rs` answers a trust login and keeps each socket in a task of "
                  "its own, as an idle pgsluice session does, and nothing else: what any server with a tokio task "
                  "per client needs at least (see docs/performance.md).")
-        L.append("")
-        L += idle_table(s, ("pgsluice", "pgbouncer", "tokio-floor"))
 
     if "idle-worked" in d:
-        s = d["idle-worked"]
-        L.append("### RSS per idle client that has run one query")
-        L.append("")
-        L.append(stage_meta(d, "idle-worked"))
-        L.append("")
-        L.append("As above, but each client runs one simple-Query `SELECT 1` right after its login "
+        L += idle_section(d, "idle-worked", "RSS per idle client that has run one query", ("pgsluice", "pgbouncer"),
+                 "As above, but each client runs one simple-Query `SELECT 1` right after its login "
                  "(`loadgen idle --query-first simple`), then idles; measured on a second pgsluice and a second "
                  "pgbouncer started for this stage, so that memory the first stage's clients freed cannot hide "
                  "this one's. A pgsluice session that has run a request keeps its task until it is parked: the "
@@ -408,8 +400,6 @@ def cmd_report(argv):
                  "(here: logins for `park_idle_clients_after`, 5 s by default, to twice that), since the "
                  "allocator keeps the freed tasks' memory for reuse. docs/performance.md has the trade-off "
                  "(`park_idle_clients_after`: memory against ~5–9 µs of CPU per parking and wake).")
-        L.append("")
-        L += idle_table(s, ("pgsluice", "pgbouncer"))
 
     if "clients50k" in d:
         s = d["clients50k"]
