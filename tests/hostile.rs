@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use support::raw::{Raw, message, query, startup_packet};
-use support::{APP_DB, APP_USER, TestProxy};
+use support::{APP_DB, APP_USER, TestProxy, raise_fd_limit};
 use tokio::io::AsyncWriteExt;
 
 /// What a case must end with.
@@ -678,17 +678,4 @@ async fn slow_and_half_open_logins_are_cut_off_without_starving_others() {
         cut_after >= Duration::from_secs(2) && cut_after < Duration::from_secs(10),
         "a byte-per-second login was cut after {cut_after:?}"
     );
-}
-
-/// Raises this process's open-files limit (to 65,536 where allowed, e.g. as
-/// root; else the soft limit to the hard one); returns the soft limit.
-fn raise_fd_limit() -> usize {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return 1024;
-    };
-    if setrlimit(Resource::RLIMIT_NOFILE, 65_536, 65_536.max(hard)).is_err() && soft < hard {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
-    getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s) as usize
 }

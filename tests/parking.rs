@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{TestProxy, eventually, http_get, metric_sum, sqlstate};
+use support::{TestProxy, eventually, http_get, metric_sum, raise_fd_limit, sqlstate};
 use tokio_postgres::SimpleQueryMessage;
 
 /// Parks after 200–400 ms of idleness; an admin user for KILL_CLIENT.
@@ -259,6 +259,62 @@ async fn many_parked_clients_all_come_back() {
     }
     wait_parked(&proxy, 200).await;
     drop(clients);
+    eventually("all gone", Duration::from_secs(10), || async {
+        proxy.shared.client_count() == 0 && parked(&proxy) == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lot_gives_its_room_back_and_the_clients_left_still_answer() {
+    // Each end of 1,100 connections is in this process.
+    if raise_fd_limit() < 3_000 {
+        eprintln!("skipped: fewer than 3,000 open files allowed");
+        return;
+    }
+    // Trust logins: 1,100 SCRAM logins in a debug build would take long.
+    let proxy = TestProxy::start_with(&format!("{GENERAL}auth_type = \"trust\"\n"), USERS).await;
+    let mut clients = Vec::new();
+    for _ in 0..1_100 {
+        clients.push(proxy.connect().await);
+    }
+    // Silent after login: parked within 20 ms.
+    eventually("1,100 clients parked", Duration::from_secs(30), || async {
+        parked(&proxy) == 1_100
+    })
+    .await;
+    assert!(proxy.shared.parking.slots() >= 1_100);
+    // 1,000 leave; a sweep then finds the slab a tenth used and compacts
+    // it, moving the 100 left to other keys.
+    let kept: Vec<_> = clients.drain(..100).collect();
+    drop(clients);
+    eventually(
+        "the lot's slab compacted",
+        Duration::from_secs(20),
+        || async { parked(&proxy) == 100 && proxy.shared.parking.slots() < 1_024 },
+    )
+    .await;
+    // Each wakes under its new key and gets its own answer, at once.
+    let mut tasks = Vec::new();
+    for (i, c) in kept.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let rows = tokio::time::timeout(
+                Duration::from_secs(10),
+                c.simple_query(&format!("SELECT {i}")),
+            )
+            .await
+            .expect("woken after compaction")
+            .expect("after compaction");
+            assert_eq!(first_value(&rows), i.to_string());
+            c
+        }));
+    }
+    let mut kept = Vec::new();
+    for t in tasks {
+        kept.push(t.await.expect("task"));
+    }
+    wait_parked(&proxy, 100).await;
+    drop(kept);
     eventually("all gone", Duration::from_secs(10), || async {
         proxy.shared.client_count() == 0 && parked(&proxy) == 0
     })

@@ -42,6 +42,10 @@ const SWEEP_OFF_PERIOD: Duration = Duration::from_secs(1);
 const EVENTS_PER_WAIT: usize = 256;
 /// The lot's own wake-up (parked clients use slab keys below it).
 const WAKE: Token = Token(usize::MAX);
+/// The slab keeps room for as many clients as were ever parked at once;
+/// past this many slots, and at most a quarter of them used, a sweep
+/// compacts it (~200 bytes a slot).
+const COMPACT_ABOVE_SLOTS: usize = 1024;
 
 /// Parked clients of one proxy.
 pub struct ParkingLot {
@@ -127,6 +131,32 @@ impl ParkingLot {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Slots the slab holds room for, used or not.
+    pub fn slots(&self) -> usize {
+        self.lock().capacity()
+    }
+
+    /// Gives back the room of clients no longer parked once few of its
+    /// slots are used: the parked move to the lowest free keys (their
+    /// sockets re-registered under them), the rest is freed. Runs on the
+    /// lot's thread, the only one that takes clients out by key.
+    fn compact(&self) {
+        let Some(registry) = &self.registry else {
+            return;
+        };
+        let mut parked = self.lock();
+        if parked.capacity() <= COMPACT_ABOVE_SLOTS || parked.len() > parked.capacity() / 4 {
+            return;
+        }
+        parked.compact(|p, _from, to| {
+            // A readiness already queued is delivered under the new token.
+            let fd = p.socket().as_raw_fd();
+            registry
+                .reregister(&mut SourceFd(&fd), Token(to), Interest::READABLE)
+                .is_ok()
+        });
     }
 
     /// Takes a client in; when it cannot, the client gets a task again at
@@ -264,6 +294,7 @@ fn serve(shared: &Arc<Shared>, mut poll: Poll) {
                     c.sweep_for_parking();
                 });
             }
+            lot.compact();
             next_sweep = Instant::now() + sweep_period(shared);
         }
     }

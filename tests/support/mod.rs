@@ -242,3 +242,16 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64
         })
         .reduce(|a, b| a + b)
 }
+
+/// Raises this process's open-files limit (to 65,536 where allowed, e.g. as
+/// root; else the soft limit to the hard one); returns the soft limit.
+pub fn raise_fd_limit() -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if setrlimit(Resource::RLIMIT_NOFILE, 65_536, 65_536.max(hard)).is_err() && soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s) as usize
+}
