@@ -241,14 +241,25 @@ async fn many_parked_clients_all_come_back() {
         clients.push(c);
     }
     wait_parked(&proxy, 200).await;
-    // All at once: each gets its own answer.
+    let clients = each_answers_at_once(clients).await;
+    wait_parked(&proxy, 200).await;
+    drop(clients);
+    all_gone(&proxy).await;
+}
+
+/// Client `i` of `clients`, all at once, runs `SELECT i` and gets `i` back
+/// within 10 s; returns the clients.
+async fn each_answers_at_once(clients: Vec<tokio_postgres::Client>) -> Vec<tokio_postgres::Client> {
     let mut tasks = Vec::new();
     for (i, c) in clients.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
-            let rows = c
-                .simple_query(&format!("SELECT {i}"))
-                .await
-                .expect("after parking");
+            let rows = tokio::time::timeout(
+                Duration::from_secs(10),
+                c.simple_query(&format!("SELECT {i}")),
+            )
+            .await
+            .expect("an answer within 10 s")
+            .expect("after parking");
             assert_eq!(first_value(&rows), i.to_string());
             c
         }));
@@ -257,10 +268,12 @@ async fn many_parked_clients_all_come_back() {
     for t in tasks {
         clients.push(t.await.expect("task"));
     }
-    wait_parked(&proxy, 200).await;
-    drop(clients);
+    clients
+}
+
+async fn all_gone(proxy: &TestProxy) {
     eventually("all gone", Duration::from_secs(10), || async {
-        proxy.shared.client_count() == 0 && parked(&proxy) == 0
+        proxy.shared.client_count() == 0 && parked(proxy) == 0
     })
     .await;
 }
@@ -295,28 +308,8 @@ async fn the_lot_gives_its_room_back_and_the_clients_left_still_answer() {
     )
     .await;
     // Each wakes under its new key and gets its own answer, at once.
-    let mut tasks = Vec::new();
-    for (i, c) in kept.into_iter().enumerate() {
-        tasks.push(tokio::spawn(async move {
-            let rows = tokio::time::timeout(
-                Duration::from_secs(10),
-                c.simple_query(&format!("SELECT {i}")),
-            )
-            .await
-            .expect("woken after compaction")
-            .expect("after compaction");
-            assert_eq!(first_value(&rows), i.to_string());
-            c
-        }));
-    }
-    let mut kept = Vec::new();
-    for t in tasks {
-        kept.push(t.await.expect("task"));
-    }
+    let kept = each_answers_at_once(kept).await;
     wait_parked(&proxy, 100).await;
     drop(kept);
-    eventually("all gone", Duration::from_secs(10), || async {
-        proxy.shared.client_count() == 0 && parked(&proxy) == 0
-    })
-    .await;
+    all_gone(&proxy).await;
 }
