@@ -395,11 +395,10 @@ def cmd_report(argv):
                  "As above, but each client runs one simple-Query `SELECT 1` right after its login "
                  "(`loadgen idle --query-first simple`), then idles; measured on a second pgsluice and a second "
                  "pgbouncer started for this stage, so that memory the first stage's clients freed cannot hide "
-                 "this one's. A pgsluice session that has run a request keeps its task until it is parked: the "
-                 "RSS follows how many clients were between their query and their parking at the same time "
-                 "(here: logins for `park_idle_clients_after`, 5 s by default, to twice that), since the "
-                 "allocator keeps the freed tasks' memory for reuse. docs/performance.md has the trade-off "
-                 "(`park_idle_clients_after`: memory against ~5–9 µs of CPU per parking and wake).")
+                 "this one's. A pgsluice session that has run a request keeps its task (~2 kB) until it is "
+                 "parked, `park_idle_clients_after` (5 s by default) to twice that after its query; once "
+                 "parked, jemalloc gives the task's pages back within ~1 s (with glibc's malloc they stayed: "
+                 "1.7–2.4 kB per client, docs/performance.md).")
 
     if "clients50k" in d:
         s = d["clients50k"]
@@ -423,8 +422,8 @@ def cmd_report(argv):
                      fmt(idle.get("rss_before_kb")), fmt(idle.get("rss_held_kb")), fmt(idle.get("kb_per_client"), 2),
                      fmt(idle.get("established"))))
         if "idle-memory" in d:
-            L.append("- The idle-memory stage ran first in the same process and its clients' freed memory stayed in the "
-                     "allocator, so this RSS delta understates the cost per client: use the idle-memory table.")
+            L.append("- The idle-memory stage ran first in the same process and the allocator may have kept some of its "
+                     "clients' freed memory, so this RSS delta can understate the cost per client: use the idle-memory table.")
         L.append("")
         L.append("| run | active clients | idle clients | tps | p50 ms | p99 ms | max ms | errors |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---|")

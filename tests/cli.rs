@@ -244,9 +244,28 @@ fn run_serves_and_exits_on_sigterm() {
             6
         );
     });
+    // jemalloc read the settings compiled in (`malloc_conf` in src/main.rs):
+    // only `background_thread:true` gives it threads of its own, which give
+    // freed memory back (docs/performance.md, memory per idle client).
+    let names = thread_names(child.id());
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert!(status.success(), "{status}");
+    assert!(
+        names.iter().any(|n| n == "jemalloc_bg_thd"),
+        "no jemalloc background thread among {names:?}"
+    );
+}
+
+/// The names of process `pid`'s threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .map(|t| {
+            let path = t.unwrap().path().join("comm");
+            std::fs::read_to_string(path).unwrap().trim().to_string()
+        })
+        .collect()
 }
 
 /// `hash-password` prints a secret PostgreSQL accepts as a role's password
