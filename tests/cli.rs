@@ -257,14 +257,13 @@ fn run_serves_and_exits_on_sigterm() {
     );
 }
 
-/// The names of process `pid`'s threads.
+/// The names of process `pid`'s threads (a thread that ends while they are
+/// read is left out).
 fn thread_names(pid: u32) -> Vec<String> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
     tasks
-        .map(|t| {
-            let path = t.unwrap().path().join("comm");
-            std::fs::read_to_string(path).unwrap().trim().to_string()
-        })
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
         .collect()
 }
 
