@@ -196,9 +196,23 @@ async fn session_features_pin_until_the_state_is_gone() {
             one(&a, probe).await;
         }
         a.batch_execute(release).await.unwrap();
-        // The check that unpins runs after A has its answer.
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        // Unpinned: A's server goes back to the pool and B (LIFO) gets it.
+        // The check that unpins runs after A has its answer: wait for A's
+        // server to come back to the pool (a fixed 300 ms was too short on
+        // a loaded machine).
+        let pool = proxy.primary_pool().expect("pool");
+        eventually(
+            &format!("case {i}: {release} unpins"),
+            std::time::Duration::from_secs(10),
+            || {
+                let back = pool
+                    .idle_servers()
+                    .iter()
+                    .any(|s| s.pid.to_string() == pinned);
+                async move { back }
+            },
+        )
+        .await;
+        // Unpinned: A's server went back to the pool last and B (LIFO) gets it.
         occupy(&b).await;
         assert_eq!(pid(&b).await, pinned, "case {i}: {release} unpins");
         b.batch_execute("COMMIT").await.unwrap();
