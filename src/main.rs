@@ -17,7 +17,7 @@ mod health_check;
 /// jemalloc, not glibc's malloc: it keeps each size of allocation in runs
 /// of its own and gives back the pages of runs that empty. With glibc, the
 /// memory of the sessions of clients that worked and were then parked stayed
-/// in the heap among the parked clients' records (1.5–2.4 kB of RSS per idle
+/// in the heap among the parked clients' records (1.7–2.4 kB of RSS per idle
 /// client against pgbouncer's 0.81; `malloc_trim` gave back almost nothing).
 /// docs/performance.md has the measurements.
 #[global_allocator]
