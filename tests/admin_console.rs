@@ -793,6 +793,16 @@ async fn pause_and_resume_during_a_workload_cost_no_client_an_error() {
     let before = done.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(done.load(Ordering::Relaxed), before, "no work while paused");
+    // Each client waits once it has sent its next query (on a loaded
+    // machine that can come after the 500 ms).
+    eventually("all 8 clients waiting", Duration::from_secs(10), || {
+        let admin = &admin;
+        async move {
+            let pools = show(admin, "SHOW POOLS").await;
+            num(row(&pools, "database", "app"), "cl_waiting") == 8
+        }
+    })
+    .await;
     let pools = show(&admin, "SHOW POOLS").await;
     let p = row(&pools, "database", "app");
     assert_eq!(num(p, "cl_waiting"), 8, "{p:?}");

@@ -174,11 +174,13 @@ fn local_cluster_lifecycle() {
     cluster.stop_node(2).expect("stop replica2");
     let squatter = std::net::TcpListener::bind(cluster.nodes()[2].addr())
         .expect("bind the stopped node's port");
+    // Timed from before the releaser starts: a late `t` must not shorten
+    // the wait it sees.
+    let t = Instant::now();
     let releaser = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
         drop(squatter);
     });
-    let t = Instant::now();
     cluster
         .start_node(2)
         .expect("start replica2 once its port is free");

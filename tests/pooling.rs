@@ -224,8 +224,20 @@ async fn client_gone_mid_query_never_hands_its_server_on() {
         .unwrap();
     let conn_task = tokio::spawn(conn);
     let a_pid = backend_pid(&a).await;
+    let su = superuser(0).await;
     let sleeper = tokio::spawn(async move { a.simple_query("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A's query must be running on its server before A goes away.
+    eventually("pg_sleep running on A's server", Duration::from_secs(10), || async {
+        su.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND query LIKE '%pg_sleep(30)%' AND state = 'active'",
+            &[&a_pid],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    })
+    .await;
     conn_task.abort();
     sleeper.abort();
 
@@ -238,7 +250,6 @@ async fn client_gone_mid_query_never_hands_its_server_on() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
     // The abandoned query is cancelled, not left running for 30 s.
-    let su = superuser(0).await;
     eventually("abandoned pg_sleep to stop", Duration::from_secs(10), || async {
         su.query_one(
             "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND query LIKE '%pg_sleep(30)%' AND state = 'active'",
@@ -281,12 +292,27 @@ async fn idle_pooled_server_killed_is_not_handed_out() {
     let proxy = TestProxy::start("pool_size = 1\nmax_pool_size = 1").await;
     let a = proxy.connect().await;
     let pid = backend_pid(&a).await;
-    superuser(0)
-        .await
-        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+    let su = superuser(0).await;
+    su.query_one("SELECT pg_terminate_backend($1)", &[&pid])
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The backend sends its FATAL and closes as it exits (a fixed 200 ms
+    // was not always enough on a loaded machine).
+    eventually(
+        "the killed backend to exit",
+        Duration::from_secs(10),
+        || async {
+            su.query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+                == 0
+        },
+    )
+    .await;
     // The same client, idle between transactions, simply gets a new server.
     let again = backend_pid(&a).await;
     assert_ne!(again, pid);

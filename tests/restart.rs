@@ -245,7 +245,19 @@ async fn cancel_sent_to_another_instance_is_forwarded() {
         "instance 0 in the process id {pid:#x}"
     );
     client.send(&raw::query("SELECT pg_sleep(30)")).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A cancel that arrives before the query runs finds nothing to stop.
+    let su = support::superuser(0).await;
+    support::eventually("pg_sleep running", Duration::from_secs(10), || async {
+        su.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    })
+    .await;
     let started = Instant::now();
     let mut cancel = Raw::connect(format!("127.0.0.1:{port_b}").parse().unwrap()).await;
     let mut packet = 16i32.to_be_bytes().to_vec();

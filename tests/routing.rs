@@ -10,7 +10,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use pgsluice::cluster::Availability;
+use pgsluice::cluster::{Availability, OutReason};
 use support::{TestProxy, cluster, eventually, superuser};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
@@ -231,8 +231,9 @@ async fn a_paused_replica_leaves_rotation_and_returns_after_resume() {
         .await
         .expect("pause");
 
-    // Writes continue; after max_replica_lag (100ms) + two monitor
-    // intervals no read may reach the paused replica.
+    // Writes continue; once the monitor has seen the paused replica lag
+    // more than max_replica_lag (100ms), no read may reach it (lagging, it
+    // stays out until it replays again).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let w = {
         let stop = stop.clone();
@@ -246,7 +247,20 @@ async fn a_paused_replica_leaves_rotation_and_returns_after_resume() {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(100 + 2 * 25 + 20)).await;
+    // (A fixed max_replica_lag + two monitor intervals was too short on a
+    // loaded machine.)
+    let cl = proxy.shared.clusters()["app"].clone();
+    eventually(
+        "the paused replica out of rotation",
+        Duration::from_secs(10),
+        || {
+            let cl = cl.clone();
+            async move {
+                cl.availability(1, Instant::now()) == Availability::Out(OutReason::Lagging)
+            }
+        },
+    )
+    .await;
     let mut seen = BTreeSet::new();
     let until = Instant::now() + Duration::from_secs(1);
     while Instant::now() < until {
