@@ -53,6 +53,9 @@ WORKLOADS = [
     ("tpcb", "-c 16", "TPC-B-like read/write transactions (pgbench default script), 16 clients"),
     ("select-500", "-S -c 500", "read-only point selects, 500 clients (more clients than pool size 20)"),
     ("select-connect", "-S -C -c 32", "a new connection for every transaction, 32 clients"),
+    ("select-connect-md5", "-S -C -c 32",
+     "as select-connect, as a user every target asks for md5: pgbench's own SCRAM key derivation "
+     "(PBKDF2, 4096 rounds a login) no longer sets the pace"),
     ("select-prepared", "-S -M prepared -c 16",
      "read-only point selects, named prepared statements, 16 clients "
      "(pgbouncer 1.18 cannot do this in transaction mode: its runs fail)"),

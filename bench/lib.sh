@@ -78,13 +78,22 @@ stop_pid() {
 # log in to the server with the client's SCRAM keys; with a plaintext password pgbouncer runs
 # PBKDF2 (4096 rounds) for every client connection.
 # PGBOUNCER_IGNORE_STARTUP (default extra_float_digits) is its ignore_startup_parameters.
+# PGBOUNCER_EXTRA_USERS: more auth_file lines (`"user" "secret"`, one per line).
+# PGBOUNCER_HBA: pg_hba-style rules; when set, they go to DIR/NAME.hba and pgbouncer runs with
+# auth_type = hba (AUTH_TYPE is then not used), so that users can log in by different methods.
 # Sets STARTED_PGBOUNCER_PID (call it directly, not in $(...)).
 start_pgbouncer() {
   local dir=$1 name=$2 port=$3 pgport=$4 auth=$5 pool=$6 maxconn=$7 secret=${8:-app}
-  local ini="$dir/$name.ini" pidfile="$dir/$name.pid" i pid limit
+  local ini="$dir/$name.ini" pidfile="$dir/$name.pid" i pid limit hba_line=''
   mkdir -p "$dir"
   command -v pgbouncer >/dev/null || die "pgbouncer not found"
   printf '"app" "%s"\n' "$secret" >"$dir/users.txt"
+  [ -n "${PGBOUNCER_EXTRA_USERS:-}" ] && printf '%s\n' "$PGBOUNCER_EXTRA_USERS" >>"$dir/users.txt"
+  if [ -n "${PGBOUNCER_HBA:-}" ]; then
+    printf '%s\n' "$PGBOUNCER_HBA" >"$dir/$name.hba"
+    auth=hba
+    hba_line="auth_hba_file = $dir/$name.hba"
+  fi
   cat >"$ini" <<EOF
 [databases]
 app = host=127.0.0.1 port=$pgport dbname=app
@@ -95,6 +104,7 @@ listen_port = $port
 unix_socket_dir =
 auth_type = $auth
 auth_file = $dir/users.txt
+$hba_line
 pool_mode = transaction
 default_pool_size = $pool
 min_pool_size = 0

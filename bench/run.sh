@@ -73,15 +73,28 @@ PG_MAX_CONNECTIONS=700
 # workloads split in two concurrent halves straight to the two replicas: the ceiling for
 # pgsluice's routed reads.
 TARGETS=(direct pgbouncer pgsluice pgsluice-primary)
-WORKLOAD_IDS=(select-simple select-extended tpcb select-500 select-connect select-prepared)
+WORKLOAD_IDS=(select-simple select-extended tpcb select-500 select-connect select-connect-md5 select-prepared)
 declare -A WL_ARGS=(
   [select-simple]="-S -M simple -c 16"
   [select-extended]="-S -M extended -c 16"
   [tpcb]="-c 16"
   [select-500]="-S -c 500"
   [select-connect]="-S -C -c 32"
+  [select-connect-md5]="-S -C -c 32"
   [select-prepared]="-S -M prepared -c 16"
 )
+# select-connect-md5 = select-connect as user app_md5, whom every target (PostgreSQL, both
+# poolers) asks for md5: with SCRAM, pgbench's own key derivation (PBKDF2, 4096 rounds for
+# every login) sets the pace of a login per transaction, whatever it connects to; with md5 the
+# cost of the login itself does. The role and the rules are set up below (setup_md5).
+MD5_USER=app_md5
+declare -A WL_USER=([select-connect-md5]=$MD5_USER)
+# drop_workload ID: leaves a workload out of this run.
+drop_workload() {
+  local w kept=()
+  for w in "${WORKLOAD_IDS[@]}"; do [ "$w" = "$1" ] || kept+=("$w"); done
+  WORKLOAD_IDS=("${kept[@]}")
+}
 export PGSLUICE_GENERAL__POOL_SIZE=$POOL_SIZE
 export PGSLUICE_GENERAL__MAX_POOL_SIZE=$POOL_SIZE
 export PGSLUICE_GENERAL__MAX_CLIENT_CONN=$MAX_CLIENT_CONN
@@ -180,9 +193,12 @@ if ! command -v pgbouncer >/dev/null; then
 fi
 ensure_pg_user
 
+DEMO_ENV=()
 if [ "$STANDIN" = 1 ]; then
   DEMO_CMD=("$BENCH_DIR/standin-demo.sh" demo)
   BIN_INFO="not used (stand-in run)"
+  # The stand-in pooler knows user app only.
+  drop_workload select-connect-md5
   export STANDIN_POOLER_PIDFILE="$WORK/standin-pooler.pid"
   BENCH_APP_SCRAM_SECRET=$(py scram-secret app)
   export BENCH_APP_SCRAM_SECRET
@@ -208,7 +224,16 @@ log "open-files limit for pgbench: $(ulimit -n)"
 read -r SLUICE_PORT < <(py freeport 1)
 log "starting: ${DEMO_CMD[*]} --port $SLUICE_PORT --max-connections $PG_MAX_CONNECTIONS"
 # setsid: own session, so a Ctrl-C reaches only us and the demo gets one clean SIGTERM.
-setsid "${DEMO_CMD[@]}" --port "$SLUICE_PORT" --max-connections "$PG_MAX_CONNECTIONS" \
+if [ "$STANDIN" = 0 ]; then
+  # The demo's pgsluice gets user app_md5 too, logged in by md5 (every other login as before:
+  # the demo's default auth_type), and keeps app as the replica monitor's user. Only the demo
+  # process gets these (not the later stages, which start pgsluice processes of their own).
+  printf 'host all %s all md5\nhost all all all %s\n' "$MD5_USER" "${PGSLUICE_GENERAL__AUTH_TYPE:-scram-sha-256}" \
+    >"$WORK/pgsluice-hba.conf"
+  DEMO_ENV=("PGSLUICE_USERS__${MD5_USER^^}__PASSWORD=app" "PGSLUICE_GENERAL__HBA_FILE=$WORK/pgsluice-hba.conf"
+    "PGSLUICE_ROUTING__MONITOR_USER=app")
+fi
+setsid env "${DEMO_ENV[@]}" "${DEMO_CMD[@]}" --port "$SLUICE_PORT" --max-connections "$PG_MAX_CONNECTIONS" \
   </dev/null >"$WORK/demo.out" 2>"$WORK/demo.err" &
 DEMO_PID=$!
 
@@ -303,8 +328,19 @@ if [ "$BOUNCER_AUTH" = scram-sha-256 ] && [ "${BENCH_PGBOUNCER_PLAINTEXT_AUTH_FI
   AUTH_FILE_DESC="SCRAM secret identical to the server's (the harness re-sets app's password \"app\" with its own salt; clients verified without PBKDF2, server logins by SCRAM pass-through)"
 fi
 read -r BOUNCER_PORT < <(py freeport 1)
+BOUNCER_AUTH_DESC="auth_type=$BOUNCER_AUTH"
+if [[ " ${WORKLOAD_IDS[*]} " == *" select-connect-md5 "* ]]; then
+  # app as before, app_md5 by md5 with its md5 hash in the auth_file: per-user methods need
+  # pgbouncer's auth_type=hba.
+  case $BOUNCER_AUTH in plain) app_method=password ;; *) app_method=$BOUNCER_AUTH ;; esac
+  export PGBOUNCER_HBA="host all $MD5_USER 127.0.0.1/32 md5
+host all all 127.0.0.1/32 $app_method"
+  export PGBOUNCER_EXTRA_USERS="\"$MD5_USER\" \"md5$(printf '%s' "app$MD5_USER" | md5sum | cut -d' ' -f1)\""
+  BOUNCER_AUTH_DESC="auth_type=hba (auth_hba_file: $app_method for app, md5 for $MD5_USER)"
+fi
 start_pgbouncer "$WORK/pgbouncer" pgbouncer "$BOUNCER_PORT" "$PRIMARY_PORT" "$BOUNCER_AUTH" "$POOL_SIZE" "$MAX_CLIENT_CONN" "$AUTH_FILE_PW"
 BOUNCER_PID=$STARTED_PGBOUNCER_PID
+unset PGBOUNCER_HBA PGBOUNCER_EXTRA_USERS
 log "pgbouncer pid $BOUNCER_PID on 127.0.0.1:$BOUNCER_PORT (open files: $(awk '/Max open files/ {print $4}' "/proc/$BOUNCER_PID/limits"))"
 psql -p "$BOUNCER_PORT" -Atqc 'select 1' >/dev/null 2>"$WORK/psql.err" ||
   { cat "$WORK/psql.err" "$WORK/pgbouncer/pgbouncer.log" >&2; die "cannot run 'select 1' through pgbouncer"; }
@@ -341,6 +377,54 @@ wait_replicas() {
   done
 }
 wait_replicas
+
+# setup_md5: user app_md5 for select-connect-md5 on the throwaway demo cluster: a role with an
+# md5-hashed password "app" that may read every table, let in by md5 on every node. The
+# harness runs as root beside that cluster: it puts the rule at the top of each node's
+# pg_hba.conf and reloads the node; the superuser creates the role through a trust rule on the
+# primary that exists only for that moment. Returns non-zero (the caller drops the workload)
+# when any step fails.
+setup_md5() {
+  local root d dirs=() i rc=0 port
+  root=$(grep -ho 'cluster is up root=[^ ]*' "$WORK/demo.err" "$WORK/demo.out" 2>/dev/null | head -n1 | sed 's/.*root=//')
+  [ -n "$root" ] && [ -f "$root/node0/pg_hba.conf" ] || { log "md5 setup: no cluster root in the demo's log"; return 1; }
+  for d in "$root"/node*; do [ -f "$d/pg_hba.conf" ] && [ -s "$d/postmaster.pid" ] && dirs+=("$d"); done
+  for d in "${dirs[@]}"; do
+    cp "$d/pg_hba.conf" "$WORK/hba.${d##*/}"
+    {
+      echo "host all $MD5_USER 127.0.0.1/32 md5"
+      [ "$d" = "$root/node0" ] && echo "host app postgres 127.0.0.1/32 trust"
+      cat "$WORK/hba.${d##*/}"
+    } >"$d/pg_hba.conf"
+    kill -HUP "$(head -n1 "$d/postmaster.pid")" || return 1
+  done
+  for ((i = 0; i < 100; i++)); do
+    psql -U postgres -p "$PRIMARY_PORT" -Atqc 'select 1' >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  psql -U postgres -p "$PRIMARY_PORT" -v ON_ERROR_STOP=1 -q -c "SET password_encryption = 'md5'" \
+    -c "CREATE ROLE $MD5_USER LOGIN PASSWORD 'app'" -c "GRANT SELECT ON ALL TABLES IN SCHEMA public TO $MD5_USER" \
+    >/dev/null 2>"$WORK/md5.err" || rc=$?
+  # The trust rule goes again, whatever happened.
+  { echo "host all $MD5_USER 127.0.0.1/32 md5"; cat "$WORK/hba.node0"; } >"$root/node0/pg_hba.conf"
+  kill -HUP "$(head -n1 "$root/node0/postmaster.pid")" || return 1
+  [ "$rc" = 0 ] || { log "md5 setup: creating $MD5_USER failed: $(head -n1 "$WORK/md5.err")"; return 1; }
+  wait_replicas
+  for port in "$PRIMARY_PORT" "${REPLICA_PORTS[@]}" "$SLUICE_PORT" "$BOUNCER_PORT"; do
+    for ((i = 0; i < 50; i++)); do
+      [ "$(py authprobe 127.0.0.1 "$port" "$MD5_USER" app 2>/dev/null)" = md5 ] && break
+      sleep 0.1
+    done
+    [ "$(py authprobe 127.0.0.1 "$port" "$MD5_USER" app 2>/dev/null)" = md5 ] ||
+      { log "md5 setup: 127.0.0.1:$port does not ask $MD5_USER for md5"; return 1; }
+    PGUSER=$MD5_USER psql -p "$port" -Atqc 'select count(*) from pgbench_branches' >/dev/null 2>"$WORK/md5.err" ||
+      { log "md5 setup: $MD5_USER cannot read pgbench_branches on 127.0.0.1:$port: $(head -n1 "$WORK/md5.err")"; return 1; }
+  done
+}
+if [[ " ${WORKLOAD_IDS[*]} " == *" select-connect-md5 "* ]] && ! setup_md5; then
+  drop_workload select-connect-md5
+  NOTES+=("select-connect-md5 was left out: its md5 user could not be set up (see the log).")
+fi
 
 CHECKPOINT_OK=1
 if ! psql -p "$PRIMARY_PORT" -Atqc 'CHECKPOINT' >/dev/null 2>"$WORK/psql.err"; then
@@ -422,7 +506,7 @@ CLK_TCK=$(getconf CLK_TCK)
 RESULTS="$WORK/results.csv"
 
 run_one() { # ROUND WORKLOAD TARGET POSITION
-  local round=$1 wl=$2 tgt=$3 pos=$4 port pid args conn=0 prefix out rc=0
+  local round=$1 wl=$2 tgt=$3 pos=$4 port pid args conn=0 prefix out rc=0 user=${WL_USER[$2]:-app}
   local tb='' ta='' rss='' started clients io
   port=$(target_port "$tgt")
   pid=$(target_pid "$tgt")
@@ -439,10 +523,10 @@ run_one() { # ROUND WORKLOAD TARGET POSITION
   fi
   started=$(date -Is)
   if [ "$tgt" = direct-replicas ]; then
-    run_split "$out" "$prefix" -T "$DURATION" "${args[@]}"
+    PGUSER=$user run_split "$out" "$prefix" -T "$DURATION" "${args[@]}"
     io=(--rc "$SPLIT_RC1" --out "$out.1" --rc "$SPLIT_RC2" --out "$out.2")
   else
-    PGOPTIONS=$(target_options "$tgt") timeout -k 10 $((DURATION + 90)) \
+    PGUSER=$user PGOPTIONS=$(target_options "$tgt") timeout -k 10 $((DURATION + 90)) \
       pgbench -n -T "$DURATION" -j "$JOBS" -p "$port" -l --log-prefix="$prefix" "${args[@]}" >"$out" 2>&1 &
     PGBENCH_PID=$!
     wait "$PGBENCH_PID" || rc=$?
@@ -510,10 +594,13 @@ SETTINGS=(
   "before every run, for every target, via the primary: $PREP; then a wait until every replica has replayed the primary's WAL up to its flush position (\`pg_last_wal_replay_lsn()\` ≥ \`pg_current_wal_flush_lsn()\`); then 1 s pause"
   "PostgreSQL: \`${DEMO_CMD[*]} --port PORT --max-connections $PG_MAX_CONNECTIONS\` (primary + 2 streaming replicas); direct = pgbench to the primary"
   "pgsluice: transaction mode (demo default), PGSLUICE_GENERAL__POOL_SIZE=$POOL_SIZE, PGSLUICE_GENERAL__MAX_POOL_SIZE=$POOL_SIZE, PGSLUICE_GENERAL__MAX_CLIENT_CONN=$MAX_CLIENT_CONN; pooler process = the \`demo\` process; client auth it asks for: $SLUICE_AUTH"
-  "pgbouncer: pool_mode=transaction, default_pool_size=$POOL_SIZE, reserve_pool_size=0, max_client_conn=$MAX_CLIENT_CONN, auth_type=$BOUNCER_AUTH, auth_file with a $AUTH_FILE_DESC, log_connections=0, log_disconnections=0, listen_backlog=4096, TLS off, run as user $PG_USER with ulimit -n 65536, against the same primary"
+  "pgbouncer: pool_mode=transaction, default_pool_size=$POOL_SIZE, reserve_pool_size=0, max_client_conn=$MAX_CLIENT_CONN, $BOUNCER_AUTH_DESC, auth_file with a $AUTH_FILE_DESC, log_connections=0, log_disconnections=0, listen_backlog=4096, TLS off, run as user $PG_USER with ulimit -n 65536, against the same primary"
   "workloads: $(for w in "${WORKLOAD_IDS[@]}"; do printf '%s = `%s`; ' "$w" "${WL_ARGS[$w]}"; done | sed 's/; $//')"
   "p99 from the per-transaction \`-l\` logs (nearest rank); \`-C\` runs: tps and pgbench's average connection time only"
 )
+if [[ " ${WORKLOAD_IDS[*]} " == *" select-connect-md5 "* ]]; then
+  SETTINGS+=("select-connect-md5: as select-connect, as user $MD5_USER, whom every target asks for md5: a PostgreSQL role with an md5-hashed password (\`SET password_encryption = 'md5'\`) and a \`host all $MD5_USER 127.0.0.1/32 md5\` rule on every node; in pgsluice a \`[users.$MD5_USER]\` with its password and an hba_file rule \`md5\` for it (\`PGSLUICE_GENERAL__HBA_FILE\`; every other user as before; \`routing.monitor_user = app\`); in pgbouncer its md5 hash in the auth_file and an auth_hba_file rule \`md5\`")
+fi
 if [ "${#REPLICA_PORTS[@]}" -eq 2 ]; then
   SETTINGS+=("direct-replicas (select-only workloads, those with \`-S\`): the workload's pgbench args split in two halves run at the same time, one straight to each replica (127.0.0.1:${REPLICA_PORTS[0]} and :${REPLICA_PORTS[1]}; \`-c N/2 -j 1\` each, same \`-T\` and \`-M\`): tps = sum of both, p99 from both halves' \`-l\` logs together, average connection time weighted by transactions, failed if either half fails")
 fi
