@@ -226,8 +226,8 @@ async fn client_gone_mid_query_never_hands_its_server_on() {
     let a_pid = backend_pid(&a).await;
     let su = superuser(0).await;
     let sleeper = tokio::spawn(async move { a.simple_query("SELECT pg_sleep(30)").await });
-    // A's query must be running on its server before A goes away.
-    eventually("pg_sleep running on A's server", Duration::from_secs(10), || async {
+    // Whether A's pg_sleep is running on A's server.
+    let a_sleeping = || async {
         su.query_one(
             "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND query LIKE '%pg_sleep(30)%' AND state = 'active'",
             &[&a_pid],
@@ -236,7 +236,13 @@ async fn client_gone_mid_query_never_hands_its_server_on() {
         .unwrap()
         .get::<_, i64>(0)
             == 1
-    })
+    };
+    // A's query must be running on its server before A goes away.
+    eventually(
+        "pg_sleep running on A's server",
+        Duration::from_secs(10),
+        a_sleeping,
+    )
     .await;
     conn_task.abort();
     sleeper.abort();
@@ -250,16 +256,11 @@ async fn client_gone_mid_query_never_hands_its_server_on() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
     // The abandoned query is cancelled, not left running for 30 s.
-    eventually("abandoned pg_sleep to stop", Duration::from_secs(10), || async {
-        su.query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND query LIKE '%pg_sleep(30)%' AND state = 'active'",
-            &[&a_pid],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-            == 0
-    })
+    eventually(
+        "abandoned pg_sleep to stop",
+        Duration::from_secs(10),
+        || async { !a_sleeping().await },
+    )
     .await;
 }
 
